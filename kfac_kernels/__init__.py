@@ -1,0 +1,20 @@
+"""kfac_kernels: K-FAC natural-gradient training for PyTorch.
+
+The mathematics follows the coordinate-free construction of Luk & Grosse (arXiv 1808.10340): with
+damping off, the update is the natural gradient of an explicit metric, invariant to affine maps of
+each layer's input activations and invertible linear maps of its pre-activations.
+
+Importing this package imports torch and nothing else heavy: no CUDA initialisation, no
+compilation, no Triton, CuPy or compiled module until a backend that needs them is asked for.
+"""
+from ._version import __version__
+from . import ops
+
+__all__ = ["__version__", "ops", "KFAC", "KFACPreconditioner"]
+
+
+def __getattr__(name):  # lazy, so `import kfac_kernels.ops` stays minimal
+    if name in ("KFAC", "KFACPreconditioner"):
+        from . import optimizer
+        return getattr(optimizer, name)
+    raise AttributeError(f"module 'kfac_kernels' has no attribute {name!r}")

@@ -1,0 +1,279 @@
+"""Kernel ops of kfac_kernels, usable on their own by other optimizers.
+
+Every op is declared here once: its inputs are checked here (so backends repeat no checks), then
+it runs on the backend chosen by ``backend=`` ("auto", "torch", "triton", "cuda", "cupy"; see
+:mod:`kfac_kernels.ops._registry` for the rule). ``kfac_kernels.ops.reference`` holds the
+pure-torch implementation of each, which is also the default.
+
+Importing this module imports torch only: Triton, CuPy and the compiled ``_C`` module are loaded
+the first time an op runs on their backend.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+
+from . import _registry, reference
+from ._registry import BackendUnavailable, NotSupported, backend_status
+
+__all__ = [
+    "syrk_update",
+    "ema_factor_update",
+    "conv_input_factor",
+    "symeig",
+    "damped_inverse",
+    "kron_precondition_eigen",
+    "kron_precondition_inverse",
+    "ekfac_precondition",
+    "reference",
+    "BackendUnavailable",
+    "NotSupported",
+    "backend_status",
+    "available_backends",
+]
+
+_FACTOR_DTYPES = (torch.float32, torch.float64)
+_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_OPS = ("syrk_update", "ema_factor_update", "conv_input_factor", "symeig", "damped_inverse",
+        "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition")
+for _op in _OPS:
+    _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
+
+# Fast backends register themselves in their own package (no import happens here beyond
+# recording names): see kfac_kernels/ops/_backends.py.
+from . import _backends  # noqa: E402,F401
+
+
+def available_backends():
+    """{backend: (usable, reason)} for every backend, probing each lazily."""
+    return {b: backend_status(b) for b in _registry.BACKENDS}
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_tensor(name, t, dtypes=None, dims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _check_same_device(**tensors):
+    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devs.values())) > 1:
+        raise ValueError("inputs are on different devices: "
+                         + ", ".join(f"{n} on {d}" for n, d in devs.items()))
+
+
+def _check_number(name, v):
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+
+
+def _check_damping(damping, batch_shape, device):
+    if isinstance(damping, torch.Tensor):
+        if damping.dim() not in (0, len(batch_shape)) or (
+                damping.dim() and tuple(damping.shape) != tuple(batch_shape)):
+            raise ValueError(f"damping must be a number, a 0-d tensor or have shape "
+                             f"{tuple(batch_shape)}, got {tuple(damping.shape)}")
+        if damping.device != device:
+            raise ValueError(f"damping is on {damping.device}, the matrices on {device}")
+    else:
+        _check_number("damping", damping)
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+
+
+def _check_symmetric_stack(name, f):
+    _check_tensor(name, f, _FACTOR_DTYPES, (2, 3))
+    if f.shape[-1] != f.shape[-2]:
+        raise ValueError(f"{name} must be square matrices, got shape {tuple(f.shape)}")
+
+
+# ----------------------------------------------------------------------------- factor updates
+def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
+                homogeneous: bool = False, allow_tf32: bool = False, backend: str = "auto"):
+    """In place ``factor <- beta * factor + alpha * xbar^T xbar`` with ``xbar = [x, 1]`` when
+    ``homogeneous`` (fast backends never build the ones column).
+
+    ``factor`` is fp32/fp64 [d, d] or a stack [B, d, d]; ``x`` is [n, d - homogeneous] (resp.
+    [B, n, ...]) in fp16/bf16/fp32/fp64, contiguous or not. ``beta == 0`` overwrites ``factor``
+    whatever it held. ``allow_tf32`` lets fp32 inputs use TF32 matrix units on GPUs (faster,
+    ~1e-3 relative error); the default is exact fp32. Returns ``factor``.
+    """
+    _check_tensor("factor", factor, _FACTOR_DTYPES, (2, 3))
+    _check_tensor("x", x, _INPUT_DTYPES, (factor.dim(),))
+    _check_same_device(factor=factor, x=x)
+    _check_number("alpha", alpha)
+    _check_number("beta", beta)
+    d = factor.shape[-1]
+    if factor.shape[-2] != d:
+        raise ValueError(f"factor must be square, got shape {tuple(factor.shape)}")
+    if x.shape[-1] + int(bool(homogeneous)) != d:
+        raise ValueError(f"x has {x.shape[-1]} columns{' (+1 homogeneous)' if homogeneous else ''}"
+                         f" but factor is {d} x {d}")
+    if factor.dim() == 3 and x.shape[0] != factor.shape[0]:
+        raise ValueError(f"batched: factor stack has {factor.shape[0]} matrices, x has {x.shape[0]}")
+    return _registry.call("syrk_update", backend, factor.device, factor, x, alpha=float(alpha),
+                          beta=float(beta), homogeneous=bool(homogeneous),
+                          allow_tf32=bool(allow_tf32))
+
+
+def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
+                      homogeneous: bool = False, scale: Optional[float] = None,
+                      allow_tf32: bool = False, backend: str = "auto"):
+    """In place ``factor <- decay * factor + (1 - decay) * scale * xbar^T xbar``.
+
+    ``scale`` defaults to ``1 / rows``. Same shapes and dtypes as :func:`syrk_update` (of which
+    this is the running-average form); returns ``factor``.
+    """
+    _check_number("decay", decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    if scale is None:
+        _check_tensor("x", x, _INPUT_DTYPES, (2, 3))
+        if x.shape[-2] == 0:
+            raise ValueError("x has no rows: the average of an empty batch is undefined")
+        scale = 1.0 / x.shape[-2]
+    _check_number("scale", scale)
+    return syrk_update(factor, x, alpha=(1.0 - decay) * float(scale), beta=float(decay),
+                       homogeneous=homogeneous, allow_tf32=allow_tf32, backend=backend)
+
+
+def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
+                      homogeneous: bool = False, backend: str = "auto") -> torch.Tensor:
+    """KFC input factor ``(1/(N T)) sum_{n,t} pbar pbar^T`` of a Conv1d/2d/3d input ``x``.
+
+    ``x`` is [N, C, *spatial] (1 to 3 spatial dims); patches are ordered like
+    ``weight.flatten(1)``; ``padding`` is symmetric zero padding (pad the input yourself for other
+    modes). Fast backends never materialise the unfolded patch matrix. Returns a new fp32 matrix
+    (fp64 for fp64 input) of size ``C * prod(kernel_size) + homogeneous``.
+    """
+    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
+    nd = x.dim() - 2
+    args = {}
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
+                    ("dilation", dilation)):
+        t = reference._tuple(v, nd, name)
+        lo = 0 if name == "padding" else 1
+        if any(i < lo for i in t):
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+        args[name] = t
+    for i in range(nd):
+        span = args["dilation"][i] * (args["kernel_size"][i] - 1) + 1
+        if x.shape[2 + i] + 2 * args["padding"][i] < span:
+            raise ValueError(f"spatial dim {i} of size {x.shape[2 + i]} (padded by "
+                             f"{args['padding'][i]}) is smaller than the kernel's span {span}")
+    if x.shape[0] == 0:
+        raise ValueError("x has an empty batch")
+    return _registry.call("conv_input_factor", backend, x.device, x, args["kernel_size"],
+                          args["stride"], args["padding"], args["dilation"],
+                          homogeneous=bool(homogeneous))
+
+
+# ----------------------------------------------------------------------------- decompositions
+def symeig(factors: torch.Tensor, *, method: str = "auto",
+           prev_eigenvectors: Optional[torch.Tensor] = None, return_info: bool = False,
+           backend: str = "auto", **options):
+    """Batched eigendecomposition of symmetric matrices [B, n, n] (or [n, n]).
+
+    Returns ``(eigenvalues [B, n] ascending, eigenvectors [B, n, n])`` and, with
+    ``return_info``, an int32 ``info`` [B] that is 0 where the matrix was decomposed and nonzero
+    where it failed (no convergence, non-finite input); failed entries hold NaN. ``method``
+    selects the algorithm where a backend offers several ("auto", "eigh", "jacobi", "refresh"),
+    ``prev_eigenvectors`` warm-starts methods that can use them; backend-specific ``options``
+    (tolerance, sweep limits) pass through.
+    """
+    _check_symmetric_stack("factors", factors)
+    if prev_eigenvectors is not None:
+        _check_tensor("prev_eigenvectors", prev_eigenvectors, _FACTOR_DTYPES)
+        if prev_eigenvectors.shape != factors.shape:
+            raise ValueError(f"prev_eigenvectors has shape {tuple(prev_eigenvectors.shape)}, "
+                             f"factors {tuple(factors.shape)}")
+        _check_same_device(factors=factors, prev_eigenvectors=prev_eigenvectors)
+    if method not in ("auto", "eigh", "jacobi", "refresh"):
+        raise ValueError(f"unknown symeig method {method!r}; expected auto, eigh, jacobi, refresh")
+    if method == "refresh" and prev_eigenvectors is None:
+        raise ValueError("method='refresh' needs prev_eigenvectors")
+    kwargs = dict(prev_eigenvectors=prev_eigenvectors, return_info=return_info)
+    if method != "auto" or options:
+        kwargs.update(method=method, **options)
+    if backend == "torch" and (method not in ("auto", "eigh") or options):
+        raise BackendUnavailable(f"the torch backend computes symeig with torch.linalg.eigh only;"
+                                 f" method={method!r} {sorted(options)} need another backend")
+    return _registry.call("symeig", backend, factors.device, factors, **kwargs)
+
+
+def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False,
+                   backend: str = "auto"):
+    """Batched ``(F + damping I)^{-1}`` of symmetric positive (semi)definite matrices by Cholesky.
+
+    ``damping`` is a number, a 0-d tensor or a tensor [B] (one value per matrix). With
+    ``return_info`` also returns cholesky's int32 ``info`` [B] (0 = success; k > 0: not positive
+    definite, that inverse is NaN).
+    """
+    _check_symmetric_stack("factors", factors)
+    _check_damping(damping, factors.shape[:-2], factors.device)
+    return _registry.call("damped_inverse", backend, factors.device, factors, damping,
+                          return_info=return_info)
+
+
+# ----------------------------------------------------------------------------- preconditioning
+def _check_kron(V, left, right, what):
+    _check_tensor("V", V, _INPUT_DTYPES, (2, 3))
+    _check_tensor(what[0], left, _FACTOR_DTYPES, (V.dim(),))
+    _check_tensor(what[1], right, _FACTOR_DTYPES, (V.dim(),))
+    m, n = V.shape[-2:]
+    if left.shape[-2:] != (m, m):
+        raise ValueError(f"{what[0]} must be {m} x {m} for V of shape {tuple(V.shape)}, "
+                         f"got {tuple(left.shape)}")
+    if right.shape[-2:] != (n, n):
+        raise ValueError(f"{what[1]} must be {n} x {n} for V of shape {tuple(V.shape)}, "
+                         f"got {tuple(right.shape)}")
+    if V.dim() == 3 and not (left.shape[0] == right.shape[0] == V.shape[0]):
+        raise ValueError("batch sizes differ: V {}, {} {}, {} {}".format(
+            V.shape[0], what[0], left.shape[0], what[1], right.shape[0]))
+    if left.dtype != right.dtype:
+        raise TypeError(f"{what[0]} is {left.dtype} but {what[1]} is {right.dtype}")
+    _check_same_device(V=V, **{what[0]: left, what[1]: right})
+
+
+def kron_precondition_eigen(V, QG, lamG, QA, lamA, damping, *, return_dot: bool = False,
+                            backend: str = "auto"):
+    """``U = QG [(QG^T V QA) / (lamG lamA^T + damping)] QA^T``, batched over [B, m, n] stacks.
+
+    Eigenvalues are clamped at 0; an entry whose denominator is 0 (damping 0 on a singular
+    factor) is set to 0. With ``return_dot`` returns ``(U, sum(U * V) per matrix)``.
+    """
+    _check_kron(V, QG, QA, ("QG", "QA"))
+    for name, lam, q in (("lamG", lamG, QG), ("lamA", lamA, QA)):
+        _check_tensor(name, lam, _FACTOR_DTYPES, (V.dim() - 1,))
+        if lam.shape != q.shape[:-1]:
+            raise ValueError(f"{name} has shape {tuple(lam.shape)}, expected {tuple(q.shape[:-1])}")
+    _check_damping(damping, V.shape[:-2], V.device)
+    return _registry.call("kron_precondition_eigen", backend, V.device, V, QG, lamG, QA, lamA,
+                          damping, return_dot=return_dot)
+
+
+def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False,
+                       backend: str = "auto"):
+    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` with scalings [B, m, n]."""
+    _check_kron(V, QG, QA, ("QG", "QA"))
+    _check_tensor("scalings", scalings, _FACTOR_DTYPES)
+    if scalings.shape != V.shape:
+        raise ValueError(f"scalings has shape {tuple(scalings.shape)}, V {tuple(V.shape)}")
+    _check_damping(damping, V.shape[:-2], V.device)
+    return _registry.call("ekfac_precondition", backend, V.device, V, QG, QA, scalings, damping,
+                          return_dot=return_dot)
+
+
+def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, backend: str = "auto"):
+    """``U = G_inv V A_inv``, batched over [B, m, n] stacks; ``return_dot`` as above."""
+    _check_kron(V, G_inv, A_inv, ("G_inv", "A_inv"))
+    return _registry.call("kron_precondition_inverse", backend, V.device, V, G_inv, A_inv,
+                          return_dot=return_dot)

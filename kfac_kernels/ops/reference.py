@@ -1,0 +1,222 @@
+"""Pure-torch reference implementations of every kernel op.
+
+These are the truth that every fast backend is tested against, and the path used wherever no
+faster backend applies (CPU tensors, or ``backend="torch"``). They favour clarity over speed but
+are not naive: everything is batched and runs on any device torch supports.
+
+Input checking is done once, in the public wrappers of :mod:`kfac_kernels.ops`; the functions
+here assume well-formed inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "syrk_update",
+    "ema_factor_update",
+    "conv_patches",
+    "conv_input_factor",
+    "symeig",
+    "damped_inverse",
+    "kron_precondition_eigen",
+    "kron_precondition_inverse",
+    "ekfac_precondition",
+]
+
+Number = Union[float, int]
+
+
+def _homogeneous(x: torch.Tensor) -> torch.Tensor:
+    ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+    return torch.cat([x, ones], dim=-1)
+
+
+def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
+                homogeneous: bool = False, allow_tf32: bool = False) -> torch.Tensor:
+    """In place: ``factor <- beta * factor + alpha * xbar^T xbar``; ``xbar = [x, 1]`` if homogeneous.
+
+    ``x`` is [n, k] (or [B, n, k] for a stack of factors [B, d, d]); the product is formed in the
+    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS.
+    """
+    xf = x.to(factor.dtype)
+    if homogeneous:
+        xf = _homogeneous(xf)
+    prod = xf.transpose(-1, -2) @ xf
+    prod = 0.5 * (prod + prod.transpose(-1, -2))  # exactly symmetric
+    if beta == 0:
+        factor.copy_(prod.mul_(alpha))
+    else:
+        factor.mul_(beta).add_(prod, alpha=alpha)
+    return factor
+
+
+def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
+                      homogeneous: bool = False, scale: Optional[float] = None,
+                      allow_tf32: bool = False) -> torch.Tensor:
+    """In place: ``factor <- decay * factor + (1 - decay) * scale * xbar^T xbar``.
+
+    ``scale`` defaults to ``1 / rows`` (rows = ``x.shape[-2]``), i.e. the running average of the
+    uncentred second moment.
+    """
+    if scale is None:
+        scale = 1.0 / x.shape[-2]
+    return syrk_update(factor, x, alpha=(1.0 - decay) * scale, beta=decay,
+                       homogeneous=homogeneous, allow_tf32=allow_tf32)
+
+
+def _tuple(v, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) != n:
+        raise ValueError(f"{name} has {len(v)} entries, expected {n} for a {n}-d convolution")
+    return v
+
+
+def conv_patches(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1) -> torch.Tensor:
+    """The im2col patch matrix [N, T, C * prod(kernel_size)] of a Conv1d/2d/3d input.
+
+    Patch entries are ordered (c, k_1, ..., k_d), the order of ``weight.flatten(1)`` and of
+    ``torch.nn.functional.unfold``; T counts output positions. This materialises every patch and
+    exists for the reference path and for tests.
+    """
+    nd = x.dim() - 2
+    ks = _tuple(kernel_size, nd, "kernel_size")
+    st = _tuple(stride, nd, "stride")
+    pd = _tuple(padding, nd, "padding")
+    dl = _tuple(dilation, nd, "dilation")
+    if any(pd):
+        pads = []
+        for p in reversed(pd):
+            pads += [p, p]
+        x = torch.nn.functional.pad(x, pads)
+    for i in range(nd):
+        span = dl[i] * (ks[i] - 1) + 1
+        x = x.unfold(2 + i, span, st[i])           # appends a window dim of length `span`
+    # x: [N, C, T_1..T_nd, span_1..span_nd]; keep every dilation-th element of each window
+    idx = (slice(None),) * (2 + nd) + tuple(slice(None, None, d) for d in dl)
+    x = x[idx]
+    n, c = x.shape[:2]
+    t_dims = list(range(2, 2 + nd))
+    k_dims = list(range(2 + nd, 2 + 2 * nd))
+    x = x.permute(0, *t_dims, 1, *k_dims)          # [N, T..., C, K...]
+    t = math.prod(x.shape[1:1 + nd])
+    return x.reshape(n, t, -1)
+
+
+def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
+                      homogeneous: bool = False, out_dtype: Optional[torch.dtype] = None
+                      ) -> torch.Tensor:
+    """``(1 / (N T)) sum_{n,t} pbar pbar^T`` over the conv patches of ``x`` (KFC's A factor)."""
+    if out_dtype is None:
+        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = conv_patches(x, kernel_size, stride, padding, dilation)
+    rows = p.reshape(-1, p.shape[-1])
+    d = rows.shape[1] + int(homogeneous)
+    out = torch.empty(d, d, dtype=out_dtype, device=x.device)
+    return syrk_update(out, rows, alpha=1.0 / rows.shape[0], beta=0.0, homogeneous=homogeneous)
+
+
+def symeig(factors: torch.Tensor, *, prev_eigenvectors: Optional[torch.Tensor] = None,
+           return_info: bool = False):
+    """Batched symmetric eigendecomposition (ascending eigenvalues), ``torch.linalg.eigh``.
+
+    ``info`` (returned when asked) is an int32 tensor [B]: 0 where the decomposition succeeded and
+    its output is finite, 1 where it failed. A failed matrix gets NaN outputs rather than raising,
+    so one bad factor cannot take down its whole batch.
+    """
+    squeeze = factors.dim() == 2
+    f = factors.unsqueeze(0) if squeeze else factors
+    try:
+        lam, q = torch.linalg.eigh(f)
+    except RuntimeError:  # torch raises for the whole batch; redo one by one to isolate failures
+        lam = torch.full(f.shape[:-1], float("nan"), dtype=f.dtype, device=f.device)
+        q = torch.full_like(f, float("nan"))
+        for i in range(f.shape[0]):
+            try:
+                lam[i], q[i] = torch.linalg.eigh(f[i])
+            except RuntimeError:
+                pass
+    ok = torch.isfinite(lam).all(-1) & torch.isfinite(q).flatten(1).all(-1)
+    info = (~ok).to(torch.int32)
+    if squeeze:
+        lam, q, info = lam[0], q[0], info[0]
+    return (lam, q, info) if return_info else (lam, q)
+
+
+def _damping_tensor(damping, f: torch.Tensor) -> torch.Tensor:
+    """Damping as a tensor broadcastable against f's leading batch dims (shape [..., 1, 1])."""
+    g = torch.as_tensor(damping, dtype=f.dtype, device=f.device)
+    return g.reshape(g.shape + (1, 1)) if g.dim() else g
+
+
+def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False):
+    """Batched ``(F + damping I)^{-1}`` through a Cholesky factorisation.
+
+    ``damping`` is a number, a 0-d tensor or one value per matrix ([B]). ``info`` (when asked) is
+    cholesky's: 0 on success, k > 0 where the leading k-by-k minor is not positive definite (that
+    matrix's inverse is then NaN).
+    """
+    n = factors.shape[-1]
+    eye = torch.eye(n, dtype=factors.dtype, device=factors.device)
+    damped = factors + _damping_tensor(damping, factors) * eye
+    chol, info = torch.linalg.cholesky_ex(damped)
+    inv = torch.cholesky_inverse(chol)
+    bad = (info != 0).reshape(info.shape + (1, 1))
+    inv = torch.where(bad, torch.full_like(inv, float("nan")), inv)  # no host sync
+    return (inv, info) if return_info else inv
+
+
+def _eig_divide(Vt: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """Vt / denom where denom > 0, else 0 (the pseudo-inverse on the null space)."""
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, Vt / safe, torch.zeros_like(Vt))
+
+
+def _finish(U: torch.Tensor, V: torch.Tensor, out_dtype, return_dot: bool):
+    if return_dot:
+        dot = (U * V.to(U.dtype)).sum(dim=(-2, -1))
+        return U.to(out_dtype), dot
+    return U.to(out_dtype)
+
+
+def kron_precondition_eigen(V: torch.Tensor, QG: torch.Tensor, lamG: torch.Tensor,
+                            QA: torch.Tensor, lamA: torch.Tensor, damping, *,
+                            return_dot: bool = False):
+    """``U = QG [(QG^T V QA) / (lamG lamA^T + damping)] QA^T`` (eigenvalues clamped at 0).
+
+    Batched over a leading dim; computed in the eigenvectors' dtype and returned in ``V``'s.
+    Entries whose denominator is not positive (damping 0 on a singular factor) are set to 0,
+    i.e. the pseudo-inverse. With ``return_dot`` also returns ``sum(U * V)`` per matrix ([B]),
+    in the eigenvectors' dtype, as KL clipping needs.
+    """
+    w = QG.dtype
+    Vw = V.to(w)
+    Vt = QG.transpose(-1, -2) @ Vw @ QA
+    denom = lamG.to(w).clamp_min(0).unsqueeze(-1) * lamA.to(w).clamp_min(0).unsqueeze(-2)
+    denom = denom + _damping_tensor(damping, Vt)
+    U = QG @ _eig_divide(Vt, denom) @ QA.transpose(-1, -2)
+    return _finish(U, Vw, V.dtype, return_dot)
+
+
+def ekfac_precondition(V: torch.Tensor, QG: torch.Tensor, QA: torch.Tensor,
+                       scalings: torch.Tensor, damping, *, return_dot: bool = False):
+    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` (George et al. 2018)."""
+    w = QG.dtype
+    Vw = V.to(w)
+    Vt = QG.transpose(-1, -2) @ Vw @ QA
+    denom = scalings.to(w).clamp_min(0) + _damping_tensor(damping, Vt)
+    U = QG @ _eig_divide(Vt, denom) @ QA.transpose(-1, -2)
+    return _finish(U, Vw, V.dtype, return_dot)
+
+
+def kron_precondition_inverse(V: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
+                              return_dot: bool = False):
+    """``U = G_inv V A_inv`` batched; computed in the inverses' dtype, returned in ``V``'s."""
+    w = G_inv.dtype
+    Vw = V.to(w)
+    U = G_inv @ Vw @ A_inv
+    return _finish(U, Vw, V.dtype, return_dot)
