@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One command for a lent GPU: all GPU tests, then every kernel benchmark, then a summary table.
+# Writes under ${OUT:-benchmarks/results/latest}: env.txt, tests.log, bench.json, summary.md.
+# Budget: the whole script must finish well inside 8 minutes on one H100/H200.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results/latest}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  "$py" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+  "$py" -c "import triton; print('triton', triton.__version__)" 2>&1
+  "$py" -c "import cupy; print('cupy', cupy.__version__)" 2>&1
+  "$py" -m kfac_kernels env 2>&1
+} > "$out/env.txt"
+cat "$out/env.txt"
+
+# Build the optional CUDA extension in place when nvcc is here (no-op otherwise).
+if command -v nvcc >/dev/null 2>&1 && [ -f CMakeLists.txt ]; then
+  timeout 240 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 || echo "build of _C failed: see build.log"
+fi
+
+timeout 200 "$py" -m pytest tests -m gpu -q -x --timeout 120 -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
+timeout 240 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out/bench.json" \
+  --benchmark-min-rounds=5 --benchmark-warmup=on --benchmark-max-time=0.5 2>&1 | tail -n 15
+"$py" benchmarks/summarize.py "$out/bench.json" --markdown "$out/summary.md"
