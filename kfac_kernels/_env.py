@@ -1,0 +1,28 @@
+"""Environment report for ``python -m kfac_kernels env``: versions and, per backend, whether it
+works here and why not. Probing never initialises CUDA unless a CUDA device is present."""
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def report() -> str:
+    import torch
+
+    from . import __version__
+    from .ops import available_backends
+
+    lines = [f"kfac_kernels {__version__}",
+             f"python {sys.version.split()[0]} ({platform.machine()})",
+             f"torch {torch.__version__} (cuda {torch.version.cuda}); "
+             f"CUDA device: {'yes' if torch.cuda.is_available() else 'no'}"]
+    for mod in ("triton", "cupy", "numpy"):
+        try:
+            m = __import__(mod)
+            lines.append(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as exc:  # report, never fail
+            lines.append(f"{mod}: not importable ({type(exc).__name__}: {exc})")
+    lines.append("backends:")
+    for name, (ok, why) in available_backends().items():
+        lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
+    return "\n".join(lines)
