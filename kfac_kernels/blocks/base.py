@@ -1,0 +1,160 @@
+"""Curvature blocks: one per layer, holding the Kronecker factors of the layer's curvature.
+
+A block knows (i) how to turn the inputs and output-gradients captured from its module into
+factor statistics, (ii) its running factors A and G, and (iii) how to read the gradient of its
+parameters as one [out, in(+1)] matrix and write an update back. Everything that sequences these
+steps (when factors update, when inverses are recomputed, batching across blocks) lives in
+:mod:`kfac_kernels.engine`; the arithmetic goes through :mod:`kfac_kernels.ops`.
+
+Conventions (DESIGN.md §1): the layer computes s = W abar with abar = [a; 1] when it has a bias
+(homogeneous coordinate LAST), W = [weight.flatten(1) | bias]. With N examples and T positions per
+example (sequence positions, conv patches, repeated calls):
+
+* expand: A = 1/(N T) sum_{n,t} abar abar^T,   G = 1/N sum_{n,t} g g^T
+* reduce: abar_n = mean_t abar_{n,t}, g_n = sum_t g_{n,t}, A = 1/N sum abar_n abar_n^T,
+  G = 1/N sum g_n g_n^T
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+WEIGHT_SHARING = ("expand", "reduce")
+
+
+class BlockInputError(ValueError):
+    """A module was called with inputs its block cannot interpret consistently."""
+
+
+@dataclass
+class SyrkJob:
+    """``target += alpha * xbar^T xbar`` for a block's factor estimate (batched by the engine)."""
+    x: torch.Tensor
+    alpha: float
+    homogeneous: bool
+
+
+class Block:
+    """Base class of the Kronecker-factored blocks (A ⊗ G over [weight | bias])."""
+
+    kind = "block"
+
+    def __init__(self, name: str, module: torch.nn.Module, *, weight_sharing: str = "expand",
+                 factor_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
+        if weight_sharing not in WEIGHT_SHARING:
+            raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}, got "
+                             f"{weight_sharing!r}")
+        self.name = name
+        self.module = module
+        self.backend = backend
+        self.weight_sharing = weight_sharing
+        self.weight: torch.Tensor = module.weight
+        bias = getattr(module, "bias", None)
+        self.bias: Optional[torch.Tensor] = bias if (bias is not None and bias.requires_grad) else None
+        self.params: List[torch.Tensor] = [self.weight] + ([self.bias] if self.bias is not None else [])
+        self.has_bias = self.bias is not None
+        self.out_dim = self.weight.shape[0]
+        self.in_dim = self.weight[0].numel() + int(self.has_bias)  # including the homogeneous coord
+        if factor_dtype is None:
+            factor_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        self.factor_dtype = factor_dtype
+
+        # running factors and their update count (device tensors: no host sync to maintain)
+        self.A: Optional[torch.Tensor] = None
+        self.G: Optional[torch.Tensor] = None
+        self.count: Optional[torch.Tensor] = None      # factor updates that were accepted
+        self.skipped: Optional[torch.Tensor] = None    # updates rejected (non-finite statistics)
+        # decompositions, filled by the engine: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}
+        self.inverse: dict = {}
+        self.inverse_failed: set = set()                # reasons already warned about
+        # capture buffers for the current step
+        self.inputs: List[torch.Tensor] = []
+        self.A_hat: Optional[torch.Tensor] = None
+        self.G_hat: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """(out, in(+1)): the shape of the gradient matrix this block preconditions."""
+        return (self.out_dim, self.in_dim)
+
+    def describe_row(self) -> dict:
+        return dict(name=self.name, kind=self.kind, module=type(self.module).__name__,
+                    shape=f"{self.out_dim}x{self.in_dim}", A=f"{self.in_dim}x{self.in_dim}",
+                    G=f"{self.out_dim}x{self.out_dim}", bias=self.has_bias)
+
+    # ------------------------------------------------------------------ capture interface
+    def batch_size(self, x: torch.Tensor) -> int:
+        return x.shape[0]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise BlockInputError for inputs the block cannot interpret."""
+
+    def a_jobs(self, inputs: List[torch.Tensor]) -> Tuple[List[SyrkJob], Optional[torch.Tensor]]:
+        """Factor estimate A_hat of this step as syrk jobs and/or a ready matrix (summed)."""
+        raise NotImplementedError
+
+    def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
+        """Contribution of one backward pass to G_hat: ``scale * sum_rows g g^T / N`` (expand) or
+        the reduce form; ``scale`` carries the curvature type's rescaling and pass weight."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ gradients
+    def grad_matrix(self) -> Optional[torch.Tensor]:
+        """[out, in(+1)] gradient (None when the module got no gradient this step)."""
+        if self.weight.grad is None:
+            return None
+        gw = self.weight.grad.reshape(self.out_dim, -1)
+        if not self.has_bias:
+            return gw
+        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+
+    def param_matrix(self) -> torch.Tensor:
+        w = self.weight.detach().reshape(self.out_dim, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+
+    def split(self, U: torch.Tensor) -> List[torch.Tensor]:
+        """Per-parameter views of an [out, in(+1)] matrix, in ``self.params`` order."""
+        if not self.has_bias:
+            return [U.reshape(self.weight.shape)]
+        return [U[:, :-1].reshape(self.weight.shape), U[:, -1].reshape(self.bias.shape)]
+
+    # ------------------------------------------------------------------ dense view (tests)
+    def to_dense(self) -> torch.Tensor:
+        """A ⊗ G: the block's curvature in column-major vec([weight | bias]) order."""
+        if self.A is None:
+            raise RuntimeError(f"block {self.name!r} has no factors yet")
+        A = self.A if self.A.dim() == 2 else torch.diag(self.A)
+        return torch.kron(A, self.G)
+
+    def clear_capture(self) -> None:
+        self.inputs = []
+        self.A_hat = None
+        self.G_hat = None
+
+
+def rows_jobs_expand(xs: List[torch.Tensor], k: int, homogeneous: bool) -> List[SyrkJob]:
+    """A_hat = mean over all rows of all calls of xbar xbar^T, as one syrk job per call."""
+    rows = [x.reshape(-1, k) for x in xs]
+    total = sum(r.shape[0] for r in rows)
+    return [SyrkJob(r, 1.0 / total, homogeneous) for r in rows]
+
+
+def mean_over_calls(parts: List[Tuple[torch.Tensor, int]], name: str) -> torch.Tensor:
+    """Average per-call sums ``(sum_t x [N, k], T)`` over all calls and positions (reduce mode)."""
+    n0 = parts[0][0].shape[0]
+    for s, _ in parts:
+        if s.shape[0] != n0:
+            raise BlockInputError(
+                f"module {name!r} was called with batch sizes {[p[0].shape[0] for p in parts]} in "
+                f"one step; weight_sharing='reduce' needs the same batch size in every call")
+    total = sum(t for _, t in parts)
+    acc = parts[0][0]
+    for s, _ in parts[1:]:
+        acc = acc + s
+    return acc / total

@@ -1,0 +1,46 @@
+"""nn.Linear block, also for inputs [N, ..., features] (sequence positions are the T positions)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_expand
+
+
+class LinearBlock(Block):
+    kind = "linear"
+
+    def check_input(self, x: torch.Tensor) -> None:
+        k = self.weight.shape[1]
+        if x.dim() < 1 or x.shape[-1] != k:
+            raise BlockInputError(f"module {self.name!r} expects inputs [..., {k}], got shape "
+                                  f"{tuple(x.shape)}")
+        if self.weight_sharing == "reduce" and x.dim() < 2:
+            raise BlockInputError(f"module {self.name!r}: weight_sharing='reduce' needs a batch "
+                                  f"dimension, got shape {tuple(x.shape)}")
+
+    def batch_size(self, x: torch.Tensor) -> int:
+        return x.shape[0] if x.dim() > 1 else 1
+
+    def a_jobs(self, inputs: List[torch.Tensor]):
+        k = self.weight.shape[1]
+        if self.weight_sharing == "expand":
+            return rows_jobs_expand(inputs, k, self.has_bias), None
+        parts = [(x.reshape(x.shape[0], -1, k).sum(1), x[0].numel() // k) for x in inputs]
+        a = mean_over_calls(parts, self.name)
+        return [SyrkJob(a, 1.0 / a.shape[0], self.has_bias)], None
+
+    def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
+        m = self.out_dim
+        n = self.batch_size(grads[0])
+        if self.weight_sharing == "expand":
+            return [SyrkJob(g.reshape(-1, m), scale / self.batch_size(g), False) for g in grads]
+        total = None
+        for g in grads:
+            if self.batch_size(g) != n:
+                raise BlockInputError(f"module {self.name!r} was called with different batch "
+                                      f"sizes in one step; weight_sharing='reduce' needs one")
+            s = g.reshape(n, -1, m).sum(1)
+            total = s if total is None else total + s
+        return [SyrkJob(total, scale / n, False)]

@@ -1,0 +1,767 @@
+"""The K-FAC engine: capture, factor updates, inverse updates and preconditioning.
+
+This is the machinery shared by :class:`kfac_kernels.KFAC` and
+:class:`kfac_kernels.KFACPreconditioner`. It keeps the three phases apart, as kfac-jax does:
+
+1. **Capture** (forward/backward hooks, only on steps where factors are due): inputs of every
+   block's module and the gradients w.r.t. its outputs, from the user's ``loss.backward()``
+   ("empirical") or from the extra backward passes of :meth:`curvature_backward` ("fisher",
+   "ggn"). Gradients are folded into the step's G estimate after each pass, so memory stays
+   bounded however many passes the metric needs.
+2. **Factor update** (cheap, every ``factor_every`` steps): A_hat, G_hat through the batched
+   ``ops.syrk_update`` / ``ops.conv_input_factor``, then the running average with the
+   first-estimate rule, guarded on the device against non-finite statistics (no host sync).
+3. **Inverse update** (expensive, every ``inverse_every`` steps): all factors of one size are
+   decomposed in one batched call (``ops.symeig`` or ``ops.damped_inverse``), with the fallback
+   chain of DESIGN.md §1; this phase reads decomposition status on the host (one sync per
+   inverse update).
+4. **Preconditioning** (every step): blocks of equal shape are stacked and preconditioned in one
+   batched call that also returns the <U, V> sums KL clipping needs.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import warnings
+from collections import OrderedDict, defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .blocks import Block, SyrkJob, WEIGHT_SHARING, block_type_for
+from .curvature import (CURVATURES, LIKELIHOODS, check_likelihood_output, ggn_num_columns,
+                        ggn_vectors, sample_vectors)
+
+log = logging.getLogger("kfac_kernels")
+
+INVERSES = ("eigh", "cholesky", "ekfac")
+DAMPING_MODES = ("eigen", "pi")
+LOSS_REDUCTIONS = ("mean", "sum")
+_GGN_WARN_COLUMNS = 256
+
+
+class KFACWarning(UserWarning):
+    """Warnings about the curvature estimate (skipped updates, failed decompositions, ...)."""
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+class _Group:
+    """Blocks of one gradient shape/dtype/device, preconditioned in one batched call."""
+
+    def __init__(self, key, blocks: List[Block]):
+        self.key = key
+        self.blocks = blocks
+        self.stacks: Dict[str, torch.Tensor] = {}
+
+    def restack(self) -> None:
+        """Stack the members' decompositions and make each member's entries views of the stack."""
+        names = self.blocks[0].inverse.keys()
+        self.stacks = {k: torch.stack([b.inverse[k] for b in self.blocks]) for k in names}
+        for i, b in enumerate(self.blocks):
+            b.inverse = {k: v[i] for k, v in self.stacks.items()}
+
+
+class KFACEngine:
+    """Curvature blocks of a model and the phases of K-FAC over them (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, *, damping: float = 1e-3, damping_mode: Optional[str] = None,
+                 ema_decay: float = 0.95, factor_every: int = 1, inverse_every: int = 10,
+                 curvature: str = "empirical", likelihood: Optional[str] = None,
+                 mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
+                 skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
+                 factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
+                 trainable: Optional[set] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
+                            f"{type(model).__name__}")
+        _check_choice("curvature", curvature, CURVATURES)
+        if likelihood is not None:
+            _check_choice("likelihood", likelihood, LIKELIHOODS)
+        if curvature != "empirical" and likelihood is None:
+            raise ValueError(f"curvature={curvature!r} needs a likelihood: one of "
+                             f"{', '.join(map(repr, LIKELIHOODS))}")
+        _check_choice("inverse", inverse, INVERSES)
+        if damping_mode is None:
+            damping_mode = "pi" if inverse == "cholesky" else "eigen"
+        _check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        if inverse == "cholesky" and damping_mode != "pi":
+            raise ValueError("inverse='cholesky' supports damping_mode='pi' only (eigenvalue "
+                             "damping needs the eigenbasis: use inverse='eigh')")
+        if inverse == "ekfac" and damping_mode != "eigen":
+            raise ValueError("inverse='ekfac' damps its corrected eigenvalues: use "
+                             "damping_mode='eigen'")
+        _check_choice("weight_sharing", weight_sharing, WEIGHT_SHARING)
+        _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        _check_choice("backend", backend, ("auto",) + ops._registry.BACKENDS)
+        if not (isinstance(mc_samples, int) and mc_samples >= 1):
+            raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if factor_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"factor_dtype must be None, torch.float32 or torch.float64, got "
+                             f"{factor_dtype}")
+        self.damping = damping            # validated on use: schedulers may change it
+        self._check_damping(damping)
+        self.damping_mode = damping_mode
+        self.ema_decay = float(ema_decay)
+        self.factor_every = factor_every
+        self.inverse_every = inverse_every
+        self.curvature = curvature
+        self.likelihood = likelihood
+        self.mc_samples = mc_samples
+        self.inverse = inverse
+        self.weight_sharing = weight_sharing
+        if backend not in ("auto", "torch"):
+            ok, why = ops.backend_status(backend)
+            if not ok:
+                raise ops.BackendUnavailable(f"backend={backend!r} cannot run here: {why}")
+        self.backend = backend
+        self.loss_reduction = loss_reduction
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
+
+        self.steps = 0                     # completed optimiser steps
+        self.factor_updates = 0            # factor updates performed
+        self.inverse_updates = 0
+        self._needs_inverse = False        # set when the decompositions must be recomputed
+        self._pending_passes = 0           # curvature passes folded into G_hat this step
+        self._grads: Dict[Block, List[torch.Tensor]] = defaultdict(list)
+        self._g_active = False             # do output-gradient hooks record right now?
+        self._deferred: List[Tuple[object, torch.Tensor, List[str]]] = []
+        self._warned: set = set()
+        self._groups: List[_Group] = []
+
+        self.blocks: "OrderedDict[str, Block]" = OrderedDict()
+        self.fallback: List[Tuple[str, torch.Tensor, str]] = []
+        self._discover(model, tuple(skip), factor_dtype, trainable)
+        if not self.blocks:
+            raise ValueError(
+                "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d); "
+                "fallback parameters: " + (", ".join(f"{n} ({r})" for n, _, r in self.fallback)
+                                           or "none"))
+        self._hooks = [b.module.register_forward_hook(self._forward_hook(b))
+                       for b in self.blocks.values()]
+        self._set_capture()
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self, model, skip, factor_dtype, trainable):
+        owner: Dict[int, List[str]] = defaultdict(list)
+        for mname, mod in model.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                owner[id(p)].append(mname)
+        claimed = set()
+        for mname, mod in model.named_modules():
+            direct = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad
+                      and (trainable is None or id(p) in trainable)]
+            if not direct:
+                continue
+            reason = ""
+            cls, why = block_type_for(mod)
+            if any(fnmatch.fnmatchcase(mname, pat) for pat in skip):
+                reason = "listed in skip="
+            elif cls is None:
+                reason = why
+            elif not mod.weight.requires_grad or (trainable is not None and id(mod.weight) not in trainable):
+                reason = "weight is frozen or not in the optimiser"
+            elif any(len(set(owner[id(p)])) > 1 for _, p in direct):
+                reason = "parameter shared with another module (tied weights)"
+            if reason:
+                for pn, p in direct:
+                    if id(p) not in claimed:
+                        claimed.add(id(p))
+                        self.fallback.append((f"{mname}.{pn}" if mname else pn, p, reason))
+                continue
+            block = cls(mname, mod, weight_sharing=self.weight_sharing,
+                        factor_dtype=factor_dtype, backend=self.op_backend("conv_input_factor"))
+            self.blocks[mname] = block
+            for p in block.params:
+                claimed.add(id(p))
+            for pn, p in direct:   # e.g. a frozen-weight module's trainable bias
+                if id(p) not in claimed:
+                    claimed.add(id(p))
+                    self.fallback.append((f"{mname}.{pn}", p, "not part of the block"))
+
+    def op_backend(self, op: str) -> str:
+        """The backend for one op: the one asked for where it implements the op, else "auto"
+        (an explicit backend="triton" still decomposes with whatever implements symeig)."""
+        if self.backend in ("auto", "torch") or self.backend in ops._registry.implementations(op):
+            return self.backend
+        return "auto"
+
+    def block_params(self) -> Dict[int, Block]:
+        return {id(p): b for b in self.blocks.values() for p in b.params}
+
+    def close(self) -> None:
+        """Remove every hook this engine registered."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._clear_capture()
+
+    # ------------------------------------------------------------------ capture
+    @property
+    def capturing(self) -> bool:
+        """Whether forward/backward passes of the current step are captured for the factors."""
+        return self._capturing
+
+    def _set_capture(self) -> None:
+        self._capturing = self.steps % self.factor_every == 0
+        self._g_active = self._capturing and self.curvature == "empirical"
+
+    def _forward_hook(self, block: Block):
+        def hook(module, args, output):
+            if not self._capturing or not torch.is_grad_enabled() or not args:
+                return
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                return
+            block.check_input(x)
+            block.inputs.append(x.detach())
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._grad_hook(block))
+        return hook
+
+    def _grad_hook(self, block: Block):
+        def hook(grad):
+            if self._g_active:
+                self._grads[block].append(grad.detach())
+        return hook
+
+    def _g_scale(self, n: int, weight: float, empirical: bool) -> float:
+        """Scale turning captured output-gradients into the g_n of the metric (see DESIGN §1):
+        a batch-mean loss gives grad = g_n / N, so "empirical" multiplies by N; a summed loss is
+        N times the mean loss, so its curvature is N times larger."""
+        c = float(n) if (empirical and self.loss_reduction == "mean") else 1.0
+        red = float(n) if self.loss_reduction == "sum" else 1.0
+        return weight * c * c * red
+
+    def _fold_grads(self, weight: float, empirical: bool) -> None:
+        """Fold the output-gradients of one backward pass into each block's G_hat."""
+        jobs = []
+        for block, grads in self._grads.items():
+            if not grads:
+                continue
+            n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
+            for job in block.g_jobs(grads, self._g_scale(n, weight, empirical)):
+                jobs.append((block, job))
+        self._grads = defaultdict(list)
+        self._run_jobs(jobs, target="G_hat", accumulate=True)
+        if jobs:
+            self._pending_passes += 1
+
+    def curvature_backward(self, out: Optional[torch.Tensor]) -> None:
+        """The extra backward passes of "fisher" / "ggn" (call before the loss's own backward)."""
+        if not self._capturing or self.curvature == "empirical":
+            return
+        if out is None:
+            raise ValueError(f"curvature={self.curvature!r} needs the model outputs: call "
+                             f"opt.backward(loss, out) with the output the loss was computed from")
+        check_likelihood_output(self.likelihood, out)
+        batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
+        if batch and out.shape[0] not in batch:
+            raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
+                             f"size of the captured layer inputs {sorted(batch)} (batch dimension "
+                             f"first, and one forward pass per step)")
+        weights = [b.weight for b in self.blocks.values() if b.inputs]
+        if not weights:
+            return
+        if self.generator is None or self.generator.device != out.device:
+            self.generator = torch.Generator(device=out.device)
+            seed = self.seed if self.seed is not None else int(
+                torch.randint(0, 2 ** 62, (1,)).item())   # host RNG only: no device sync
+            self.generator.manual_seed(seed)
+        if self.curvature == "fisher":
+            vectors, weight = sample_vectors(self.likelihood, out, self.mc_samples,
+                                             self.generator), 1.0 / self.mc_samples
+        else:
+            cols = ggn_num_columns(self.likelihood, out)
+            if cols > _GGN_WARN_COLUMNS:
+                self._warn_once(("ggn", cols), f"curvature='ggn' back-propagates one vector per "
+                                f"output coordinate: {cols} backward passes per factor update; "
+                                f"curvature='fisher' estimates the same metric with mc_samples "
+                                f"passes")
+            vectors, weight = ggn_vectors(self.likelihood, out), 1.0
+        self._g_active = True
+        try:
+            for v in vectors:
+                torch.autograd.grad(out, weights, grad_outputs=v, retain_graph=True,
+                                    allow_unused=True)
+                self._fold_grads(weight, empirical=False)
+        finally:
+            self._g_active = False
+
+    def _clear_capture(self) -> None:
+        for b in self.blocks.values():
+            b.clear_capture()
+        self._grads = defaultdict(list)
+        self._pending_passes = 0
+
+    # ------------------------------------------------------------------ batched syrk
+    def _run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
+        """Execute syrk jobs, one batched ``ops.syrk_update`` per group of equal shapes.
+
+        ``target`` is the block attribute that receives the result. A block's first job
+        initialises its target (beta = 0) unless ``accumulate`` and it already holds one.
+        Identical initialising jobs (the same input tensor feeding several layers, e.g. q/k/v
+        projections) are computed once.
+        """
+        first: Dict[Block, bool] = {}
+        ordered = []
+        for block, job in jobs:
+            init = block not in first and not (accumulate and getattr(block, target) is not None)
+            first[block] = True
+            ordered.append((block, job, init))
+        # the initialising jobs run first, then the accumulating ones
+        for phase in (True, False):
+            groups: Dict[tuple, List[Tuple[Block, SyrkJob]]] = OrderedDict()
+            for block, job, init in ordered:
+                if init != phase:
+                    continue
+                x = job.x
+                key = (tuple(x.shape), x.dtype, x.device, job.homogeneous, job.alpha,
+                       block.factor_dtype)
+                groups.setdefault(key, []).append((block, job))
+            for key, members in groups.items():
+                self._run_group(members, target, init=phase)
+
+    def _run_group(self, members, target: str, init: bool) -> None:
+        x0 = members[0][1].x
+        d = x0.shape[-1] + int(members[0][1].homogeneous)
+        dtype = members[0][0].factor_dtype
+        alpha, hom = members[0][1].alpha, members[0][1].homogeneous
+        if init:
+            # deduplicate identical inputs
+            uniq: Dict[tuple, int] = {}
+            xs: List[torch.Tensor] = []
+            slot = []
+            for _, job in members:
+                k = (job.x.data_ptr(), tuple(job.x.stride()), tuple(job.x.shape))
+                if target == "G_hat":
+                    k = (len(xs),)
+                if k not in uniq:
+                    uniq[k] = len(xs)
+                    xs.append(job.x)
+                slot.append(uniq[k])
+            if len(xs) == 1:
+                out = torch.empty(d, d, dtype=dtype, device=x0.device)
+                ops.syrk_update(out, xs[0], alpha=alpha, beta=0.0, homogeneous=hom,
+                                backend=self.op_backend("syrk_update"))
+                for block, _ in members:
+                    setattr(block, target, out)
+            else:
+                out = torch.empty(len(xs), d, d, dtype=dtype, device=x0.device)
+                ops.syrk_update(out, torch.stack(xs), alpha=alpha, beta=0.0, homogeneous=hom,
+                                backend=self.op_backend("syrk_update"))
+                for (block, _), s in zip(members, slot):
+                    setattr(block, target, out[s])
+            return
+        for block, job in members:   # accumulation into distinct targets: one call each
+            t = getattr(block, target)
+            if not t.is_contiguous():
+                t = t.contiguous()
+            ops.syrk_update(t, job.x, alpha=alpha, beta=1.0, homogeneous=hom, backend=self.op_backend("syrk_update"))
+            setattr(block, target, t)
+
+    # ------------------------------------------------------------------ factor update
+    def finish_factor_update(self) -> bool:
+        """Turn this step's captured statistics into the running factors. Returns whether an
+        update happened. No host synchronisation."""
+        self._poll_deferred()
+        if not self._capturing:
+            self._clear_capture()
+            return False
+        if self.curvature == "empirical" and any(self._grads.values()):
+            self._fold_grads(1.0, empirical=True)
+        captured = [b for b in self.blocks.values() if b.inputs]
+        if not captured:
+            self._clear_capture()
+            return False
+        if self._pending_passes == 0 or all(b.G_hat is None for b in captured):
+            self._clear_capture()
+            if self.curvature == "empirical":
+                raise RuntimeError(
+                    "layer inputs were captured but no output gradients: run loss.backward() (or "
+                    "opt.backward(loss, out)) between the forward pass and step()")
+            raise RuntimeError(
+                f"curvature={self.curvature!r} needs its own backward passes: call "
+                f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
+                f"are updated (every factor_every={self.factor_every} steps)")
+        a_jobs, a_ready = [], {}
+        for b in captured:
+            jobs, mat = b.a_jobs(b.inputs)
+            a_jobs += [(b, j) for j in jobs]
+            if mat is not None:
+                a_ready[b] = mat
+        for b in captured:
+            b.A_hat = None
+        self._run_jobs(a_jobs, target="A_hat", accumulate=False)
+        flags, names = [], []
+        for b in captured:
+            a_hat = a_ready.get(b, b.A_hat)
+            if a_ready.get(b) is not None and b.A_hat is not None:
+                a_hat = a_ready[b] + b.A_hat
+            g_hat = b.G_hat
+            if g_hat is None:   # no gradient reached this module this step: nothing to learn
+                continue
+            flags.append(self._merge(b, a_hat.to(b.factor_dtype), g_hat))
+            names.append(b.name)
+            b.A_hat = None
+        self._clear_capture()
+        if flags:
+            self.factor_updates += 1
+            if any(not b.inverse for b in captured if b.A is not None):
+                self._needs_inverse = True   # a block's first factors: decompose them now
+            self._defer_check(torch.stack(flags), names)
+        return bool(flags)
+
+    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+        """Running average with the first-estimate rule, skipped on non-finite statistics.
+
+        rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
+        first estimate is taken whole. Everything stays on the device. Returns "skipped"."""
+        if b.A is None:
+            dev = A_hat.device
+            b.A = torch.zeros_like(A_hat)
+            b.G = torch.zeros_like(G_hat)
+            b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
+            b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        ok = torch.isfinite(A_hat).all() & torch.isfinite(G_hat).all()
+        count = b.count + ok.to(b.count.dtype)
+        rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+        for name, hat in (("A", A_hat), ("G", G_hat)):
+            old = getattr(b, name)
+            new = torch.where(ok, old * rho + hat * (1.0 - rho), old)
+            setattr(b, name, new)
+        b.count = count
+        b.skipped = b.skipped + (~ok).to(torch.int64)
+        return ~ok
+
+    def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
+        """Read the skip flags on the host later, without waiting for the device now."""
+        if flags.device.type == "cpu":
+            self._deferred.append((None, flags.clone(), names))
+        else:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._deferred.append((ev, host, names))
+        self._poll_deferred()
+
+    def _poll_deferred(self) -> None:
+        keep = []
+        for ev, host, names in self._deferred:
+            if ev is not None and not ev.query():
+                keep.append((ev, host, names))
+                continue
+            for name, bad in zip(names, host.numpy().tolist()):
+                if bad:
+                    self._warn_once(("nonfinite", name),
+                                    f"block {name!r}: non-finite activations or gradients; its "
+                                    f"factor update was skipped (warned once per block)")
+        self._deferred = keep
+
+    def _warn_once(self, key, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"kfac_kernels: {msg}", KFACWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ inverse update
+    def inverse_due(self) -> bool:
+        return self._needs_inverse or (self.steps % self.inverse_every == 0
+                                       and self.factor_updates > 0)
+
+    def _check_damping(self, damping) -> None:
+        if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0 \
+                or not math.isfinite(damping):
+            raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+
+    def update_inverses(self) -> None:
+        """Decompose every factor, batched by size; the fallback chain handles failures."""
+        self._poll_deferred()
+        ready = [b for b in self.blocks.values() if b.A is not None]
+        if not ready:
+            return
+        if self.inverse in ("eigh", "ekfac"):
+            self._eigh_all(ready)
+        else:
+            self._cholesky_all(ready)
+        self._needs_inverse = False
+        self.inverse_updates += 1
+        self._regroup()
+
+    def _buckets(self, blocks: List[Block], mats: Callable[[Block], Dict[str, torch.Tensor]]):
+        buckets: Dict[tuple, List[Tuple[Block, str, torch.Tensor]]] = OrderedDict()
+        for b in blocks:
+            for which, f in mats(b).items():
+                buckets.setdefault((f.shape[-1], f.dtype, f.device), []).append((b, which, f))
+        return buckets
+
+    def _eigh_all(self, blocks: List[Block]) -> None:
+        new: Dict[Block, dict] = defaultdict(dict)
+        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+            stack = torch.stack([f for _, _, f in items])
+            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"))
+            bad = info.nonzero().flatten().tolist()      # one host sync per size bucket
+            for i, (b, which, f) in enumerate(items):
+                if i in bad:
+                    l_i, q_i = self._eigh_fallback(b, which, f)
+                else:
+                    l_i, q_i = lam[i], Q[i]
+                new[b]["lam" + which] = l_i
+                new[b]["Q" + which] = q_i
+        for b, entries in new.items():
+            b.inverse = entries
+
+    def _eigh_fallback(self, b: Block, which: str, f: torch.Tensor):
+        """Retry in float64, then with added damping, then keep the previous decomposition."""
+        reasons = []
+        lam, Q, info = ops.symeig(f.double().unsqueeze(0), return_info=True, backend="torch")
+        if int(info[0]) == 0:
+            self._warn_once(("eigh", b.name, which, "fp64"),
+                            f"block {b.name!r}: eigendecomposition of {which} failed in "
+                            f"{f.dtype}; recovered in float64")
+            return lam[0].to(f.dtype), Q[0].to(f.dtype)
+        reasons.append("float64 retry failed")
+        finite = torch.nan_to_num(f.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        shift = max(float(self.damping), 1e-6 * float(finite.diagonal().abs().mean()), 1e-12)
+        eye = torch.eye(f.shape[-1], dtype=torch.float64, device=f.device)
+        lam, Q, info = ops.symeig((finite + shift * eye).unsqueeze(0), return_info=True,
+                                  backend="torch")
+        if int(info[0]) == 0 and bool(torch.isfinite(f).all()):
+            self._warn_once(("eigh", b.name, which, "damped"),
+                            f"block {b.name!r}: eigendecomposition of {which} failed; used "
+                            f"{which} + {shift:.3g} I ({'; '.join(reasons)})")
+            return lam[0].to(f.dtype), Q[0].to(f.dtype)
+        reasons.append("damped retry failed")
+        if "Q" + which in b.inverse:
+            self._warn_once(("eigh", b.name, which, "previous"),
+                            f"block {b.name!r}: eigendecomposition of {which} failed; keeping "
+                            f"the previous one ({'; '.join(reasons)})")
+            return b.inverse["lam" + which].clone(), b.inverse["Q" + which].clone()
+        self._warn_once(("eigh", b.name, which, "identity"),
+                        f"block {b.name!r}: eigendecomposition of {which} failed and there is no "
+                        f"previous one; using a scaled identity ({'; '.join(reasons)})")
+        n = f.shape[-1]
+        scale = finite.diagonal().abs().mean().clamp_min(1e-12).to(f.dtype)
+        return scale * torch.ones(n, dtype=f.dtype, device=f.device), torch.eye(
+            n, dtype=f.dtype, device=f.device)
+
+    def pi(self, b: Block) -> torch.Tensor:
+        """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined)."""
+        ta = b.A.diagonal().sum() / b.A.shape[-1]
+        tg = b.G.diagonal().sum() / b.G.shape[-1]
+        pi = torch.sqrt(ta / tg)
+        return torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
+
+    def _cholesky_all(self, blocks: List[Block]) -> None:
+        root = math.sqrt(self.damping)
+        dampings = {}
+        for b in blocks:
+            pi = self.pi(b)
+            dampings[(b, "A")] = pi * root
+            dampings[(b, "G")] = root / pi
+        new: Dict[Block, dict] = defaultdict(dict)
+        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+            stack = torch.stack([f for _, _, f in items])
+            damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
+            inv, info = ops.damped_inverse(stack, damp, return_info=True, backend=self.op_backend("damped_inverse"))
+            bad = info.nonzero().flatten().tolist()
+            for i, (b, which, f) in enumerate(items):
+                new[b][which + "_inv"] = (self._cholesky_fallback(b, which, f, damp[i])
+                                          if i in bad else inv[i])
+        for b, entries in new.items():
+            b.inverse = entries
+
+    def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
+        inv, info = ops.damped_inverse(f.double().unsqueeze(0), damp.double().reshape(1),
+                                       return_info=True, backend="torch")
+        if int(info[0]) == 0:
+            self._warn_once(("chol", b.name, which, "fp64"),
+                            f"block {b.name!r}: Cholesky of {which} failed in {f.dtype}; "
+                            f"recovered in float64")
+            return inv[0].to(f.dtype)
+        finite = torch.nan_to_num(f.double(), nan=0.0, posinf=0.0, neginf=0.0)
+        extra = max(float(damp), 1e-6 * float(finite.diagonal().abs().mean()), 1e-12)
+        for _ in range(3):
+            extra *= 10.0
+            inv, info = ops.damped_inverse(finite.unsqueeze(0), float(damp) + extra,
+                                           return_info=True, backend="torch")
+            if int(info[0]) == 0 and bool(torch.isfinite(f).all()):
+                self._warn_once(("chol", b.name, which, "damped"),
+                                f"block {b.name!r}: Cholesky of {which} failed; used extra "
+                                f"damping {extra:.3g}")
+                return inv[0].to(f.dtype)
+        key = which + "_inv"
+        if key in b.inverse:
+            self._warn_once(("chol", b.name, which, "previous"),
+                            f"block {b.name!r}: Cholesky of {which} failed; keeping the previous "
+                            f"inverse")
+            return b.inverse[key].clone()
+        self._warn_once(("chol", b.name, which, "identity"),
+                        f"block {b.name!r}: Cholesky of {which} failed and there is no previous "
+                        f"inverse; using a scaled identity")
+        n = f.shape[-1]
+        scale = 1.0 / (finite.diagonal().abs().mean() + float(damp)).clamp_min(1e-12)
+        return (scale * torch.eye(n, dtype=torch.float64, device=f.device)).to(f.dtype)
+
+    def _regroup(self) -> None:
+        groups: Dict[tuple, List[Block]] = OrderedDict()
+        for b in self.blocks.values():
+            if b.inverse:
+                key = (b.shape, b.factor_dtype, b.weight.device, tuple(sorted(b.inverse)))
+                groups.setdefault(key, []).append(b)
+        self._groups = [_Group(k, v) for k, v in groups.items()]
+        for g in self._groups:
+            g.restack()
+
+    # ------------------------------------------------------------------ preconditioning
+    def precondition(self, grads: Dict[Block, torch.Tensor]):
+        """Preconditioned directions for the given blocks' gradient matrices.
+
+        Returns ``({block: U}, {block: <U, V> (0-d device tensor)})``; blocks of one shape go
+        through one batched op call.
+        """
+        self._check_damping(self.damping)
+        out_u: Dict[Block, torch.Tensor] = {}
+        out_dot: Dict[Block, torch.Tensor] = {}
+        for g in self._groups:
+            members = [b for b in g.blocks if b in grads]
+            if not members:
+                continue
+            if len(members) == len(g.blocks):
+                st = g.stacks
+            else:
+                idx = torch.tensor([g.blocks.index(b) for b in members],
+                                   device=next(iter(g.stacks.values())).device)
+                st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
+            V = torch.stack([grads[b] for b in members])
+            if self.inverse == "cholesky":
+                U, dot = ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"],
+                                                       return_dot=True, backend=self.op_backend("kron_precondition_inverse"))
+            elif self.inverse == "ekfac" and "S" in st:
+                U, dot = ops.ekfac_precondition(V, st["QG"], st["QA"], st["S"], self.damping,
+                                                return_dot=True, backend=self.op_backend("ekfac_precondition"))
+            elif self.damping_mode == "pi":
+                root = math.sqrt(self.damping)
+                pis = torch.stack([self.pi(b) for b in members]).to(st["lamA"].dtype)
+                lamA = st["lamA"].clamp_min(0) + (pis * root).unsqueeze(-1)
+                lamG = st["lamG"].clamp_min(0) + (root / pis).unsqueeze(-1)
+                U, dot = ops.kron_precondition_eigen(V, st["QG"], lamG, st["QA"], lamA, 0.0,
+                                                     return_dot=True, backend=self.op_backend("kron_precondition_eigen"))
+            else:
+                U, dot = ops.kron_precondition_eigen(V, st["QG"], st["lamG"], st["QA"],
+                                                     st["lamA"], float(self.damping),
+                                                     return_dot=True, backend=self.op_backend("kron_precondition_eigen"))
+            for i, b in enumerate(members):
+                out_u[b] = U[i]
+                out_dot[b] = dot[i]
+        return out_u, out_dot
+
+    def end_step(self) -> None:
+        self.steps += 1
+        self._set_capture()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        blocks = {}
+        for name, b in self.blocks.items():
+            entry = {"shape": tuple(b.shape)}
+            if b.A is not None:
+                entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
+                             skipped=b.skipped.clone(),
+                             inverse={k: v.clone() for k, v in b.inverse.items()})
+            blocks[name] = entry
+        return {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
+                "inverse_updates": self.inverse_updates, "inverse": self.inverse,
+                "needs_inverse": self._needs_inverse, "blocks": blocks,
+                "generator": (None if self.generator is None else
+                              (str(self.generator.device), self.generator.get_state()))}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not isinstance(sd, dict) or "blocks" not in sd:
+            raise ValueError("not a kfac_kernels state_dict: its 'kfac' entry is missing or has "
+                             "no 'blocks'")
+        mine, theirs = set(self.blocks), set(sd["blocks"])
+        if mine != theirs:
+            raise ValueError(
+                "state_dict is from a different model: blocks only in the state_dict: "
+                f"{sorted(theirs - mine) or 'none'}; blocks only in this model: "
+                f"{sorted(mine - theirs) or 'none'}")
+        for name, entry in sd["blocks"].items():
+            b = self.blocks[name]
+            if tuple(entry["shape"]) != tuple(b.shape):
+                raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
+                                 f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")
+        same_inverse = sd.get("inverse") == self.inverse
+        for name, entry in sd["blocks"].items():
+            b = self.blocks[name]
+            dev = b.weight.device
+            if "A" not in entry:
+                b.A = b.G = b.count = b.skipped = None
+                b.inverse = {}
+                continue
+            # factors keep their own dtype (never cast to the parameter dtype)
+            b.A, b.G = entry["A"].to(dev), entry["G"].to(dev)
+            b.count, b.skipped = entry["count"].to(dev), entry["skipped"].to(dev)
+            b.inverse = ({k: v.to(dev) for k, v in entry["inverse"].items()}
+                         if same_inverse else {})
+        self.steps = int(sd["steps"])
+        self.factor_updates = int(sd["factor_updates"])
+        self.inverse_updates = int(sd.get("inverse_updates", 0))
+        self._needs_inverse = bool(sd.get("needs_inverse", False)) or (
+            not same_inverse and self.factor_updates > 0)
+        gen = sd.get("generator")
+        if gen is not None:
+            self.generator = torch.Generator(device=gen[0])
+            self.generator.set_state(gen[1])
+        self._clear_capture()
+        self._set_capture()
+        self._regroup()
+
+    # ------------------------------------------------------------------ description
+    def describe(self, extra_fallback: Sequence[Tuple[str, str]] = ()) -> str:
+        dev = next(iter(self.blocks.values())).weight.device
+        rows = [("block", "module", "grad shape", "A", "G", "factors")]
+        for b in self.blocks.values():
+            r = b.describe_row()
+            rows.append((r["name"] or "<model>", r["module"], r["shape"], r["A"], r["G"],
+                         str(b.factor_dtype).replace("torch.", "")))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        lines = [f"K-FAC: {len(self.blocks)} blocks, curvature={self.curvature}"
+                 f"{'/' + self.likelihood if self.likelihood else ''}, inverse={self.inverse}, "
+                 f"damping={self.damping} ({self.damping_mode}), weight_sharing="
+                 f"{self.weight_sharing}, factor_every={self.factor_every}, inverse_every="
+                 f"{self.inverse_every}"]
+        lines += [fmt.format(*rows[0]), fmt.format(*["-" * w for w in widths])]
+        lines += [fmt.format(*r) for r in rows[1:]]
+        lines.append("backends on " + str(dev) + ": " + ", ".join(
+            f"{op}={self._backend_name(op, dev)}" for op in
+            ("syrk_update", "conv_input_factor",
+             "symeig" if self.inverse != "cholesky" else "damped_inverse",
+             {"eigh": "kron_precondition_eigen", "ekfac": "ekfac_precondition",
+              "cholesky": "kron_precondition_inverse"}[self.inverse])))
+        fb = [(n, r) for n, _, r in self.fallback] + list(extra_fallback)
+        if fb:
+            lines.append(f"fallback parameters (plain first-order rule): {len(fb)}")
+            lines += [f"  {n}: {r}" for n, r in fb]
+        else:
+            lines.append("fallback parameters: none")
+        return "\n".join(lines)
+
+    def _backend_name(self, op: str, dev) -> str:
+        try:
+            return ops._registry.resolve(op, self.backend, dev)
+        except ops.BackendUnavailable as exc:
+            return f"unavailable ({exc})"
