@@ -222,6 +222,8 @@ class KFACEngine:
         def hook(module, args, output):
             if not self._capturing or not torch.is_grad_enabled() or not args:
                 return
+            if module is not block.module:   # a deepcopy of the model carries the hook along
+                return
             x = args[0]
             if not isinstance(x, torch.Tensor):
                 return
