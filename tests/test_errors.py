@@ -1,0 +1,147 @@
+"""Bad input gets a clear error or a documented warning, never a silent wrong update."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kfac_kernels as kk
+from kfac_kernels.engine import KFACWarning
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def test_model_without_supported_layer():
+    with pytest.raises(ValueError, match="no layer K-FAC supports.*0.weight \\(no block for "
+                                         "LayerNorm\\)"):
+        kk.KFAC(nn.Sequential(nn.LayerNorm(4)))
+    with pytest.raises(TypeError, match="takes the model"):
+        kk.KFAC(mlp().parameters())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(curvature="hessian"), "unknown curvature 'hessian'"),
+    (dict(curvature="fisher", likelihood="poisson"), "unknown likelihood 'poisson'"),
+    (dict(curvature="fisher"), "curvature='fisher' needs a likelihood"),
+    (dict(inverse="svd"), "unknown inverse 'svd'"),
+    (dict(backend="opencl"), "unknown backend 'opencl'"),
+    (dict(damping_mode="levenberg"), "unknown damping_mode"),
+    (dict(inverse="cholesky", damping_mode="eigen"), "supports damping_mode='pi' only"),
+    (dict(weight_sharing="mean"), "unknown weight_sharing"),
+    (dict(mc_samples=0), "mc_samples must be"),
+    (dict(inverse_every=0), "inverse_every must be"),
+    (dict(damping=-1.0), "damping must be"),
+    (dict(ema_decay=1.0), "ema_decay must be"),
+    (dict(kl_clip=0.0), "kl_clip must be"),
+    (dict(loss_reduction="none"), "unknown loss_reduction"),
+])
+def test_bad_options(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        kk.KFAC(mlp(), **kw)
+
+
+def test_named_backend_that_cannot_run_here():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the cuda backend may be usable")
+    with pytest.raises(kk.ops.BackendUnavailable, match="backend='cuda' cannot run here"):
+        kk.KFAC(mlp(), backend="cuda")
+
+
+def test_backward_without_outputs_when_the_metric_needs_them():
+    model = mlp()
+    opt = kk.KFAC(model, curvature="fisher", likelihood="categorical")
+    x = torch.randn(8, 4)
+    loss = F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs the model outputs"):
+        opt.backward(loss)
+
+
+def test_plain_backward_with_fisher_is_an_error_at_step():
+    model = mlp()
+    opt = kk.KFAC(model, curvature="fisher", likelihood="categorical")
+    x = torch.randn(8, 4)
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    with pytest.raises(RuntimeError, match="call opt.backward\\(loss, out\\)"):
+        opt.step()
+
+
+@pytest.mark.parametrize("likelihood,shape,msg", [
+    ("categorical", (8,), "logits of shape \\[N, ..., C\\]"),
+    ("categorical", (8, 1), "at least 2 classes"),
+])
+def test_likelihood_that_does_not_fit_the_output(likelihood, shape, msg):
+    torch.manual_seed(0)
+    model = nn.Linear(4, shape[-1] if len(shape) > 1 else 1)
+    opt = kk.KFAC(model, curvature="ggn", likelihood=likelihood)
+    out = model(torch.randn(8, 4))
+    out = out.reshape(shape)
+    with pytest.raises(ValueError, match=msg):
+        opt.backward(out.sum(), out)
+
+
+def test_output_batch_size_mismatch():
+    model = mlp()
+    opt = kk.KFAC(model, curvature="ggn", likelihood="categorical")
+    out = model(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="batch size 4 does not match"):
+        opt.backward(out.sum(), out[:4])
+
+
+def test_integer_output_and_detached_output():
+    model = mlp()
+    opt = kk.KFAC(model, curvature="ggn", likelihood="gaussian")
+    out = model(torch.randn(8, 4))
+    with pytest.raises(ValueError, match="does not require grad"):
+        opt.backward(out.sum(), out.detach())
+
+
+def test_nonfinite_statistics_skip_the_factor_update_and_warn_once():
+    model = mlp().double()
+    opt = kk.KFAC(model, lr=0.1, curvature="empirical", inverse_every=1)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+
+    def step(inp, keep_grad=True):
+        out = model(inp)
+        opt.zero_grad()
+        F.cross_entropy(out, y).backward()
+        if not keep_grad:
+            opt.zero_grad(set_to_none=True)   # no parameter update: only the factors are tested
+        opt.step()
+
+    step(x)
+    before = {n: (b.A.clone(), b.G.clone(), b.count.clone()) for n, b in opt.blocks.items()}
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.warns(KFACWarning, match="non-finite activations or gradients; its factor "
+                                         "update was skipped"):
+        step(bad, keep_grad=False)
+    for n, b in opt.blocks.items():
+        assert torch.equal(b.A, before[n][0]) and torch.equal(b.G, before[n][1])
+        assert torch.equal(b.count, before[n][2])
+        assert int(b.skipped) == 1
+    inf = x.clone()
+    inf[0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KFACWarning)      # once per block: no second warning
+        step(inf, keep_grad=False)
+    step(x)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the inf input saturates tanh: layer "2" saw finite statistics and took that update
+    assert int(opt.blocks["0"].count) == 2 and int(opt.blocks["2"].count) == 3
+
+
+def test_import_is_light():
+    code = ("import sys, torch, kfac_kernels as kk; kk.KFAC; kk.KFACPreconditioner; kk.ops; "
+            "bad = [m for m in ('triton', 'cupy', 'kfac_kernels._C', 'sklearn', 'matplotlib', "
+            "'tqdm') if m in sys.modules]; "
+            "assert not bad, bad; assert not torch.cuda.is_initialized(); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
