@@ -398,6 +398,14 @@ class KFACEngine:
                 f"curvature={self.curvature!r} needs its own backward passes: call "
                 f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
                 f"are updated (every factor_every={self.factor_every} steps)")
+        stats = self.compute_statistics(captured)
+        stats = self.reduce_statistics(stats)
+        self._clear_capture()
+        return self.merge_statistics(stats)
+
+    def compute_statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
+        """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
+        output-gradients (batched syrk / conv_input_factor)."""
         a_jobs, a_ready = [], {}
         for b in captured:
             jobs, mat = b.a_jobs(b.inputs)
@@ -407,21 +415,31 @@ class KFACEngine:
         for b in captured:
             b.A_hat = None
         self._run_jobs(a_jobs, target="A_hat", accumulate=False)
-        flags, names = [], []
+        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
         for b in captured:
             a_hat = a_ready.get(b, b.A_hat)
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat
-            g_hat = b.G_hat
-            if g_hat is None:   # no gradient reached this module this step: nothing to learn
-                continue
-            flags.append(self._merge(b, a_hat.to(b.factor_dtype), g_hat))
-            names.append(b.name)
             b.A_hat = None
-        self._clear_capture()
+            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
+                continue
+            stats[b] = (a_hat.to(b.factor_dtype), b.G_hat)
+        return stats
+
+    def reduce_statistics(self, stats: "OrderedDict[Block, Tuple]") -> "OrderedDict[Block, Tuple]":
+        """Combine the estimates across processes (identity in a single process; the distributed
+        strategy averages them over ranks here)."""
+        return stats
+
+    def merge_statistics(self, stats: "OrderedDict[Block, Tuple]") -> bool:
+        """Fold the step's estimates into the running factors (guarded, no host sync)."""
+        flags, names = [], []
+        for b, (a_hat, g_hat) in stats.items():
+            flags.append(self._merge(b, a_hat, g_hat))
+            names.append(b.name)
         if flags:
             self.factor_updates += 1
-            if any(not b.inverse for b in captured if b.A is not None):
+            if any(not b.inverse for b in stats):
                 self._needs_inverse = True   # a block's first factors: decompose them now
             self._defer_check(torch.stack(flags), names)
         return bool(flags)
