@@ -1,0 +1,255 @@
+"""``python -m kfac_kernels demo``: K-FAC against Adam and SGD with momentum on real models.
+
+Trains a deep autoencoder (the K-FAC benchmark of Martens & Grosse 2015, scaled to 8x8 digits) and
+a small CNN classifier on scikit-learn's handwritten digits, with the same initial weights and the
+same data order for every optimiser; prints a table (steps and seconds to reach train-loss
+thresholds, final train/test loss, test metric) and writes it as markdown, the results as JSON and
+the loss curves as a PNG to ``--out``. See docs/demo.md for what the numbers mean and how the
+hyperparameters were chosen.
+
+This subpackage is the only part of kfac_kernels that uses scikit-learn, matplotlib and tqdm; they
+are imported when the demo runs, never by ``import kfac_kernels``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["main"]
+
+_DEPS = (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"), ("tqdm", "tqdm"))
+QUICK_STEPS = 12
+QUICK_TRAIN_EXAMPLES = 400
+
+
+def missing_dependencies() -> List[str]:
+    """pip names of the demo's dependencies that cannot be imported here."""
+    import importlib.util
+    return [pip for mod, pip in _DEPS if importlib.util.find_spec(mod) is None]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .settings import OPTIMIZERS
+    ap = argparse.ArgumentParser(
+        prog="python -m kfac_kernels demo",
+        description="Train a deep autoencoder and a CNN on scikit-learn's handwritten digits with "
+                    "K-FAC, Adam and SGD+momentum (same initial weights, same data order); print "
+                    "a table and write results (markdown, JSON) and loss curves (PNG) to --out.")
+    ap.add_argument("--models", choices=("autoencoder", "cnn", "all"), default="all")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                    help="comma-separated subset of %(default)s")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="optimiser steps per run (default: per model, 200 for both)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="minibatch size (default: per model; 0 = full batch)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CUDA when available, else CPU")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: usable cores, at most 8)")
+    ap.add_argument("--out", default=os.path.join("out", "demo"),
+                    help="directory for demo_loss_curves.png, results.md and results.json "
+                         "(default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the split, the initial weights, the data order and K-FAC's "
+                         "Fisher sampling")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="evaluate train/test loss every N steps (default: steps/100, at least 1)")
+    ap.add_argument("--tune", action="store_true",
+                    help="first sweep each optimiser's lr over a small grid (settings.GRIDS), "
+                         "keep the best final train loss per model, then run the demo with it")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run in seconds: {QUICK_STEPS} steps on {QUICK_TRAIN_EXAMPLES} "
+                         f"training examples")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # pragma: no cover
+        return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    missing = missing_dependencies()
+    if missing:
+        print(f"the demo needs {', '.join(missing)}, which cannot be imported here; install the "
+              f"demo extras with:\n    pip install 'kfac_kernels[demo]'\nor:\n    pip install "
+              f"{' '.join(missing)}", file=sys.stderr)
+        return 1
+    from .settings import OPTIMIZERS
+    opts = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    bad = [o for o in opts if o not in OPTIMIZERS]
+    if bad or not opts:
+        print(f"--optimizers: unknown {bad or 'empty list'}; choose from {', '.join(OPTIMIZERS)}",
+              file=sys.stderr)
+        return 2
+    for name in ("steps", "eval_every", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"--{name.replace('_', '-')} must be >= 1, got {v}", file=sys.stderr)
+            return 2
+    if args.batch_size is not None and args.batch_size < 0:
+        print(f"--batch-size must be >= 0, got {args.batch_size}", file=sys.stderr)
+        return 2
+
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available here (use --device auto or cpu)",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "cuda" or (
+        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    threads_before = torch.get_num_threads()
+    threads = args.threads or min(_usable_cpus(), 8)
+    torch.set_num_threads(threads)
+    try:
+        return _run(args, opts, device, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, opts: List[str], device, threads: int) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import models, report
+    from .data import load_digits
+    from .settings import DEFAULTS, GRIDS
+    from .train import TASKS, batch_schedule, train
+
+    t_start = time.perf_counter()
+    load_before = _loadavg()
+    task_names = ["autoencoder", "cnn"] if args.models == "all" else [args.models]
+    data = load_digits(seed=args.seed, limit=QUICK_TRAIN_EXAMPLES if args.quick else 0).to(device)
+    n = data.n_train
+
+    def plan(task):
+        steps = args.steps or (QUICK_STEPS if args.quick else task.steps)
+        bs = task.batch_size if args.batch_size is None else args.batch_size
+        bs = 0 if bs >= n else bs
+        eval_every = args.eval_every or max(1, steps // 100)
+        desc = f"full batch ({n} examples)" if bs == 0 else f"minibatches of {bs} of {n} examples"
+        return steps, bs, eval_every, desc
+
+    def run_one(task, spec, init, steps, batches, eval_every, tag=""):
+        bar = tqdm(total=steps, desc=f"{task.name:<11} {spec.label:<12}{tag}", file=sys.stderr,
+                   disable=args.no_progress, leave=True, dynamic_ncols=True)
+        last = [0]
+
+        def progress(step, loss):
+            bar.update(step - last[0])
+            last[0] = step
+            bar.set_postfix_str(f"train loss {loss:.4g}")
+        try:
+            return train(task, spec, init, data, steps, args.seed, device, eval_every, batches,
+                         progress)
+        finally:
+            bar.close()
+
+    tasks = [TASKS[t] for t in task_names]
+    specs = {t: {o: DEFAULTS[t][o] for o in opts} for t in task_names}
+    runs_by_task: Dict[str, list] = {}
+    tune_md: List[str] = []
+    tune_json: Dict[str, dict] = {}
+    for task in tasks:
+        steps, bs, eval_every, desc = plan(task)
+        init = {k: v.to(device) for k, v in models.build(task.name, args.seed).state_dict().items()}
+        batches = batch_schedule(n, bs, steps, args.seed)
+        if args.tune:
+            text, md, chosen, record = _tune(task, specs[task.name], GRIDS, init, steps, batches,
+                                             eval_every, run_one, desc)
+            print(text, flush=True)
+            tune_md.append(md)
+            tune_json[task.name] = record
+            specs[task.name].update(chosen)
+        runs_by_task[task.name] = [run_one(task, specs[task.name][o], init, steps, batches,
+                                           eval_every) for o in opts]
+
+    total = time.perf_counter() - t_start
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"{_cpu_name()}, {threads} torch threads")
+    meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                device=str(device), device_name=dev_name, torch=torch.__version__,
+                python=platform.python_version(), threads=threads, usable_cpus=_usable_cpus(),
+                loadavg_before=load_before, loadavg_after=_loadavg(), seed=args.seed,
+                quick=args.quick, tuned=args.tune, wall_seconds=round(total, 2),
+                argv=list(sys.argv[1:]),
+                plans={t.name: dict(zip(("steps", "batch_size", "eval_every", "batches"),
+                                        plan(t))) for t in tasks})
+    report.ensure_dir(args.out)
+    png = os.path.join(args.out, "demo_loss_curves.png")
+    md_path = os.path.join(args.out, "results.md")
+    json_path = os.path.join(args.out, "results.json")
+    header = (f"kfac_kernels demo on {dev_name} ({meta['device']}), torch {meta['torch']}, seed "
+              f"{args.seed}{', quick' if args.quick else ''}; {meta['date']}")
+    texts = [report.text_table(t, runs_by_task[t.name], plan(t)[3]) for t in tasks]
+    print("\n" + header + "\n\n" + "\n\n".join(texts))
+    report.plot(png, tasks, runs_by_task, header)
+    all_runs = [r for t in tasks for r in runs_by_task[t.name]]
+    report.write_json(json_path, dict(meta, tuning=tune_json), all_runs)
+    with open(md_path, "w") as fh:
+        fh.write(f"# kfac_kernels demo results\n\n{header}; {total:.1f} s wall in all "
+                 f"(load average {load_before} before, {meta['loadavg_after']} after)\n\n")
+        fh.write("\n\n".join(report.markdown_table(t, runs_by_task[t.name], plan(t)[3])
+                             for t in tasks) + "\n")
+        if tune_md:
+            fh.write("\n## lr sweeps (--tune)\n\n" + "\n\n".join(tune_md) + "\n")
+    diverged = [f"{r.task}/{r.label}" for r in all_runs if r.diverged_at is not None]
+    if diverged:
+        print(f"\ndiverged (non-finite train loss): {', '.join(diverged)}")
+    print(f"\nwrote {png}, {md_path}, {json_path}; {total:.1f} s in all")
+    return 0
+
+
+def _tune(task, specs, grids, init, steps, batches, eval_every, run_one, desc):
+    """Sweep each optimiser's lr over its grid; keep the lowest final train loss."""
+    chosen, record = {}, {}
+    text = [f"lr sweep for {task.name} ({desc}, {steps} steps): final train loss "
+            f"({task.loss_name}); * = chosen"]
+    md = [f"**{task.name}** ({desc}, {steps} steps): final train loss; **bold** = chosen", "",
+          "| optimiser | " + " | ".join(["lr", "final train loss", "test loss"]) + " |",
+          "|---|---:|---:|---:|"]
+    for o, spec in specs.items():
+        results = []
+        for lr in grids[o]:
+            r = run_one(task, spec.with_(lr=lr), init, steps, batches, eval_every,
+                        tag=f" lr={lr:g}")
+            loss = r.final["train_loss"]
+            results.append((lr, loss if math.isfinite(loss) else math.inf, r.final["test_loss"]))
+        best = min(results, key=lambda t: t[1])
+        chosen[o] = spec.with_(lr=best[0])
+        record[o] = [dict(lr=lr, final_train_loss=loss, final_test_loss=test)
+                     for lr, loss, test in results]
+        text.append(f"  {spec.label:<12} " + "  ".join(
+            f"{'*' if lr == best[0] else ' '}lr={lr:g}: {loss:.4g}" for lr, loss, _ in results))
+        for lr, loss, test in results:
+            b = "**" if lr == best[0] else ""
+            md.append(f"| {spec.label} | {b}{lr:g}{b} | {b}{loss:.4g}{b} | {test:.4g} |")
+    return "\n".join(text), "\n".join(md), chosen, record
