@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CUDA when available, else CPU")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: usable cores, at most 8)")
+                    help="torch CPU threads (default: half the usable cores, at least 1 and at "
+                         "most 4: these models are small, and OpenMP threads that compete with "
+                         "other processes for cores spin-wait and slow every step down)")
     ap.add_argument("--out", default=os.path.join("out", "demo"),
                     help="directory for demo_loss_curves.png, results.md and results.json "
                          "(default: %(default)s)")
@@ -59,10 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="seeds the split, the initial weights, the data order and K-FAC's "
                          "Fisher sampling")
     ap.add_argument("--eval-every", type=int, default=None,
-                    help="evaluate train/test loss every N steps (default: steps/100, at least 1)")
+                    help="evaluate train/test loss every N steps (default: steps/200, at least 1)")
     ap.add_argument("--tune", action="store_true",
-                    help="first sweep each optimiser's lr over a small grid (settings.GRIDS), "
-                         "keep the best final train loss per model, then run the demo with it")
+                    help="first sweep each optimiser's step size over a small grid (settings.GRIDS: "
+                         "lr for Adam and SGD, kl_clip for K-FAC), keep the value with the lowest "
+                         "final train loss per model, then run the demo with it")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run in seconds: {QUICK_STEPS} steps on {QUICK_TRAIN_EXAMPLES} "
                          f"training examples")
@@ -93,6 +96,17 @@ def _loadavg() -> Optional[float]:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):  # pragma: no cover
         return None
+
+
+def default_threads() -> int:
+    """Half the usable cores, in [1, 4].
+
+    The largest product in the demo is 1437x256 by 256x256, too small for many threads to pay
+    off, and on a busy machine OpenMP threads that have to share cores spin-wait: on the 2-core
+    machine the documented run used, the default run took 79 s with one thread and had not
+    finished after 10 minutes with two (the machine was shared with other jobs).
+    """
+    return max(1, min(4, _usable_cpus() // 2))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
     threads_before = torch.get_num_threads()
-    threads = args.threads or min(_usable_cpus(), 8)
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     try:
         return _run(args, opts, device, threads)
@@ -154,7 +168,7 @@ def _run(args, opts: List[str], device, threads: int) -> int:
         steps = args.steps or (QUICK_STEPS if args.quick else task.steps)
         bs = task.batch_size if args.batch_size is None else args.batch_size
         bs = 0 if bs >= n else bs
-        eval_every = args.eval_every or max(1, steps // 100)
+        eval_every = args.eval_every or max(1, steps // 200)
         desc = f"full batch ({n} examples)" if bs == 0 else f"minibatches of {bs} of {n} examples"
         return steps, bs, eval_every, desc
 
@@ -229,27 +243,27 @@ def _run(args, opts: List[str], device, threads: int) -> int:
 
 
 def _tune(task, specs, grids, init, steps, batches, eval_every, run_one, desc):
-    """Sweep each optimiser's lr over its grid; keep the lowest final train loss."""
+    """Sweep each optimiser's step-size knob over its grid; keep the lowest final train loss."""
     chosen, record = {}, {}
-    text = [f"lr sweep for {task.name} ({desc}, {steps} steps): final train loss "
+    text = [f"sweep for {task.name} ({desc}, {steps} steps): final train loss "
             f"({task.loss_name}); * = chosen"]
-    md = [f"**{task.name}** ({desc}, {steps} steps): final train loss; **bold** = chosen", "",
-          "| optimiser | " + " | ".join(["lr", "final train loss", "test loss"]) + " |",
-          "|---|---:|---:|---:|"]
+    md = [f"**{task.name}** ({desc}, {steps} steps); **bold** = chosen", "",
+          "| optimiser | swept | final train loss | final test loss |", "|---|---|---:|---:|"]
     for o, spec in specs.items():
+        knob, values = grids[o]
         results = []
-        for lr in grids[o]:
-            r = run_one(task, spec.with_(lr=lr), init, steps, batches, eval_every,
-                        tag=f" lr={lr:g}")
+        for v in values:
+            r = run_one(task, spec.with_(**{knob: v}), init, steps, batches, eval_every,
+                        tag=f" {knob}={v:g}")
             loss = r.final["train_loss"]
-            results.append((lr, loss if math.isfinite(loss) else math.inf, r.final["test_loss"]))
+            results.append((v, loss if math.isfinite(loss) else math.inf, r.final["test_loss"]))
         best = min(results, key=lambda t: t[1])
-        chosen[o] = spec.with_(lr=best[0])
-        record[o] = [dict(lr=lr, final_train_loss=loss, final_test_loss=test)
-                     for lr, loss, test in results]
+        chosen[o] = spec.with_(**{knob: best[0]})
+        record[o] = [{knob: v, "final_train_loss": loss, "final_test_loss": test}
+                     for v, loss, test in results]
         text.append(f"  {spec.label:<12} " + "  ".join(
-            f"{'*' if lr == best[0] else ' '}lr={lr:g}: {loss:.4g}" for lr, loss, _ in results))
-        for lr, loss, test in results:
-            b = "**" if lr == best[0] else ""
-            md.append(f"| {spec.label} | {b}{lr:g}{b} | {b}{loss:.4g}{b} | {test:.4g} |")
+            f"{'*' if v == best[0] else ' '}{knob}={v:g}: {loss:.4g}" for v, loss, _ in results))
+        for v, loss, test in results:
+            b = "**" if v == best[0] else ""
+            md.append(f"| {spec.label} | {b}{knob}={v:g}{b} | {b}{loss:.4g}{b} | {test:.4g} |")
     return "\n".join(text), "\n".join(md), chosen, record

@@ -14,6 +14,8 @@ COLORS = {"kfac": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c"}
 def _fmt_loss(v: float) -> str:
     if not math.isfinite(v):
         return "nan"
+    if abs(v) < 1e-3:
+        return f"{v:.2e}"
     return f"{v:.4f}" if abs(v) < 1 else f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
 
 
@@ -80,30 +82,44 @@ def write_json(path: str, meta: dict, runs: Sequence[Run]) -> None:
 
 def plot(path: str, tasks: Sequence[Task], runs_by_task: Dict[str, Sequence[Run]],
          subtitle: str) -> None:
-    """Train loss against steps (left) and training seconds (right), one row per model."""
+    """Train loss against steps (left, with the test loss dashed) and against training seconds
+    (right), one row per model; dotted lines mark the table's thresholds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    def finite(vs):
+        return [v if v is not None and math.isfinite(v) else float("nan") for v in vs]
 
     n = len(tasks)
-    fig, axes = plt.subplots(n, 2, figsize=(10, 3.3 * n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n, 2, figsize=(10, 3.4 * n + 0.5), squeeze=False)
     for row, task in enumerate(tasks):
+        runs = runs_by_task[task.name]
+        lo = min((v for r in runs for v in r.train_loss if math.isfinite(v)), default=1.0)
+        hi = max((v for r in runs for v in r.train_loss if math.isfinite(v)), default=10.0)
         for col, xkey in enumerate(("steps", "seconds")):
             ax = axes[row][col]
-            for r in runs_by_task[task.name]:
-                xs = getattr(r, xkey)
-                ys = [v if math.isfinite(v) else float("nan") for v in r.train_loss]
-                ax.plot(xs, ys, color=COLORS.get(r.optimizer), label=r.label, lw=1.6)
+            for r in runs:
+                ax.plot(getattr(r, xkey), finite(r.train_loss), color=COLORS.get(r.optimizer),
+                        label=f"{r.label} (train)" if col == 0 else r.label, lw=1.6)
+                if col == 0:
+                    ax.plot(r.steps, finite(r.test_loss), color=COLORS.get(r.optimizer),
+                            lw=1.0, ls="--", alpha=0.8)
             for t in task.thresholds:
-                ax.axhline(t, color="0.6", lw=0.7, ls=":")
+                ax.axhline(t, color="0.5", lw=0.7, ls=":")
             ax.set_yscale("log")
+            if hi / max(lo, 1e-30) < 20:      # less than ~a decade: plain tick labels
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel("optimiser steps" if xkey == "steps" else "training time (s)")
-            ax.set_ylabel(f"train loss\n{task.loss_name}", fontsize=9)
-            ax.set_title(f"{task.name}: train loss vs {'steps' if xkey == 'steps' else 'time'}",
-                         fontsize=10)
+            ax.set_ylabel(task.loss_name, fontsize=9)
+            what = "train (solid) and test (dashed) loss vs steps" if col == 0 else \
+                "train loss vs training time"
+            ax.set_title(f"{task.name}: {what}", fontsize=10)
             ax.grid(True, which="both", alpha=0.25)
-            if col == 0:
-                ax.legend(fontsize=9, frameon=False)
+            ax.legend(fontsize=8, frameon=False)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
