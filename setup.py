@@ -129,4 +129,5 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"the CMake build did not produce {built}")
 
 
-setup(ext_modules=[CMakeExtension("kfac_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+if __name__ == "__main__":  # pip / `python setup.py` run it as __main__; tests import the helpers
+    setup(ext_modules=[CMakeExtension("kfac_kernels._C")], cmdclass={"build_ext": CMakeBuild})
