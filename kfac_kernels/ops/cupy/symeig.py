@@ -36,13 +36,13 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
     """
     if method not in ("auto", "jacobi"):
         raise NotSupported(f"the cupy backend computes symeig by syevjBatched only (method={method!r})")
+    n = factors.shape[-1]
+    if n > MAX_N:
+        raise NotSupported(f"cuSOLVER syevjBatched handles n <= {MAX_N}, got n = {n}")
     if factors.device.type != "cuda":
         raise NotSupported(f"the cupy backend runs on CUDA tensors; factors are on {factors.device}")
     if factors.dtype not in (torch.float32, torch.float64):
         raise NotSupported(f"the cupy backend takes float32/float64, got {factors.dtype}")
-    n = factors.shape[-1]
-    if n > MAX_N:
-        raise NotSupported(f"cuSOLVER syevjBatched handles n <= {MAX_N}, got n = {n}")
     import cupy as cp
     from cupy_backends.cuda.libs import cublas, cusolver
 
