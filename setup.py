@@ -79,10 +79,7 @@ class CMakeBuild(build_ext):
     """Builds CMakeExtensions with CMake; under KFAC_KERNELS_CUDA=auto a failure is a warning."""
 
     def run(self):
-        build, required, reason = cuda_build_decision(nvcc=find_nvcc())
-        if not build:
-            self.extensions = []
-            return super().run()
+        _, required, _ = cuda_build_decision(nvcc=find_nvcc())
         try:
             super().run()
         except Exception as exc:
@@ -130,4 +127,7 @@ class CMakeBuild(build_ext):
 
 
 if __name__ == "__main__":  # pip / `python setup.py` run it as __main__; tests import the helpers
-    setup(ext_modules=[CMakeExtension("kfac_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+    _build, _, _reason = cuda_build_decision(nvcc=find_nvcc())
+    print(f"kfac_kernels: CUDA module _C: {'building' if _build else 'skipped'} ({_reason})")
+    setup(ext_modules=[CMakeExtension("kfac_kernels._C")] if _build else [],
+          cmdclass={"build_ext": CMakeBuild})

@@ -27,11 +27,13 @@ def _cupy_stream(cp, torch_stream, device_index: int):
 
 def symeig(factors: torch.Tensor, *, method: str = "auto",
            prev_eigenvectors: Optional[torch.Tensor] = None, return_info: bool = False,
-           tol: Optional[float] = None, max_sweeps: Optional[int] = None, **_ignored):
+           tol: Optional[float] = None, max_sweeps: Optional[int] = None,
+           skip_tol: Optional[float] = None, orth: Optional[str] = None):
     """Same contract as :func:`kfac_kernels.ops.reference.symeig` for ``method`` "auto" /
     "jacobi" (others are declined). ``tol``: cuSOLVER's tolerance (default: machine accuracy),
     ``max_sweeps`` (default 100). cuSOLVER cannot start from previous eigenvectors:
-    ``prev_eigenvectors`` is ignored. info: 0 converged, 1 not converged (cuSOLVER's info), 2
+    ``prev_eigenvectors`` is ignored, and so are the refresh options ``skip_tol`` / ``orth``
+    (accepted so that one set of options works across backends). info: 0 converged, 1 not converged (cuSOLVER's info), 2
     non-finite input; failed matrices are NaN.
     """
     if method not in ("auto", "jacobi"):
