@@ -30,17 +30,20 @@ log = logging.getLogger("kfac_kernels")
 #: cuSOLVER syevjBatched (CuPy backend) handles n <= 32 only.
 CUPY_SYEVJ_MAX_N = 32
 #: guess: largest n for which the Jacobi kernel is preferred over torch.linalg.eigh (cold start).
-JACOBI_AUTO_MAX_N = 64
-#: guess: a warm start (prev_eigenvectors) converges in 1-3 sweeps instead of ~8, so Jacobi stays
-#: ahead of eigh up to larger n.
-JACOBI_WARM_AUTO_MAX_N = 160
+#: Reasoning: ~8 sweeps x (n - 1) rounds of ~n^2 / 2 shared-memory updates is a few ms per matrix
+#: at n = 128, but every matrix of a stack runs at once on its own SM, while a batched eigh of
+#: n > 32 runs one cuSOLVER syevd per matrix, one after the other.
+JACOBI_AUTO_MAX_N = 128
+#: guess: a warm start (prev_eigenvectors) converges in 1-3 sweeps instead of ~8, so Jacobi is
+#: preferred up to its shared-memory limit (168 fp32 on an H100; the backend declines beyond).
+JACOBI_WARM_AUTO_MAX_N = 168
 #: guess: below this many matrices a single eigh per matrix is as fast (too few blocks for the GPU).
 JACOBI_AUTO_MIN_BATCH = 2
 
 # --- damped_inverse -------------------------------------------------------------------------
 #: guess: largest n for the one-block-per-matrix Cholesky kernel (also bounded by the device's
-#: shared memory, which the backend checks).
-INVERSE_SMEM_AUTO_MAX_N = 128
+#: shared memory, which the backend checks: 239 fp32 / 169 fp64 on an H100).
+INVERSE_SMEM_AUTO_MAX_N = 160
 #: guess: the tiled kernel is tried for n up to this ...
 INVERSE_BLOCKED_AUTO_MAX_N = 1024
 #: ... and only for stacks of at least this many matrices.
