@@ -6,7 +6,6 @@ intra-phase data race (every phase run forward and reversed gives bit-identical 
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
