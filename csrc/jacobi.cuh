@@ -54,7 +54,8 @@ template <> KK_HD KK_INLINE double unit_roundoff<double>() { return DBL_EPSILON;
 // Shared-memory layout of one block (offsets in bytes, all 8-byte aligned).
 struct JacobiLayout {
   int n, m, h;
-  size_t off_cs, off_sn, off_dpp, off_dqq, off_flag, off_perm, off_A, off_V, bytes;
+  size_t off_cs, off_sn, off_dpp, off_dqq, off_flag, off_pidx, off_qidx, off_perm, off_A, off_V;
+  size_t bytes;
   template <class T>
   KK_HD static JacobiLayout make(int n) {
     JacobiLayout L;
@@ -68,6 +69,8 @@ struct JacobiLayout {
     L.off_dpp = take(L.h * sizeof(double));
     L.off_dqq = take(L.h * sizeof(double));
     L.off_flag = take(L.h * sizeof(int));
+    L.off_pidx = take(L.h * sizeof(int));
+    L.off_qidx = take(L.h * sizeof(int));
     L.off_perm = take(size_t(n) * sizeof(int));
     L.off_A = take(size_t(L.m) * L.m * sizeof(T));
     L.off_V = take(size_t(L.m) * L.m * sizeof(T));
@@ -116,6 +119,8 @@ KK_HD void jacobi_body(const Blk& blk, int64_t b, const EighParams<T>& p, unsign
   double* dpp = reinterpret_cast<double*>(smem + L.off_dpp);
   double* dqq = reinterpret_cast<double*>(smem + L.off_dqq);
   int* flag = reinterpret_cast<int*>(smem + L.off_flag);
+  int* pidx = reinterpret_cast<int*>(smem + L.off_pidx);  // the round's pairs, computed once
+  int* qidx = reinterpret_cast<int*>(smem + L.off_qidx);
   int* perm = reinterpret_cast<int*>(smem + L.off_perm);
   T* A = reinterpret_cast<T*>(smem + L.off_A);
   T* V = reinterpret_cast<T*>(smem + L.off_V);
@@ -197,6 +202,8 @@ KK_HD void jacobi_body(const Blk& blk, int64_t b, const EighParams<T>& p, unsign
           dpp[k] = app - t * apq;
           dqq[k] = aqq + t * apq;
           flag[k] = rot ? 1 : 0;
+          pidx[k] = pp;
+          qidx[k] = qq;
           return rot;
         });
         if (!any_rot) continue;
@@ -205,8 +212,7 @@ KK_HD void jacobi_body(const Blk& blk, int64_t b, const EighParams<T>& p, unsign
         blk.for_each(h * h, [&](int e) {
           const int P = e / h, Q = e - P * h;
           if (!flag[P] && !flag[Q]) return;
-          int p1, q1, p2, q2;
-          jacobi_pair(round, P, m, p1, q1);
+          const int p1 = pidx[P], q1 = qidx[P];
           if (P == Q) {
             A[p1 * m + p1] = T(dpp[P]);
             A[q1 * m + q1] = T(dqq[P]);
@@ -214,7 +220,7 @@ KK_HD void jacobi_body(const Blk& blk, int64_t b, const EighParams<T>& p, unsign
             A[q1 * m + p1] = T(0);
             return;
           }
-          jacobi_pair(round, Q, m, p2, q2);
+          const int p2 = pidx[Q], q2 = qidx[Q];
           const T c1 = T(cs[P]), s1 = T(sn[P]), c2 = T(cs[Q]), s2 = T(sn[Q]);
           const T x11 = A[p1 * m + p2], x12 = A[p1 * m + q2];
           const T x21 = A[q1 * m + p2], x22 = A[q1 * m + q2];
@@ -229,8 +235,7 @@ KK_HD void jacobi_body(const Blk& blk, int64_t b, const EighParams<T>& p, unsign
         blk.for_each(n * h, [&](int e) {
           const int i = e / h, P = e - i * h;
           if (!flag[P]) return;
-          int pp, qq;
-          jacobi_pair(round, P, m, pp, qq);
+          const int pp = pidx[P], qq = qidx[P];
           const T c = T(cs[P]), s = T(sn[P]);
           const T v1 = V[i * m + pp], v2 = V[i * m + qq];
           V[i * m + pp] = c * v1 - s * v2;
