@@ -186,8 +186,8 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
     ``F Q = Q diag(lam)``) and, with ``return_info``, an int32 ``info`` [B]: 0 where the matrix
     was decomposed, nonzero where it failed (1: no convergence or a failed factorisation,
     2: non-finite input, for the Jacobi solvers); failed entries hold NaN, the rest of the batch
-    is unaffected. Only the lower triangle matters to the kernel methods (the input must be
-    symmetric).
+    is unaffected. The input must be symmetric: torch and cuSOLVER read its lower triangle, the
+    Jacobi kernel all of it.
 
     ``method``:
 
