@@ -28,6 +28,8 @@ if command -v nvcc >/dev/null 2>&1 && [ -f CMakeLists.txt ]; then
 fi
 
 timeout 200 "$py" -m pytest tests -m gpu -q -x --timeout 120 -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
-timeout 240 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$out/bench.json" \
+# bench_*.py are not test_*.py: name the pattern, or `pytest benchmarks` collects nothing.
+timeout 240 "$py" -m pytest benchmarks -q -p no:cacheprovider -o python_files="test_*.py bench_*.py" \
+  --benchmark-json="$out/bench.json" \
   --benchmark-min-rounds=5 --benchmark-warmup=on --benchmark-max-time=0.5 2>&1 | tail -n 15
 "$py" benchmarks/summarize.py "$out/bench.json" --markdown "$out/summary.md"
