@@ -132,7 +132,34 @@ def test_missing_dependencies_are_named_with_the_pip_command(monkeypatch, capsys
 
 
 @pytest.mark.parametrize("argv", [["--optimizers", "lbfgs"], ["--steps", "0"],
-                                  ["--batch-size", "-1"]])
+                                  ["--batch-size", "-1"], ["--set", "kfac.dampin=0.1"],
+                                  ["--set", "kfac-damping=0.1"], ["--set", "lbfgs.lr=1"]])
 def test_bad_arguments_are_refused(argv, capsys, tmp_path):
     assert demo.main(argv + ["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err
+
+
+def test_tune_keeps_the_best_value_and_runs_the_demo_with_it(monkeypatch, tmp_path, capsys):
+    from kfac_kernels.demo import settings
+    monkeypatch.setattr(settings, "GRIDS", dict(settings.GRIDS, adam=("lr", [3.0, 1e-2])))
+    rc = demo.main(["--quick", "--tune", "--models", "autoencoder", "--optimizers", "adam",
+                    "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    with open(tmp_path / "results.json") as fh:
+        results = json.load(fh)
+    sweep = results["meta"]["tuning"]["autoencoder"]["adam"]
+    assert [s["lr"] for s in sweep] == [3.0, 1e-2]
+    assert sweep[1]["score"] < sweep[0]["score"]           # lr=3 wrecks a tanh autoencoder
+    (run,) = results["runs"]
+    assert run["settings"] == "lr=0.01"
+    assert "step-size sweeps (--tune)" in (tmp_path / "results.md").read_text()
+    assert "*lr=0.01" in capsys.readouterr().out.replace(" ", "")
+
+
+def test_set_overrides_are_parsed():
+    got = demo.parse_overrides(["kfac.damping=0.1", "kfac.kl_clip=none", "kfac.curvature=ggn",
+                                "kfac.inverse_every=1", "adam.lr=1e-3", "adam.amsgrad=true"])
+    assert got == {"kfac": {"damping": 0.1, "kl_clip": None, "curvature": "ggn",
+                            "inverse_every": 1},
+                   "adam": {"lr": 1e-3, "amsgrad": True}}
+    assert isinstance(got["kfac"]["inverse_every"], int)
