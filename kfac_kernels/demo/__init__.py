@@ -289,12 +289,20 @@ def _run(args, opts: List[str], device, threads: int) -> int:
     all_runs = [r for t in tasks for r in runs_by_task[t.name]]
     report.write_json(json_path, dict(meta, tuning=tune_json), all_runs)
     with open(md_path, "w") as fh:
-        fh.write(f"# kfac_kernels demo results\n\n{header}; {total:.1f} s wall in all "
-                 f"(load average {load_before} before, {meta['loadavg_after']} after)\n\n")
+        fh.write(f"# kfac_kernels demo results\n\n{header}; {total:.1f} s wall in all; "
+                 f"training steps {sum(r.seconds[-1] for r in all_runs):.1f} s wall, "
+                 f"{sum(r.cpu_seconds for r in all_runs):.1f} s CPU (load average "
+                 f"{load_before} before, {meta['loadavg_after']} after)\n\n")
         fh.write("\n\n".join(report.markdown_table(t, runs_by_task[t.name], plan(t)[3])
                              for t in tasks) + "\n")
         if tune_md:
             fh.write("\n## step-size sweeps (--tune)\n\n" + "\n\n".join(tune_md) + "\n")
+    wall = sum(r.seconds[-1] for r in all_runs)
+    cpu = sum(r.cpu_seconds for r in all_runs)
+    print(f"\ntraining steps took {wall:.1f} s wall-clock and {cpu:.1f} s of CPU time with "
+          f"{threads} thread(s); load average {load_before} before, {meta['loadavg_after']} "
+          f"after (a CPU/wall ratio well below the thread count means other processes took "
+          f"the cores)" if device.type == "cpu" else "")
     diverged = [f"{r.task}/{r.label}" for r in all_runs if r.diverged_at is not None]
     if diverged:
         print(f"\ndiverged (non-finite train loss): {', '.join(diverged)}")

@@ -112,6 +112,7 @@ class Run:
     settings: str
     steps: List[int] = field(default_factory=list)          # eval points (updates done)
     seconds: List[float] = field(default_factory=list)      # training time at each eval point
+    cpu_seconds: float = 0.0                                # process CPU time of the training
     train_loss: List[float] = field(default_factory=list)   # full training-set loss
     test_loss: List[float] = field(default_factory=list)
     test_metric: List[float] = field(default_factory=list)
@@ -210,7 +211,7 @@ def train(task: Task, spec: OptimizerSpec, init_state: dict, data: Digits, steps
                 idx = batches[step - 1]
                 x, y = x_all[idx], y_all[idx]
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = model(task.inputs(x, data))
             loss = task.loss(out, x, y)
             opt.zero_grad(set_to_none=True)
@@ -221,6 +222,7 @@ def train(task: Task, spec: OptimizerSpec, init_state: dict, data: Digits, steps
             opt.step()
             _sync(device)
             elapsed += time.perf_counter() - t0
+            run.cpu_seconds += time.process_time() - c0
             if (step % eval_every == 0 or step == steps) and not record(step):
                 break
     finally:
