@@ -17,7 +17,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed")
+                "backend", "loss_reduction", "factor_dtype", "seed", "only")
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -34,8 +34,9 @@ def _check_kl_clip(kl_clip):
 class KFAC(torch.optim.Optimizer):
     """K-FAC: natural-gradient descent with a Kronecker-factored metric (Luk & Grosse).
 
-    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d) are preconditioned by ``G^-1 V A^-1``
-    (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
+    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d including grouped, nn.Embedding,
+    normalisation layers' affine parameters, the recurrent cells of :mod:`kfac_kernels.nn`; see
+    docs/layers.md) are preconditioned by ``G^-1 V A^-1`` (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
     same lr, momentum and weight decay (``describe()`` lists them). Usage::
 
         opt = KFAC(model, lr=1e-2, curvature="fisher", likelihood="categorical")
@@ -48,7 +49,10 @@ class KFAC(torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher").
+    is float64), ``seed`` (of the sampling generator used by curvature="fisher"), ``only``
+    (module names or glob patterns: precondition these modules and leave every other parameter
+    to the first-order rule; a name that matches no module, or only modules K-FAC cannot
+    precondition, is an error, as is a ``skip`` pattern that matches no module).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
@@ -59,7 +63,7 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, only: Optional[Iterable[str]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -80,7 +84,7 @@ class KFAC(torch.optim.Optimizer):
                                  likelihood=likelihood, mc_samples=mc_samples, inverse=inverse,
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
-                                 seed=seed, trainable=trainable)
+                                 seed=seed, trainable=trainable, only=only)
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views

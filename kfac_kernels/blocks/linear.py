@@ -5,6 +5,7 @@ from typing import List
 
 import torch
 
+from .. import ops
 from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_expand
 
 
@@ -44,3 +45,14 @@ class LinearBlock(Block):
             s = g.reshape(n, -1, m).sum(1)
             total = s if total is None else total + s
         return [SyrkJob(total, scale / n, False)]
+
+    def ekfac_sums(self, inputs, grads, calls, QG, QA):
+        """Per-example gradient D_n = sum over calls and positions of g abar^T; with one call and
+        no positions (T = 1) the op needs no per-example gradient at all."""
+        k, m = self.weight.shape[1], self.out_dim
+        pairs = self.paired(inputs, grads, calls)
+        n = self.batch_size(pairs[0][0])
+        g = torch.cat([gr.reshape(n, -1, m) for _, gr in pairs], 1)
+        a = torch.cat([x.reshape(n, -1, k) for x, _ in pairs], 1)
+        return ops.ekfac_scalings(g, a, QG, QA, homogeneous=self.has_bias,
+                                  backend=self.backend_for("ekfac_scalings"))
