@@ -154,6 +154,7 @@ class KFACEngine:
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.generator: Optional[torch.Generator] = None
+        self._out_batch: Optional[int] = None    # batch size of the last curvature pass output
 
         self.steps = 0                     # completed optimiser steps
         self.factor_updates = 0            # factor updates performed
@@ -343,6 +344,7 @@ class KFACEngine:
             raise ValueError(f"curvature={self.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
         check_likelihood_output(self.likelihood, out)
+        self._out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
             raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
@@ -470,6 +472,7 @@ class KFACEngine:
         if not captured:
             self._clear_capture()
             return False
+        self._check_batch_sizes(captured)
         if self._pending_passes == 0 or all(b.G_hat is None for b in captured):
             self._clear_capture()
             if self.curvature == "empirical":
@@ -550,6 +553,30 @@ class KFACEngine:
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return ~ok
+
+    def _check_batch_sizes(self, captured: List[Block]) -> None:
+        """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
+        the model output's batch size (or, for "empirical", the most common one among the layers)
+        differs from it, e.g. a position embedding called on arange(T) or a Linear fed
+        x.view(-1, d). Its statistics would not be per-example. Shapes only: no host sync."""
+        sizes = {b: {b.batch_size(x) for x in b.inputs} for b in captured}
+        n = getattr(self, "_out_batch", None)
+        if n is None:
+            counts: Dict[int, int] = defaultdict(int)
+            for ss in sizes.values():
+                for v in ss:
+                    counts[v] += 1
+            n = max(counts, key=lambda v: (counts[v], v))
+        self._out_batch = None
+        for b, ss in sizes.items():
+            if ss != {n}:
+                self._warn_once(("batch", b.name),
+                                f"module {b.name!r} saw inputs with batch size(s) {sorted(ss)} while "
+                                f"the model's batch size is {n}: K-FAC reads dim 0 of a layer's "
+                                f"input as the example index, so this block's statistics are not "
+                                f"per-example (a position embedding called on arange(T)? a layer fed "
+                                f"x.view(-1, d)?). Keep the batch dimension first (e.g. "
+                                f"pos.expand(N, T)) or leave the module out with skip=")
 
     # ------------------------------------------------------------------ EKFAC scalings
     def _fold_ekfac(self, b: Block, grads, calls, alpha: float) -> None:

@@ -110,8 +110,10 @@ class ConvBlock(Block):
         total = None
         for g in grads:
             if g.shape[0] != n:
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
             s = g.reshape(n, mo, -1).sum(-1)
             total = s if total is None else total + s
         return [SyrkJob(total, scale / n, False)]
@@ -206,8 +208,10 @@ class GroupedConvBlock(ConvBlock):
         total = None
         for gr in grads:
             if gr.shape[0] != n:
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
             s = gr.reshape(n, g * mo, -1).sum(-1)
             total = s if total is None else total + s
         return [SyrkJob(total.reshape(n, g, mo).transpose(0, 1), scale / n, False)]

@@ -113,8 +113,10 @@ class EmbeddingBlock(Block):
         for gr, c in zip(grads, calls):
             tok = self._tokens(self.inputs[c])
             if tok.shape[0] != n and self.weight_sharing == "reduce":
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(self.inputs[c]) for c in calls]} in one step; "
+                    f"weight_sharing='reduce' needs the same batch size in every call")
             gr = gr.reshape(tok.shape[0], -1, d)                            # [N, T, d]
             w = self._mask(tok, gr.dtype)
             if w is not None:

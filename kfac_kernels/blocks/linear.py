@@ -40,8 +40,10 @@ class LinearBlock(Block):
         total = None
         for g in grads:
             if self.batch_size(g) != n:
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
             s = g.reshape(n, -1, m).sum(1)
             total = s if total is None else total + s
         return [SyrkJob(total, scale / n, False)]
