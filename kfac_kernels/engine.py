@@ -102,7 +102,8 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 trainable: Optional[set] = None, only: Optional[Iterable[str]] = None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None,
+                 only: Optional[Iterable[str]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
@@ -127,7 +128,8 @@ class KFACEngine:
         _check_choice("backend", backend, ("auto",) + ops._registry.BACKENDS)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
+        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every),
+                        ("full_eigh_every", full_eigh_every)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 <= ema_decay < 1.0:
@@ -141,6 +143,7 @@ class KFACEngine:
         self.ema_decay = float(ema_decay)
         self.factor_every = factor_every
         self.inverse_every = inverse_every
+        self.full_eigh_every = full_eigh_every
         self.curvature = curvature
         self.likelihood = likelihood
         self.mc_samples = mc_samples
@@ -543,13 +546,17 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        ok = torch.isfinite(A_hat).all() & torch.isfinite(G_hat).all()
+        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        # also deserves rejecting)
+        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+        keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
         for name, hat in (("A", A_hat), ("G", G_hat)):
             old = getattr(b, name)
-            new = torch.where(ok, old * rho + hat * (1.0 - rho), old)
-            setattr(b, name, new)
+            # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
+            torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
+            old.mul_(keep).addcmul_(hat, 1.0 - keep)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return ~ok
@@ -711,7 +718,14 @@ class KFACEngine:
         mats = lambda b: {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}   # noqa: E731
         for key, items in self._buckets(blocks, mats).items():
             stack = torch.stack([f for _, _, f in items])
-            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"))
+            prev = [b.inverse.get("Q" + which) for b, which, _ in items]
+            kw = {}
+            if (self.full_eigh_every > 1 and self.inverse_updates % self.full_eigh_every != 0
+                    and all(q is not None and q.dtype == stack.dtype for q in prev)):
+                # between full decompositions: one warm-started subspace-iteration refresh
+                kw = dict(method="refresh", prev_eigenvectors=torch.stack(prev))
+            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"),
+                                      **kw)
             bad = info.nonzero().flatten().tolist()      # one host sync per size bucket
             for i, (b, which, f) in enumerate(items):
                 if i in bad:
@@ -846,7 +860,11 @@ class KFACEngine:
             else:
                 idx = torch.tensor(g.rows(members), device=next(iter(g.stacks.values())).device)
                 st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
+            if len(members) == 1:
+                b0 = members[0]
+                V = grads[b0] if b0.stacked else grads[b0].unsqueeze(0)
+            else:
+                V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
             if "lamA" in st and "QA" not in st:     # diagonal A (embeddings)
                 U, dot = self._precondition_diag(members, st, V)
             elif self.inverse == "cholesky":

@@ -17,7 +17,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed", "only")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only")
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -49,7 +49,10 @@ class KFAC(torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher"), ``only``
+    is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
+    ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
+    eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
+    skips factors whose basis still diagonalises them; default 1 = always full). ``only``
     (module names or glob patterns: precondition these modules and leave every other parameter
     to the first-order rule; a name that matches no module, or only modules K-FAC cannot
     precondition, is an error, as is a ``skip`` pattern that matches no module).
@@ -63,7 +66,8 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, only: Optional[Iterable[str]] = None):
+                 seed: Optional[int] = None, full_eigh_every: int = 1,
+                 only: Optional[Iterable[str]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -84,7 +88,8 @@ class KFAC(torch.optim.Optimizer):
                                  likelihood=likelihood, mc_samples=mc_samples, inverse=inverse,
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
-                                 seed=seed, trainable=trainable, only=only)
+                                 seed=seed, full_eigh_every=full_eigh_every,
+                                 trainable=trainable, only=only)
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views
