@@ -462,3 +462,65 @@ def test_every_inverse_mode_trains_a_model_with_every_block_kind(inverse):
         losses.append(float(loss.detach()))
     assert "fallback parameters: none" in opt.describe()
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("inverse", ["ekfac", "cholesky"])
+def test_resume_is_bit_identical_with_every_block_kind(inverse):
+    """Stacked factors, a vector A, exact norm blocks and EKFAC's running S (with its count)
+    survive state_dict() / load_state_dict() exactly."""
+    import io
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6, padding_idx=0)
+            self.ln = nn.LayerNorm(6)
+            self.dw = nn.Conv1d(6, 6, 3, groups=3, padding=1)
+            self.cell = kk.nn.GRUCell(6, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, t):
+            h = torch.tanh(self.dw(self.ln(self.emb(t)).transpose(1, 2))).transpose(1, 2)
+            s = None
+            for i in range(h.shape[1]):
+                s = self.cell(h[:, i], s)
+            return self.head(s)
+
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, curvature="fisher",
+              likelihood="categorical", inverse=inverse, inverse_every=3, seed=5, ema_decay=0.9)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 9, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g))
+               for _ in range(8)]
+
+    def steps(model, opt, bs):
+        for t, y in bs:
+            out = model(t)
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(out, y), out)
+            opt.step()
+
+    torch.manual_seed(0)
+    full = Net()
+    opt_full = kk.KFAC(full, **kw)
+    steps(full, opt_full, batches)
+    torch.manual_seed(0)
+    part = Net()
+    opt_part = kk.KFAC(part, **kw)
+    steps(part, opt_part, batches[:4])
+    buf = io.BytesIO()
+    torch.save({"model": part.state_dict(), "opt": opt_part.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    torch.manual_seed(1)
+    resumed = Net()
+    resumed.load_state_dict(ckpt["model"])
+    opt_res = kk.KFAC(resumed, **kw)
+    opt_res.load_state_dict(ckpt["opt"])
+    steps(resumed, opt_res, batches[4:])
+    for a, b in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for name, b in opt_full.blocks.items():
+        r = opt_res.blocks[name]
+        assert torch.equal(b.A, r.A) and torch.equal(b.G, r.G)
+        for k, v in b.inverse.items():
+            assert torch.equal(v, r.inverse[k]), (name, k)
