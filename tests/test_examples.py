@@ -24,3 +24,4 @@ def test_example_runs(tmp_path, main, stem, extra, capsys):
         assert math.isfinite(r["val_loss"][-1])
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
     assert "| K-FAC | 4 |" in (tmp_path / f"{stem}.md").read_text()
+    assert "val loss @ step 2" in (tmp_path / f"{stem}.md").read_text()

@@ -296,3 +296,38 @@ def test_new_blocks_step_without_host_sync_between_inverse_updates(monkeypatch, 
     opt.step()
     monkeypatch.undo()
     assert opt.engine.factor_updates == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inverse", ["eigh", "ekfac"])
+def test_new_blocks_on_cuda_step_without_sync(inverse):
+    """On a GPU, torch's sync-debug mode turns any host synchronisation in step() (outside
+    inverse updates) into an error: embeddings (index_add_, sort), norm blocks, stacked groups,
+    recurrent calls, EKFAC's scalings."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 8, padding_idx=0), nn.LayerNorm(8),
+                          kk.nn.GRU(8, 8, batch_first=True)).cuda()
+    head = nn.Conv1d(8, 8, 3, groups=4, padding=1).cuda()
+    fc = nn.Linear(8, 3).cuda()
+    net = nn.ModuleDict(dict(body=model, head=head, fc=fc))
+
+    def fwd(t):
+        h = net["body"](t)[0]
+        return net["fc"](net["head"](h.transpose(1, 2)).mean(-1))
+
+    opt = kk.KFAC(net, lr=0.05, curvature="fisher", likelihood="categorical", kl_clip=1e-3,
+                  inverse=inverse, inverse_every=50, seed=0)
+    t = torch.randint(0, 9, (16, 6), device="cuda")
+    y = torch.randint(0, 3, (16,), device="cuda")
+    for i in range(4):
+        out = fwd(t)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        opt.backward(loss, out)
+        if i > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)

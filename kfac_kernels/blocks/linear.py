@@ -36,6 +36,8 @@ class LinearBlock(Block):
         m = self.out_dim
         n = self.batch_size(grads[0])
         if self.weight_sharing == "expand":
+            if len(grads) > 1 and all(self.batch_size(g) == n for g in grads):   # one op call
+                return [SyrkJob(torch.cat([g.reshape(-1, m) for g in grads]), scale / n, False)]
             return [SyrkJob(g.reshape(-1, m), scale / self.batch_size(g), False) for g in grads]
         total = None
         for g in grads:

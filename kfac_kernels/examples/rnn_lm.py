@@ -38,8 +38,9 @@ CTX = 32
 def main(argv=None) -> int:
     ap = _text.parser(__doc__.splitlines()[0], steps=300)
     ap.add_argument("--cell", choices=["gru", "lstm"], default="gru")
-    ap.add_argument("--kfac-lr", type=float, default=0.3)
-    ap.add_argument("--damping", type=float, default=1e-3)
+    ap.add_argument("--kfac-lr", type=float, default=1.0)
+    ap.add_argument("--damping", type=float, default=0.03)
+    ap.add_argument("--kl-clip", type=float, default=0.01)
     ap.add_argument("--adamw-lr", type=float, default=1e-2)
     args = ap.parse_args(argv)
     if args.threads:
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     print(kk.KFAC(make_model()).describe())
     runs = [("K-FAC", lambda m: kk.KFAC(m, lr=args.kfac_lr, momentum=0.9, damping=args.damping,
                                         curvature="fisher", likelihood="categorical",
-                                        inverse_every=10, kl_clip=1e-3, seed=args.seed)),
+                                        inverse_every=10, kl_clip=args.kl_clip,
+                                        seed=args.seed)),
             ("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=args.adamw_lr,
                                                   betas=(0.9, 0.99), weight_decay=0.01))]
     hists = []

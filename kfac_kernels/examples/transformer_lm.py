@@ -66,9 +66,11 @@ def make_model():
 
 
 def make_kfac(model, args):
+    # with lr this large the KL clip binds on every step: each step is lr * nu * U with
+    # lr^2 nu^2 <U, V> = kl_clip, a trust region of radius kl_clip in the metric
     return kk.KFAC(model, lr=args.kfac_lr, momentum=0.9, damping=args.damping,
                    curvature="fisher", likelihood="categorical", factor_every=1,
-                   inverse_every=10, ema_decay=0.95, kl_clip=1e-3, seed=args.seed)
+                   inverse_every=10, ema_decay=0.95, kl_clip=args.kl_clip, seed=args.seed)
 
 
 def make_adamw(model, args):
@@ -77,9 +79,10 @@ def make_adamw(model, args):
 
 
 def main(argv=None) -> int:
-    ap = _text.parser(__doc__.splitlines()[0], steps=300)
-    ap.add_argument("--kfac-lr", type=float, default=0.3)
-    ap.add_argument("--damping", type=float, default=1e-3)
+    ap = _text.parser(__doc__.splitlines()[0], steps=400)
+    ap.add_argument("--kfac-lr", type=float, default=10.0)
+    ap.add_argument("--damping", type=float, default=0.3)
+    ap.add_argument("--kl-clip", type=float, default=0.03)
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
     if args.threads:
