@@ -18,6 +18,22 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
                 "backend", "loss_reduction", "factor_dtype", "seed")
+# torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
+_DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
+              "bucket_cap_mb")
+
+
+def _dist_options(distributed=None, process_group=None, grad_worker_fraction=1.0,
+                  assignment="compute", bucket_cap_mb=25.0):
+    from .distributed import DistributedOptions
+    return DistributedOptions(enabled=distributed, process_group=process_group,
+                              grad_worker_fraction=grad_worker_fraction, assignment=assignment,
+                              bucket_cap_mb=bucket_cap_mb)
+
+
+def _consolidate(engine, to: int) -> None:
+    if engine.dist is not None:
+        engine.dist.consolidate(to)
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -49,6 +65,13 @@ class KFAC(torch.optim.Optimizer):
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
     is float64), ``seed`` (of the sampling generator used by curvature="fisher").
+
+    torch.distributed (docs/distributed.md): ``distributed`` (None: on when torch.distributed is
+    initialised with several processes; True; False), ``process_group``, ``grad_worker_fraction``
+    (1: every rank holds every decomposition; 1/world: one rank each, which broadcasts the
+    preconditioned gradient), ``assignment`` ("compute" | "memory" | "round_robin"),
+    ``bucket_cap_mb``. The model may be wrapped in DistributedDataParallel (block names are the
+    wrapped module's, without "module.").
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
@@ -59,7 +82,9 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, distributed: Optional[bool] = None,
+                 process_group=None, grad_worker_fraction: float = 1.0,
+                 assignment: str = "compute", bucket_cap_mb: float = 25.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -80,7 +105,10 @@ class KFAC(torch.optim.Optimizer):
                                  likelihood=likelihood, mc_samples=mc_samples, inverse=inverse,
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
-                                 seed=seed, trainable=trainable)
+                                 seed=seed, trainable=trainable,
+                                 distributed=_dist_options(distributed, process_group,
+                                                           grad_worker_fraction, assignment,
+                                                           bucket_cap_mb))
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views
@@ -151,7 +179,7 @@ class KFAC(torch.optim.Optimizer):
         # preconditioned directions for every block that has a decomposition and a gradient
         grads = {}
         for b in eng.blocks.values():
-            if not b.inverse:
+            if not eng.has_inverse(b):
                 continue
             V = b.grad_matrix()
             if V is None:
@@ -197,6 +225,11 @@ class KFAC(torch.optim.Optimizer):
         sd["kfac"]["kl_clip"] = self.kl_clip
         return sd
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather the decompositions on rank ``to`` so that its
+        ``state_dict()`` is complete. Needed only with ``grad_worker_fraction < 1``."""
+        _consolidate(self.engine, to)
+
     def load_state_dict(self, state_dict: dict) -> None:
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by KFAC")
@@ -221,14 +254,15 @@ class KFACPreconditioner:
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, kl_clip: Optional[float] = None,
                  **engine_kwargs):
-        unknown = set(engine_kwargs) - set(_ENGINE_ARGS)
+        unknown = set(engine_kwargs) - set(_ENGINE_ARGS) - set(_DIST_ARGS)
         if unknown:
             raise TypeError(f"KFACPreconditioner got unexpected arguments {sorted(unknown)}; it "
-                            f"takes lr, kl_clip and {', '.join(_ENGINE_ARGS)}")
+                            f"takes lr, kl_clip and {', '.join(_ENGINE_ARGS + _DIST_ARGS)}")
         _check_kl_clip(kl_clip)
         self.lr = lr
         self.kl_clip = kl_clip
-        self.engine = KFACEngine(model, **engine_kwargs)
+        dist_kw = {k: engine_kwargs.pop(k) for k in _DIST_ARGS if k in engine_kwargs}
+        self.engine = KFACEngine(model, distributed=_dist_options(**dist_kw), **engine_kwargs)
 
     @property
     def blocks(self):
@@ -262,7 +296,7 @@ class KFACPreconditioner:
             eng.update_inverses()
         grads = {}
         for b in eng.blocks.values():
-            if b.inverse:
+            if eng.has_inverse(b):
                 V = b.grad_matrix()
                 if V is not None:
                     grads[b] = V
@@ -279,6 +313,10 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict:
         return self.engine.state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """See :meth:`KFAC.consolidate_state_dict`."""
+        _consolidate(self.engine, to)
 
     def load_state_dict(self, sd: dict) -> None:
         self.engine.load_state_dict(sd)
