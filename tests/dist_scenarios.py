@@ -67,20 +67,37 @@ def _loss(out, y, red):
     return F.cross_entropy(out, y, reduction=red)
 
 
+def _micro_batches(step, sizes, rank, accum):
+    """This rank's micro-batches of a step (``rank=None``: the single process, whose k-th
+    micro-batch concatenates every rank's k-th micro-batch)."""
+    x, y = global_batch(step, sum(sizes))
+    ranks = range(len(sizes)) if rank is None else [rank]
+    out = []
+    for k in range(accum):
+        xs, ys = [], []
+        for r in ranks:
+            xr, yr = shard(x, sizes, r), shard(y, sizes, r)
+            c = -(-sizes[r] // accum)
+            xs.append(xr[k * c:(k + 1) * c])
+            ys.append(yr[k * c:(k + 1) * c])
+        out.append((torch.cat(xs), torch.cat(ys)))
+    return out
+
+
 def _train(net, params, opt, base, cfg, steps, sizes, rank, start=0, plain_allreduce=False):
+    """``steps`` optimiser steps; ``rank=None`` is the single-process run on the concatenated
+    batch. With ``accum`` micro-batches per step the loss is divided by their number."""
     red = cfg.get("red", "mean")
+    accum = cfg.get("accum", 1)
     N = sum(sizes)
     for s in range(start, start + steps):
-        x, y = global_batch(s, N)
-        if sizes is not None and rank is not None:
-            x, y = shard(x, sizes, rank), shard(y, sizes, rank)
-        out = net(x)
-        loss = _loss(out, y, red)
         if base is not None:
             base.zero_grad()
         else:
             opt.zero_grad()
-        opt.backward(loss, out)
+        for x, y in _micro_batches(s, sizes, rank, accum):
+            out = net(x)
+            opt.backward(_loss(out, y, red) / accum, out)
         if plain_allreduce:   # the user's own gradient reduction (no DDP)
             for p in params:
                 if red == "mean":   # the global mean loss: weight each rank's mean by N_r / N
@@ -113,7 +130,7 @@ def equivalence(rank, world, configs):
         ref_model = make_model()
         ref, ref_base = _build(ref_model, cfg, False)
         assert ref.engine.dist is None
-        _train(ref_model, None, ref, ref_base, cfg, steps, [sum(sizes)], 0)
+        _train(ref_model, None, ref, ref_base, cfg, steps, sizes, None)
         err = max(_rel(p.detach(), q.detach())
                   for p, q in zip(model.parameters(), ref_model.parameters()))
         ferr = max(max(_rel(b.A, ref.blocks[n].A), _rel(b.G, ref.blocks[n].G))

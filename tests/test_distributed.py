@@ -56,7 +56,11 @@ SPECIAL = {
              sizes=[7, 2]),
         dict(name="klclip-empirical-eigh-f0.5", curvature="empirical", inverse="eigh", frac=0.5,
              kl=1e-5),
-        dict(name="every-ggn-eigh-f1", curvature="ggn", inverse="eigh", fe=2, inv=3, steps=7)],
+        dict(name="every-ggn-eigh-f1", curvature="ggn", inverse="eigh", fe=2, inv=3, steps=7),
+        # two forward/backward passes per step: the A reduction launched in the first backward
+        # pass misses the second pass's inputs and must be redone in step()
+        dict(name="accumulate-empirical-eigh-f0.5", curvature="empirical", inverse="eigh",
+             frac=0.5, accum=2)],
     3: [dict(name="unequal-empirical-eigh-f1", curvature="empirical", inverse="eigh",
              sizes=[2, 5, 4]),
         dict(name="unequal-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky",
