@@ -379,6 +379,8 @@ class DistributedKFAC:
             self.owner_col.setdefault(b, owner % self.m)
         self.row_ranks = [self.row * self.m + j for j in range(self.m)]
         self.col_ranks = [i * self.m + self.col for i in range(self.k)]
+        self.base_seed = 0
+        self._agree()       # before any subgroup: ranks that disagree must not create groups
         self.row_group = self._group_for(self.row_ranks)
         self.col_group = self._group_for(self.col_ranks)
 
@@ -396,8 +398,6 @@ class DistributedKFAC:
         self._mismatch: List[Tuple[_Bucket, torch.Tensor]] = []
         self._decomposed: set = set()
         self._gathered: Optional[Tuple[int, Dict]] = None
-        self.base_seed = 0
-        self._agree()
 
     # ------------------------------------------------------------------ set-up
     def _group_for(self, ranks: List[int]):

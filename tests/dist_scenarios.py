@@ -318,3 +318,8 @@ def layer_use_mismatch(rank, world):
         except MismatchError as exc:
             return dict(step=step, message=str(exc))
     return dict(step=None, message="")
+
+
+def mismatched_fraction(rank, world):
+    """Ranks disagreeing on the grid must fail the agreement check before creating subgroups."""
+    kk.KFAC(make_model(), curvature="empirical", grad_worker_fraction=0.5 if rank else 1.0)
