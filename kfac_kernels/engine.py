@@ -478,13 +478,17 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        ok = torch.isfinite(A_hat).all() & torch.isfinite(G_hat).all()
+        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        # also deserves rejecting)
+        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+        keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
         for name, hat in (("A", A_hat), ("G", G_hat)):
             old = getattr(b, name)
-            new = torch.where(ok, old * rho + hat * (1.0 - rho), old)
-            setattr(b, name, new)
+            # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
+            torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
+            old.mul_(keep).addcmul_(hat, 1.0 - keep)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return ~ok
@@ -708,7 +712,8 @@ class KFACEngine:
                 idx = torch.tensor([g.blocks.index(b) for b in members],
                                    device=next(iter(g.stacks.values())).device)
                 st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            V = torch.stack([grads[b] for b in members])
+            V = (grads[members[0]].unsqueeze(0) if len(members) == 1
+                 else torch.stack([grads[b] for b in members]))
             if self.inverse == "cholesky":
                 U, dot = ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"],
                                                        return_dot=True, backend=self.op_backend("kron_precondition_inverse"))

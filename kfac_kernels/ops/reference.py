@@ -39,17 +39,32 @@ def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: fl
     """In place: ``factor <- beta * factor + alpha * xbar^T xbar``; ``xbar = [x, 1]`` if homogeneous.
 
     ``x`` is [n, k] (or [B, n, k] for a stack of factors [B, d, d]); the product is formed in the
-    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS.
+    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS. The ones
+    column is not materialised: its row/column are the column sums of x and its corner is n.
+    The result is exactly symmetric.
     """
     xf = x.to(factor.dtype)
-    if homogeneous:
-        xf = _homogeneous(xf)
+    k = xf.shape[-1]
     prod = xf.transpose(-1, -2) @ xf
-    prod = 0.5 * (prod + prod.transpose(-1, -2))  # exactly symmetric
+    prod = prod + prod.transpose(-1, -2)          # exactly symmetric (2 x the product)
+    half_alpha = 0.5 * alpha
+    core = factor[..., :k, :k]
     if beta == 0:
-        factor.copy_(prod.mul_(alpha))
+        core.copy_(prod).mul_(half_alpha)
     else:
-        factor.mul_(beta).add_(prod, alpha=alpha)
+        core.mul_(beta).add_(prod, alpha=half_alpha)
+    if homogeneous:
+        colsum = xf.sum(dim=-2) * alpha                # [..., k]
+        n = alpha * xf.shape[-2]
+        row, col, corner = factor[..., k, :k], factor[..., :k, k], factor[..., k, k]
+        if beta == 0:
+            row.copy_(colsum)
+            col.copy_(colsum)
+            corner.fill_(n)
+        else:
+            row.mul_(beta).add_(colsum)
+            col.mul_(beta).add_(colsum)
+            corner.mul_(beta).add_(n)
     return factor
 
 
@@ -172,13 +187,13 @@ def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False)
 
 def _eig_divide(Vt: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """Vt / denom where denom > 0, else 0 (the pseudo-inverse on the null space)."""
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, Vt / safe, torch.zeros_like(Vt))
+    out = Vt / denom
+    return out.masked_fill_(denom <= 0, 0.0)
 
 
 def _finish(U: torch.Tensor, V: torch.Tensor, out_dtype, return_dot: bool):
     if return_dot:
-        dot = (U * V.to(U.dtype)).sum(dim=(-2, -1))
+        dot = torch.linalg.vecdot(U.flatten(-2), V.to(U.dtype).flatten(-2))
         return U.to(out_dtype), dot
     return U.to(out_dtype)
 
