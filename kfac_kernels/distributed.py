@@ -242,6 +242,7 @@ class _Bucket:
         self.scalars = list(scalars)
         self.scalar_index = {k: off + i for i, k in enumerate(self.scalars)}
         self.numel = off + len(self.scalars)
+        self._scalar_cache: Dict[tuple, torch.Tensor] = {}   # host scalars already on the device
 
     @property
     def nbytes(self) -> int:
@@ -271,13 +272,20 @@ class _Bucket:
                 seg.view(shape).copy_(v)
         if stack:
             torch.stack(stack, out=flat[stack_start:stack_start + len(stack)])
-        if self.scalars:
-            host = torch.tensor(list(scalars), dtype=self.dtype)
-            region = flat[self.data_numel:]
-            if self.device.type == "cuda":
-                region.copy_(host.pin_memory(), non_blocking=True)
-            else:
-                region.copy_(host)
+        if self.scalars:   # the weights rarely change: keep each distinct set on the device
+            key = tuple(scalars)
+            dev = self._scalar_cache.get(key)
+            if dev is None:
+                if len(self._scalar_cache) >= 8:
+                    self._scalar_cache.clear()
+                host = torch.tensor(key, dtype=self.dtype)
+                if self.device.type == "cuda":   # asynchronous upload, no host sync
+                    dev = torch.empty_like(host, device=self.device)
+                    dev.copy_(host.pin_memory(), non_blocking=True)
+                else:
+                    dev = host
+                self._scalar_cache[key] = dev
+            flat[self.data_numel:].copy_(dev)
         return flat
 
     def unpack(self, flat: torch.Tensor, divisors: Optional[Dict[Any, torch.Tensor]] = None

@@ -250,6 +250,10 @@ class KFACPreconditioner:
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
         out = model(x); loss = loss_fn(out, y)
         base.zero_grad(); pre.backward(loss, out); pre.step(); base.step()
+
+    Takes the engine options of :class:`KFAC` and its torch.distributed options
+    (``distributed``, ``process_group``, ``grad_worker_fraction``, ``assignment``,
+    ``bucket_cap_mb``; docs/distributed.md).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, kl_clip: Optional[float] = None,

@@ -9,6 +9,7 @@ a rank that does not finish within the timeout is killed and reported as hung.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import tempfile
@@ -56,6 +57,8 @@ def _entry(module, name, rank, world, store, out, args, collective_timeout):
     try:
         torch.save(result, out)
     finally:
+        result = None
+        gc.collect()   # optimisers and DDP hold the group: let it go before shutting gloo down
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -145,13 +145,13 @@ def equivalence(rank, world, configs):
     return out
 
 
-def fisher_factors(rank, world, sizes, seed):
+def fisher_factors(rank, world, sizes, seed, frac):
     """One "fisher" factor step: the averaged factors equal the example-weighted average of
     single-process estimates on each shard drawn with sampling_seed(seed, rank, step 0)."""
     N = sum(sizes)
     cfg = dict(curvature="fisher", inverse="eigh", seed=seed, kind="kfac", lr=0.0)
     model = make_model()
-    opt, _ = _build(model, cfg, None)
+    opt, _ = _build(model, cfg, None, grad_worker_fraction=frac)
     _train(model, list(model.parameters()), opt, None, cfg, 1, sizes, rank, plain_allreduce=True)
     x, y = global_batch(0, N)
     want = {}
@@ -202,7 +202,7 @@ def checkpoint(rank, world, cfg, path):
     _train(resumed, list(resumed.parameters()), opt2, base2, cfg, 3, sizes, rank, start=3,
            plain_allreduce=True)
     same = all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
-    return dict(same=same, refused=refused, held=held,
+    return dict(same=same, refused=refused, held=held, blocks=len(opt2.blocks),
                 params=[p.detach().clone() for p in resumed.parameters()])
 
 

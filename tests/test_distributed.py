@@ -127,7 +127,7 @@ def test_fisher_factors_are_the_weighted_average_of_per_rank_draws(frac):
     factors equal the example-weighted mean of single-process estimates on each shard with those
     seeds, and differ between ranks' draws."""
     sizes = [5, 3]
-    res = run_ranks(S.fisher_factors, 2, sizes, 7, timeout=60)
+    res = run_ranks(S.fisher_factors, 2, sizes, 7, frac, timeout=60)
     for r in res:
         assert r["err"] <= 1e-12
     assert all(torch.equal(a, b) for a, b in zip(res[0]["G"], res[1]["G"]))
@@ -144,9 +144,10 @@ def test_checkpoint_saved_on_rank0_resumes_every_rank_identically(tmp_path, worl
     for r, out in enumerate(res):
         assert out["same"], f"rank {r}: resumed run differs from the uninterrupted one"
         assert all(torch.equal(a, b) for a, b in zip(out["params"], res[0]["params"]))
-    if frac < 1:
+    if frac < 1:     # one holder per block (k = 1): the ranks' shares partition the blocks
         assert "consolidate_state_dict" in res[0]["refused"]
-        assert [o["held"] for o in res] != [3] * world        # each rank keeps its share only
+        assert sum(o["held"] for o in res) == res[0]["blocks"]
+        assert max(o["held"] for o in res) < res[0]["blocks"]
 
 
 @pytest.mark.timeout(60)
@@ -204,8 +205,26 @@ def test_torchrun_example_runs_on_cpu(tmp_path):
            "-m", "kfac_kernels.examples.ddp", "--steps", "12", "--log-every", "4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=110)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-12000:]
     assert "ranks agree" in proc.stdout, proc.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_torchrun_example_on_two_gpus_with_nccl(tmp_path):
+    """The same command picks NCCL and one GPU per process where two GPUs are present."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for frac in ("1", "0.5"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "kfac_kernels.examples.ddp", "--steps", "30",
+               "--fraction", frac]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=280)
+        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-12000:]
+        assert "nccl" in proc.stdout and "ranks agree" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------- single process

@@ -10,6 +10,7 @@ At the end it checks that all ranks hold the same parameters.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -90,6 +91,12 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"ranks agree: max |parameter difference| across {world} ranks = {diff:.3g}",
               flush=True)
+    # DDP and K-FAC hold the process group: release them first, so that destroy_process_group()
+    # really shuts gloo's threads down now rather than during interpreter teardown
+    opt.close()
+    del opt, ddp
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if diff == 0.0 else 1
 
