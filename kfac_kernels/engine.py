@@ -83,7 +83,7 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 trainable: Optional[set] = None, distributed=None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None, distributed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
@@ -111,7 +111,8 @@ class KFACEngine:
         _check_choice("backend", backend, ("auto",) + ops._registry.BACKENDS)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
+        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every),
+                        ("full_eigh_every", full_eigh_every)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 <= ema_decay < 1.0:
@@ -125,6 +126,7 @@ class KFACEngine:
         self.ema_decay = float(ema_decay)
         self.factor_every = factor_every
         self.inverse_every = inverse_every
+        self.full_eigh_every = full_eigh_every
         self.curvature = curvature
         self.likelihood = likelihood
         self.mc_samples = mc_samples
@@ -571,7 +573,14 @@ class KFACEngine:
         new: Dict[Block, dict] = defaultdict(dict)
         for key, items in self._buckets(blocks, lambda b: _select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
-            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"))
+            prev = [b.inverse.get("Q" + which) for b, which, _ in items]
+            kw = {}
+            if (self.full_eigh_every > 1 and self.inverse_updates % self.full_eigh_every != 0
+                    and all(q is not None and q.dtype == stack.dtype for q in prev)):
+                # between full decompositions: one warm-started subspace-iteration refresh
+                kw = dict(method="refresh", prev_eigenvectors=torch.stack(prev))
+            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"),
+                                      **kw)
             bad = info.nonzero().flatten().tolist()      # one host sync per size bucket
             for i, (b, which, f) in enumerate(items):
                 if i in bad:

@@ -17,7 +17,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every")
 # torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
 _DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
               "bucket_cap_mb")
@@ -64,7 +64,10 @@ class KFAC(torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher").
+    is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
+    ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
+    eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
+    skips factors whose basis still diagonalises them; default 1 = always full).
 
     torch.distributed (docs/distributed.md): ``distributed`` (None: on when torch.distributed is
     initialised with several processes; True; False), ``process_group``, ``grad_worker_fraction``
@@ -82,7 +85,8 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, distributed: Optional[bool] = None,
+                 seed: Optional[int] = None, full_eigh_every: int = 1,
+                 distributed: Optional[bool] = None,
                  process_group=None, grad_worker_fraction: float = 1.0,
                  assignment: str = "compute", bucket_cap_mb: float = 25.0):
         if not isinstance(model, nn.Module):
@@ -105,7 +109,8 @@ class KFAC(torch.optim.Optimizer):
                                  likelihood=likelihood, mc_samples=mc_samples, inverse=inverse,
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
-                                 seed=seed, trainable=trainable,
+                                 seed=seed, full_eigh_every=full_eigh_every,
+                                 trainable=trainable,
                                  distributed=_dist_options(distributed, process_group,
                                                            grad_worker_fraction, assignment,
                                                            bucket_cap_mb))

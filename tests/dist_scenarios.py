@@ -46,7 +46,8 @@ def _opt_kwargs(cfg):
     kw = dict(damping=cfg.get("damping", 1e-2), curvature=cfg["curvature"],
               likelihood="categorical", inverse=cfg["inverse"], inverse_every=cfg.get("inv", 2),
               factor_every=cfg.get("fe", 1), ema_decay=0.9, loss_reduction=cfg.get("red", "mean"),
-              kl_clip=cfg.get("kl"), seed=cfg.get("seed"))
+              kl_clip=cfg.get("kl"), seed=cfg.get("seed"),
+              full_eigh_every=cfg.get("full_every", 1))
     if cfg.get("kind", "kfac") == "kfac":
         kw.update(lr=cfg.get("lr", 0.05), momentum=0.5, weight_decay=1e-3)
     return kw

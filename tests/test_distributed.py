@@ -57,6 +57,11 @@ SPECIAL = {
         dict(name="klclip-empirical-eigh-f0.5", curvature="empirical", inverse="eigh", frac=0.5,
              kl=1e-5),
         dict(name="every-ggn-eigh-f1", curvature="ggn", inverse="eigh", fe=2, inv=3, steps=7),
+        # warm-started eigenbasis refresh between full decompositions, on each owner's share
+        dict(name="refresh-ggn-eigh-f0.5", curvature="ggn", inverse="eigh", frac=0.5,
+             full_every=3, inv=1, steps=5),
+        dict(name="refresh-empirical-eigh-f1", curvature="empirical", inverse="eigh",
+             full_every=2, inv=1, steps=5),
         # two forward/backward passes per step: the A reduction launched in the first backward
         # pass misses the second pass's inputs and must be redone in step()
         dict(name="accumulate-empirical-eigh-f0.5", curvature="empirical", inverse="eigh",
