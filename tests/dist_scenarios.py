@@ -85,7 +85,8 @@ def _micro_batches(step, sizes, rank, accum):
     return out
 
 
-def _train(net, params, opt, base, cfg, steps, sizes, rank, start=0, plain_allreduce=False):
+def _train(net, params, opt, base, cfg, steps, sizes, rank, start=0, plain_allreduce=False,
+           group=None):
     """``steps`` optimiser steps; ``rank=None`` is the single-process run on the concatenated
     batch. With ``accum`` micro-batches per step the loss is divided by their number."""
     red = cfg.get("red", "mean")
@@ -103,7 +104,7 @@ def _train(net, params, opt, base, cfg, steps, sizes, rank, start=0, plain_allre
             for p in params:
                 if red == "mean":   # the global mean loss: weight each rank's mean by N_r / N
                     p.grad.mul_(sizes[rank] / N)
-                dist.all_reduce(p.grad)
+                dist.all_reduce(p.grad, group=group)
         opt.step()
         if base is not None:
             base.step()
@@ -113,21 +114,24 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def equivalence(rank, world, configs):
+def equivalence(rank, world, configs, group=None):
     """For each config: parameters and factors after k steps vs the single-process run on the
-    concatenated batch. Returns {name: dict(err=..., params=[...], ...)}."""
+    concatenated batch. Returns {name: dict(err=..., params=[...], ...)}. ``group``: run in this
+    process group (``rank``, ``world``: within it) instead of the default one."""
     out = {}
     for cfg in configs:
         sizes = cfg.get("sizes") or [6] * world
         steps = cfg.get("steps", 4)
         dist_kw = dict(grad_worker_fraction=cfg.get("frac", 1.0),
                        assignment=cfg.get("assign", "compute"))
+        if group is not None:
+            dist_kw["process_group"] = group
         model = make_model()
-        net = DDP(model) if cfg.get("ddp") else model
+        net = DDP(model, process_group=group) if cfg.get("ddp") else model
         opt, base = _build(net, cfg, None, **dist_kw)
-        assert opt.engine.dist is not None
+        assert opt.engine.dist is not None and opt.engine.dist.world == world
         _train(net, list(model.parameters()), opt, base, cfg, steps, sizes, rank,
-               plain_allreduce=not cfg.get("ddp"))
+               plain_allreduce=not cfg.get("ddp"), group=group)
         ref_model = make_model()
         ref, ref_base = _build(ref_model, cfg, False)
         assert ref.engine.dist is None
@@ -324,3 +328,11 @@ def layer_use_mismatch(rank, world):
 def mismatched_fraction(rank, world):
     """Ranks disagreeing on the grid must fail the agreement check before creating subgroups."""
     kk.KFAC(make_model(), curvature="empirical", grad_worker_fraction=0.5 if rank else 1.0)
+
+
+def subgroup(rank, world, configs):
+    """K-FAC in a process group of global ranks 1 and 2 (of 3); rank 0 stays out of it."""
+    g = dist.new_group([1, 2])
+    if rank == 0:
+        return None
+    return equivalence(rank - 1, 2, configs, group=g)

@@ -126,6 +126,20 @@ def test_communication_follows_the_gradient_worker_fraction():
 
 
 @pytest.mark.timeout(60)
+def test_a_given_process_group_is_used():
+    cfgs = [dict(name="f1", curvature="ggn", inverse="eigh"),
+            dict(name="f0.5", curvature="empirical", inverse="cholesky", frac=0.5, ddp=True)]
+    res = run_ranks(S.subgroup, 3, cfgs, timeout=60)
+    assert res[0] is None
+    for name in ("f1", "f0.5"):
+        for r in res[1:]:
+            assert r[name]["err"] <= TOL and r[name]["factor_err"] <= TOL
+            assert "world 2" in r[name]["describe"]
+        assert all(torch.equal(a, b) for a, b in zip(res[1][name]["params"],
+                                                      res[2][name]["params"]))
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("frac", [1.0, 0.5])
 def test_fisher_factors_are_the_weighted_average_of_per_rank_draws(frac):
     """Ranks draw their own Fisher samples (seed sampling_seed(seed, rank, step)): the averaged
