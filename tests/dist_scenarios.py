@@ -207,7 +207,16 @@ def checkpoint(rank, world, cfg, path):
     _train(resumed, list(resumed.parameters()), opt2, base2, cfg, 3, sizes, rank, start=3,
            plain_allreduce=True)
     same = all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    # the consolidated checkpoint is complete: a single process (another world size) loads it
+    # with every decomposition and trains on from it
+    single = make_model(seed=98)
+    single.load_state_dict(ckpt["model"])
+    opt1, base1 = _build(single, cfg, False)
+    opt1.load_state_dict(ckpt["opt"])
+    complete = all(b.inverse for b in opt1.blocks.values())
+    _train(single, None, opt1, base1, cfg, 1, sizes, None, start=3)
     return dict(same=same, refused=refused, held=held, blocks=len(opt2.blocks),
+                single_complete=complete,
                 params=[p.detach().clone() for p in resumed.parameters()])
 
 

@@ -162,6 +162,7 @@ def test_checkpoint_saved_on_rank0_resumes_every_rank_identically(tmp_path, worl
     res = run_ranks(S.checkpoint, world, cfg, str(tmp_path / "ckpt.pt"), timeout=90)
     for r, out in enumerate(res):
         assert out["same"], f"rank {r}: resumed run differs from the uninterrupted one"
+        assert out["single_complete"]       # loads into one process with every decomposition
         assert all(torch.equal(a, b) for a, b in zip(out["params"], res[0]["params"]))
     if frac < 1:     # one holder per block (k = 1): the ranks' shares partition the blocks
         assert "consolidate_state_dict" in res[0]["refused"]
