@@ -495,6 +495,29 @@ class DistributedKFAC:
             flats.append(flat)
         return _Pending(None, buckets, flats, works, weights)
 
+    def average(self, values: "OrderedDict[Any, torch.Tensor]", weight: float = 1.0,
+                symmetric: bool = False) -> Dict[Any, torch.Tensor]:
+        """``sum_r weight_r * x_r / sum_r weight_r`` for each tensor, every rank passing the same
+        keys in the same order with the same shapes and dtypes (e.g. per-block statistics that a
+        new curvature type adds; ``weight``: this rank's example count). Bucketed collectives,
+        waited on before returning; no host synchronisation. ``symmetric``: send upper triangles
+        of square matrices."""
+        slots = [(key, tuple(v.shape), symmetric, v.dtype, v.device) for key, v in values.items()]
+        buckets = _split_buckets(slots, self.cap, lambda key: [("w", key)])
+        pending = []
+        for bk in buckets:
+            flat = bk.pack(values, [float(weight)] * len(bk.scalars))
+            if weight != 1.0:
+                flat[:bk.data_numel].mul_(float(weight))
+            self.comm.add("factor", flat)
+            pending.append((bk, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        out = {}
+        for bk, flat, work in pending:
+            work.wait()
+            out.update(bk.unpack(flat, {key: bk.scalar(flat, ("w", key))
+                                        for key, *_ in bk.slots}))
+        return out
+
     def _input_counts(self):
         return tuple(len(b.inputs) for b in self.blocks)
 

@@ -345,3 +345,18 @@ def subgroup(rank, world, configs):
     if rank == 0:
         return None
     return equivalence(rank - 1, 2, configs, group=g)
+
+
+def average_helper(rank, world):
+    """DistributedKFAC.average: the example-weighted mean of per-rank tensors, any shapes."""
+    opt = kk.KFAC(make_model(), curvature="empirical")
+    g = torch.Generator().manual_seed(0)
+    xs = [{"s": torch.randn(3, 5, generator=g, dtype=torch.float64),
+           "t": torch.randn(4, 4, generator=g, dtype=torch.float64)} for _ in range(world)]
+    for x in xs:
+        x["t"] = x["t"] + x["t"].T
+    w = [2.0, 5.0, 1.0][:world]
+    got = opt.engine.dist.average({"s": xs[rank]["s"], "t": xs[rank]["t"]}, weight=w[rank])
+    sym = opt.engine.dist.average({"t": xs[rank]["t"]}, weight=w[rank], symmetric=True)
+    want = {k: sum(wr * x[k] for wr, x in zip(w, xs)) / sum(w) for k in ("s", "t")}
+    return max(_rel(got["s"], want["s"]), _rel(got["t"], want["t"]), _rel(sym["t"], want["t"]))

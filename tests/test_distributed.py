@@ -126,6 +126,11 @@ def test_communication_follows_the_gradient_worker_fraction():
 
 
 @pytest.mark.timeout(60)
+def test_average_helper_for_further_statistics():
+    assert all(e <= 1e-14 for e in run_ranks(S.average_helper, 3, timeout=60))
+
+
+@pytest.mark.timeout(60)
 def test_a_given_process_group_is_used():
     cfgs = [dict(name="f1", curvature="ggn", inverse="eigh"),
             dict(name="f0.5", curvature="empirical", inverse="cholesky", frac=0.5, ddp=True)]
