@@ -458,9 +458,11 @@ class KFACEngine:
 
     def merge_statistics(self, stats: "OrderedDict[Block, Tuple]") -> bool:
         """Fold the step's estimates into the running factors (guarded, no host sync)."""
+        # every verdict before any merge: merging cleans its (possibly shared) estimates in place
+        oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
         flags, names = [], []
-        for b, (a_hat, g_hat) in stats.items():
-            flags.append(self._merge(b, a_hat, g_hat))
+        for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks):
+            flags.append(self._merge(b, a_hat, g_hat, ok))
             names.append(b.name)
         if flags:
             self.factor_updates += 1
@@ -469,7 +471,14 @@ class KFACEngine:
             self._defer_check(torch.stack(flags), names)
         return bool(flags)
 
-    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+        """One reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        also deserves rejecting)."""
+        return torch.isfinite(A_hat.sum() + G_hat.sum())
+
+    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor,
+               ok: torch.Tensor) -> torch.Tensor:
         """Running average with the first-estimate rule, skipped on non-finite statistics.
 
         rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
@@ -480,9 +489,6 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
-        # also deserves rejecting)
-        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
         keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
