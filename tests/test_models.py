@@ -331,3 +331,26 @@ def test_new_blocks_on_cuda_step_without_sync(inverse):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+def test_distributed_refuses_what_it_cannot_share_yet(tmp_path):
+    """The distributed strategy reduces plain [d, d] factors: stacked blocks, a diagonal A and
+    EKFAC's scalings are refused with a clear error (a one-rank gloo group suffices)."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build of torch")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(9, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(NotImplementedError, match=r"does not reduce or share the blocks 0 "
+                                                      r"\(EmbeddingBlock\), 1 \(NormBlock\) yet"):
+            kk.KFAC(model, distributed=True)
+        with pytest.raises(NotImplementedError, match=r"EKFAC's scalings \(inverse='ekfac'\)"):
+            kk.KFAC(model, distributed=True, inverse="ekfac", only=["2"])
+        assert not any(m._forward_hooks for m in model.modules())      # nothing left behind
+        opt = kk.KFAC(model, distributed=True, only=["2"])
+        assert opt.engine.dist is not None and set(opt.blocks) == {"2"}
+    finally:
+        dist.destroy_process_group()
