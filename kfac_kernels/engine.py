@@ -52,20 +52,52 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
+def _select(b: Block, only: Optional[set]) -> Dict[str, torch.Tensor]:
+    """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
+    diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
+    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
+    return mats if only is None else {w: f for w, f in mats.items() if (b, w) in only}
+
+
 class _Group:
-    """Blocks of one gradient shape/dtype/device, preconditioned in one batched call."""
+    """Blocks of one gradient shape/dtype/device, preconditioned in one batched call.
+
+    A stacked block (grouped convolution, normalisation layer) contributes ``num_stack``
+    consecutive matrices to the stacks, a plain block one; ``slots`` records where each sits."""
 
     def __init__(self, key, blocks: List[Block]):
         self.key = key
         self.blocks = blocks
         self.stacks: Dict[str, torch.Tensor] = {}
+        self.slots: Dict[Block, slice] = {}
 
     def restack(self) -> None:
         """Stack the members' decompositions and make each member's entries views of the stack."""
         names = self.blocks[0].inverse.keys()
-        self.stacks = {k: torch.stack([b.inverse[k] for b in self.blocks]) for k in names}
-        for i, b in enumerate(self.blocks):
-            b.inverse = {k: v[i] for k, v in self.stacks.items()}
+        self.stacks = {k: torch.cat([b.inverse[k] if b.stacked else b.inverse[k].unsqueeze(0)
+                                     for b in self.blocks]) for k in names}
+        off = 0
+        for b in self.blocks:
+            sl = slice(off, off + b.num_stack)
+            off += b.num_stack
+            self.slots[b] = sl
+            b.inverse = {k: (v[sl] if b.stacked else v[sl.start]) for k, v in self.stacks.items()}
+
+    def rows(self, members: List[Block]) -> List[int]:
+        return [i for b in members for i in range(self.slots[b].start, self.slots[b].stop)]
+
+
+class _Slice:
+    """One matrix of a stacked block, seen by the inverse phase as a block of its own (so that
+    batching by size and the fallback chain work per matrix)."""
+
+    diag_A = False
+
+    def __init__(self, block: Block, i: int):
+        self.block, self.i = block, i
+        self.name = f"{block.name}[{i}]"
+        self.A, self.G = block.A[i], block.G[i]
+        self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
 
 
 class KFACEngine:
@@ -77,10 +109,14 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 full_eigh_every: int = 1, trainable: Optional[set] = None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None,
+                 only: Optional[Iterable[str]] = None, distributed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
+        from . import distributed as _dist
+        model = _dist.unwrap_model(model)   # DDP: block names without the "module." prefix
+        self.dist = None                   # the torch.distributed strategy, when one is active
         _check_choice("curvature", curvature, CURVATURES)
         if likelihood is not None:
             _check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -131,6 +167,7 @@ class KFACEngine:
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.generator: Optional[torch.Generator] = None
+        self._out_batch: Optional[int] = None    # batch size of the last curvature pass output
 
         self.steps = 0                     # completed optimiser steps
         self.factor_updates = 0            # factor updates performed
@@ -142,25 +179,75 @@ class KFACEngine:
         self._deferred: List[Tuple[object, torch.Tensor, List[str]]] = []
         self._warned: set = set()
         self._groups: List[_Group] = []
+        self._grad_calls: Dict[Block, List[int]] = defaultdict(list)   # call index of each grad
+        # EKFAC: statistics of passes whose eigenbasis is replaced this step, kept until the new
+        # basis exists (see _fold_ekfac); {block: [(inputs, grads, calls, alpha)]}
+        self._ekfac_stash: Dict[Block, list] = defaultdict(list)
 
         self.blocks: "OrderedDict[str, Block]" = OrderedDict()
         self.fallback: List[Tuple[str, torch.Tensor, str]] = []
-        self._discover(model, tuple(skip), factor_dtype, trainable)
+        if isinstance(skip, str) or isinstance(only, str):
+            raise TypeError("skip= and only= take a list of module names or glob patterns, not a "
+                            "single string")
+        self._discover(model, tuple(skip), factor_dtype, trainable,
+                       None if only is None else tuple(only))
         if not self.blocks:
             raise ValueError(
-                "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d); "
+                "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
+                "normalisation layers, kfac_kernels.nn cells); "
                 "fallback parameters: " + (", ".join(f"{n} ({r})" for n, _, r in self.fallback)
                                            or "none"))
         self._hooks = [b.module.register_forward_hook(self._forward_hook(b))
                        for b in self.blocks.values()]
         self._set_capture()
+        self.dist = _dist.setup(self, distributed)   # None in a single process: no collectives
+        if self.dist is not None:
+            try:
+                self._check_distributed_support()
+            except NotImplementedError:
+                self.close()          # no hooks left behind on the model
+                raise
+
+    def _check_distributed_support(self) -> None:
+        """The distributed strategy reduces and shares plain [d, d] factors and the eigh/cholesky
+        entries: stacked blocks (grouped convolutions, normalisation layers), a diagonal A
+        (embeddings) and EKFAC's scalings are not supported there yet. Every rank raises alike."""
+        odd = [f"{n} ({type(b).__name__})" for n, b in self.blocks.items()
+               if b.stacked or b.diag_A]
+        if odd or self.inverse == "ekfac":
+            what = (f"the blocks {', '.join(odd)}" if odd else "") + (
+                " and " if odd and self.inverse == "ekfac" else "") + (
+                "EKFAC's scalings (inverse='ekfac')" if self.inverse == "ekfac" else "")
+            raise NotImplementedError(
+                f"distributed K-FAC does not reduce or share {what} yet: leave those modules to the "
+                f"first-order rule with skip=/only=, use inverse='eigh', or pass distributed=False")
 
     # ------------------------------------------------------------------ discovery
-    def _discover(self, model, skip, factor_dtype, trainable):
+    @staticmethod
+    def _matches(mname: str, pattern: str) -> bool:
+        """A pattern names a module or any module inside it ("encoder" covers "encoder.0.fc")."""
+        parts = mname.split(".") if mname else [""]
+        return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern)
+                   for i in range(1, len(parts) + 1))
+
+    def _discover(self, model, skip, factor_dtype, trainable, only=None):
         owner: Dict[int, List[str]] = defaultdict(list)
+        names = [mname for mname, _ in model.named_modules()]
         for mname, mod in model.named_modules():
             for pname, p in mod.named_parameters(recurse=False):
                 owner[id(p)].append(mname)
+        for opt_name, pats in (("skip", skip), ("only", only or ())):
+            for pat in pats:
+                if not isinstance(pat, str):
+                    raise TypeError(f"{opt_name}= takes module names or glob patterns (str), got "
+                                    f"{pat!r}")
+                if not any(self._matches(n, pat) for n in names):
+                    shown = [n for n in names if n][:12]
+                    raise ValueError(
+                        f"{opt_name}= names {pat!r}, which matches no module of the model (module "
+                        f"names as named_modules() gives them, e.g. "
+                        f"{', '.join(map(repr, shown)) or 'none'}{', ...' if len(names) > 13 else ''})")
+        why_not: Dict[str, List[str]] = defaultdict(list)    # only= pattern -> refusals
         claimed = set()
         for mname, mod in model.named_modules():
             direct = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad
@@ -169,8 +256,11 @@ class KFACEngine:
                 continue
             reason = ""
             cls, why = block_type_for(mod)
-            if any(fnmatch.fnmatchcase(mname, pat) for pat in skip):
+            wanted = [pat for pat in (only or ()) if self._matches(mname, pat)]
+            if any(self._matches(mname, pat) for pat in skip):
                 reason = "listed in skip="
+            elif only is not None and not wanted:
+                reason = "not listed in only="
             elif cls is None:
                 reason = why
             elif not mod.weight.requires_grad or (trainable is not None and id(mod.weight) not in trainable):
@@ -178,11 +268,15 @@ class KFACEngine:
             elif any(len(set(owner[id(p)])) > 1 for _, p in direct):
                 reason = "parameter shared with another module (tied weights)"
             if reason:
+                for pat in wanted:
+                    why_not[pat].append(f"{mname or '<model>'} ({type(mod).__name__}): {reason}")
                 for pn, p in direct:
                     if id(p) not in claimed:
                         claimed.add(id(p))
                         self.fallback.append((f"{mname}.{pn}" if mname else pn, p, reason))
                 continue
+            for pat in wanted:
+                why_not[pat].append("")
             block = cls(mname, mod, weight_sharing=self.weight_sharing,
                         factor_dtype=factor_dtype, backend=self.op_backend("conv_input_factor"))
             self.blocks[mname] = block
@@ -192,6 +286,13 @@ class KFACEngine:
                 if id(p) not in claimed:
                     claimed.add(id(p))
                     self.fallback.append((f"{mname}.{pn}", p, "not part of the block"))
+        for pat in only or ():
+            refusals = why_not.get(pat, [])
+            if "" not in refusals:
+                raise ValueError(
+                    f"only= asks K-FAC to precondition {pat!r}, but no module it names can get a "
+                    f"block: " + ("; ".join(refusals) if refusals else
+                                  "the modules it names hold no trainable parameters"))
 
     def op_backend(self, op: str) -> str:
         """The backend for one op: the one asked for where it implements the op, else "auto"
@@ -232,13 +333,16 @@ class KFACEngine:
             block.check_input(x)
             block.inputs.append(x.detach())
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._grad_hook(block))
+                output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
         return hook
 
-    def _grad_hook(self, block: Block):
+    def _grad_hook(self, block: Block, call: int = 0):
         def hook(grad):
             if self._g_active:
+                if self.dist is not None:
+                    self.dist.backward_started()   # launch the A reduction (once per step)
                 self._grads[block].append(grad.detach())
+                self._grad_calls[block].append(call)
         return hook
 
     def _g_scale(self, n: int, weight: float, empirical: bool) -> float:
@@ -256,9 +360,14 @@ class KFACEngine:
             if not grads:
                 continue
             n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
-            for job in block.g_jobs(grads, self._g_scale(n, weight, empirical)):
+            calls = self._grad_calls[block]
+            scale = self._g_scale(n, weight, empirical)
+            for job in block.pass_jobs(grads, calls, scale):
                 jobs.append((block, job))
+            if self.inverse == "ekfac" and block.inputs:
+                self._fold_ekfac(block, grads, calls, scale / n)
         self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
         self._run_jobs(jobs, target="G_hat", accumulate=True)
         if jobs:
             self._pending_passes += 1
@@ -271,6 +380,7 @@ class KFACEngine:
             raise ValueError(f"curvature={self.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
         check_likelihood_output(self.likelihood, out)
+        self._out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
             raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
@@ -279,6 +389,8 @@ class KFACEngine:
         weights = [b.weight for b in self.blocks.values() if b.inputs]
         if not weights:
             return
+        if self.dist is not None:   # launch the A reduction; per-rank, per-step sampling seed
+            self.dist.curvature_started(out)
         if self.generator is None or self.generator.device != out.device:
             self.generator = torch.Generator(device=out.device)
             seed = self.seed if self.seed is not None else int(
@@ -303,11 +415,16 @@ class KFACEngine:
                 self._fold_grads(weight, empirical=False)
         finally:
             self._g_active = False
+        if self.dist is not None:   # G is complete: reduce it while loss.backward() runs
+            self.dist.curvature_finished()
 
     def _clear_capture(self) -> None:
+        if self.dist is not None:
+            self.dist.clear()
         for b in self.blocks.values():
             b.clear_capture()
         self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
         self._pending_passes = 0
 
     # ------------------------------------------------------------------ batched syrk
@@ -356,7 +473,14 @@ class KFACEngine:
                     uniq[k] = len(xs)
                     xs.append(job.x)
                 slot.append(uniq[k])
-            if len(xs) == 1:
+            if x0.dim() == 3:   # stacked jobs (one matrix per group/channel): concatenate
+                per = x0.shape[0]
+                out = torch.empty(len(xs) * per, d, d, dtype=dtype, device=x0.device)
+                ops.syrk_update(out, xs[0] if len(xs) == 1 else torch.cat(xs), alpha=alpha,
+                                beta=0.0, homogeneous=hom, backend=self.op_backend("syrk_update"))
+                for (block, _), s in zip(members, slot):
+                    setattr(block, target, out[s * per:(s + 1) * per])
+            elif len(xs) == 1:
                 out = torch.empty(d, d, dtype=dtype, device=x0.device)
                 ops.syrk_update(out, xs[0], alpha=alpha, beta=0.0, homogeneous=hom,
                                 backend=self.op_backend("syrk_update"))
@@ -390,6 +514,7 @@ class KFACEngine:
         if not captured:
             self._clear_capture()
             return False
+        self._check_batch_sizes(captured)
         if self._pending_passes == 0 or all(b.G_hat is None for b in captured):
             self._clear_capture()
             if self.curvature == "empirical":
@@ -400,14 +525,29 @@ class KFACEngine:
                 f"curvature={self.curvature!r} needs its own backward passes: call "
                 f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
                 f"are updated (every factor_every={self.factor_every} steps)")
-        stats = self.compute_statistics(captured)
-        stats = self.reduce_statistics(stats)
+        if self.dist is None:
+            stats = self.compute_statistics(captured)
+        else:   # averaged over ranks (kfac_kernels.distributed), part of it launched earlier
+            stats = self.dist.factor_statistics(captured)
         self._clear_capture()
-        return self.merge_statistics(stats)
+        updated = self.merge_statistics(stats)
+        if self.inverse == "ekfac":
+            self._merge_scalings([b for b in stats])
+        return updated
 
     def compute_statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
         """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
         output-gradients (batched syrk / conv_input_factor)."""
+        a_hats = self.compute_a_statistics(captured)
+        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
+        for b in captured:
+            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
+                continue
+            stats[b] = (a_hats[b], b.G_hat)
+        return stats
+
+    def compute_a_statistics(self, captured: List[Block]) -> "OrderedDict[Block, torch.Tensor]":
+        """This step's A_hat of each captured block (batched), in the block's factor dtype."""
         a_jobs, a_ready = [], {}
         for b in captured:
             jobs, mat = b.a_jobs(b.inputs)
@@ -417,36 +557,38 @@ class KFACEngine:
         for b in captured:
             b.A_hat = None
         self._run_jobs(a_jobs, target="A_hat", accumulate=False)
-        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
+        a_hats: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
         for b in captured:
             a_hat = a_ready.get(b, b.A_hat)
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat
             b.A_hat = None
-            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
-                continue
-            stats[b] = (a_hat.to(b.factor_dtype), b.G_hat)
-        return stats
-
-    def reduce_statistics(self, stats: "OrderedDict[Block, Tuple]") -> "OrderedDict[Block, Tuple]":
-        """Combine the estimates across processes (identity in a single process; the distributed
-        strategy averages them over ranks here)."""
-        return stats
+            a_hats[b] = a_hat.to(b.factor_dtype)
+        return a_hats
 
     def merge_statistics(self, stats: "OrderedDict[Block, Tuple]") -> bool:
         """Fold the step's estimates into the running factors (guarded, no host sync)."""
+        # every verdict before any merge: merging cleans its (possibly shared) estimates in place
+        oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
         flags, names = [], []
-        for b, (a_hat, g_hat) in stats.items():
-            flags.append(self._merge(b, a_hat, g_hat))
+        for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks):
+            flags.append(self._merge(b, a_hat, g_hat, ok))
             names.append(b.name)
         if flags:
             self.factor_updates += 1
-            if any(not b.inverse for b in stats):
+            if any(not self.has_inverse(b) for b in stats):
                 self._needs_inverse = True   # a block's first factors: decompose them now
             self._defer_check(torch.stack(flags), names)
         return bool(flags)
 
-    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+        """One reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        also deserves rejecting)."""
+        return torch.isfinite(A_hat.sum() + G_hat.sum())
+
+    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor,
+               ok: torch.Tensor) -> torch.Tensor:
         """Running average with the first-estimate rule, skipped on non-finite statistics.
 
         rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
@@ -457,9 +599,6 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
-        # also deserves rejecting)
-        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
         keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
@@ -471,6 +610,82 @@ class KFACEngine:
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return ~ok
+
+    def _check_batch_sizes(self, captured: List[Block]) -> None:
+        """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
+        the model output's batch size (or, for "empirical", the most common one among the layers)
+        differs from it, e.g. a position embedding called on arange(T) or a Linear fed
+        x.view(-1, d). Its statistics would not be per-example. Shapes only: no host sync."""
+        sizes = {b: {b.batch_size(x) for x in b.inputs} for b in captured}
+        n = getattr(self, "_out_batch", None)
+        if n is None:
+            counts: Dict[int, int] = defaultdict(int)
+            for ss in sizes.values():
+                for v in ss:
+                    counts[v] += 1
+            n = max(counts, key=lambda v: (counts[v], v))
+        self._out_batch = None
+        for b, ss in sizes.items():
+            if ss != {n}:
+                self._warn_once(("batch", b.name),
+                                f"module {b.name!r} saw inputs with batch size(s) {sorted(ss)} while "
+                                f"the model's batch size is {n}: K-FAC reads dim 0 of a layer's "
+                                f"input as the example index, so this block's statistics are not "
+                                f"per-example (a position embedding called on arange(T)? a layer fed "
+                                f"x.view(-1, d)?). Keep the batch dimension first (e.g. "
+                                f"pos.expand(N, T)) or leave the module out with skip=")
+
+    # ------------------------------------------------------------------ EKFAC scalings
+    def _fold_ekfac(self, b: Block, grads, calls, alpha: float) -> None:
+        """Fold one backward pass into the block's EKFAC estimate S_hat in the CURRENT eigenbasis,
+        or, when that basis is replaced in this step's inverse update (or does not exist yet),
+        keep the pass until the new basis exists (``update_inverses`` computes S from it)."""
+        if self.inverse_due() or "QG" not in b.inverse or "S" not in b.inverse:
+            self._ekfac_stash[b].append((list(b.inputs), list(grads), list(calls), alpha))
+            return
+        part = b.ekfac_sums(b.inputs, grads, calls, b.inverse["QG"], b.inverse.get("QA"))
+        part = part.to(b.factor_dtype) * alpha
+        b.S_hat = part if getattr(b, "S_hat", None) is None else b.S_hat + part
+
+    def reduce_scalings(self, s_hats: "OrderedDict[Block, torch.Tensor]"):
+        """Combine EKFAC estimates across processes (identity in one process; the distributed
+        strategy averages them over ranks here, like ``reduce_statistics``)."""
+        return s_hats
+
+    def _merge_scalings(self, blocks: List[Block]) -> None:
+        """S <- rho S + (1 - rho) S_hat, rho = min(1 - 1/k, ema_decay), k counting accepted
+        estimates since the eigenbasis last changed; on the device, guarded like the factors."""
+        s_hats = OrderedDict((b, b.S_hat) for b in blocks if getattr(b, "S_hat", None) is not None)
+        for b in blocks:
+            b.S_hat = None
+        for b, s_hat in self.reduce_scalings(s_hats).items():
+            S = b.inverse["S"]
+            ok = torch.isfinite(s_hat).all()
+            count = b.ekfac_count + ok.to(b.ekfac_count.dtype)
+            rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+            S.copy_(torch.where(ok, S * rho + s_hat * (1.0 - rho), S))   # in place: S is a stack view
+            b.ekfac_count = count
+
+    def _scalings_after_decomposition(self, blocks: List[Block]) -> None:
+        """EKFAC after a new eigenbasis: S restarts in it, from this step's statistics (kept by
+        ``_fold_ekfac``) when there are any, else from the K-FAC eigenvalues lamG lamA^T."""
+        for b in blocks:
+            inv = b.inverse
+            lamA = inv["lamA"].clamp_min(0)
+            init = inv["lamG"].clamp_min(0).unsqueeze(-1) * lamA.unsqueeze(-2)
+            stash = self._ekfac_stash.pop(b, [])
+            est = None
+            for inputs, grads, calls, alpha in stash:
+                part = b.ekfac_sums(inputs, grads, calls, inv["QG"], inv.get("QA")).to(init.dtype)
+                est = part * alpha if est is None else est + part * alpha
+            dev = init.device
+            if est is None:
+                inv["S"], b.ekfac_count = init, torch.zeros((), dtype=b.factor_dtype, device=dev)
+            else:
+                ok = torch.isfinite(est).all()
+                inv["S"] = torch.where(ok, est, init)
+                b.ekfac_count = ok.to(b.factor_dtype)
+        self._ekfac_stash = defaultdict(list)
 
     def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
         """Read the skip flags on the host later, without waiting for the device now."""
@@ -512,19 +727,57 @@ class KFACEngine:
                 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
 
+    def has_inverse(self, b: Block) -> bool:
+        """Whether block ``b`` can be preconditioned (with torch.distributed, its decomposition
+        may live on another rank: see kfac_kernels.distributed)."""
+        return bool(b.inverse) if self.dist is None else self.dist.has_inverse(b)
+
     def update_inverses(self) -> None:
         """Decompose every factor, batched by size; the fallback chain handles failures."""
         self._poll_deferred()
         ready = [b for b in self.blocks.values() if b.A is not None]
         if not ready:
             return
-        if self.inverse in ("eigh", "ekfac"):
-            self._eigh_all(ready)
+        if self.dist is not None:     # this rank's share, then the results are shared
+            self.dist.update_inverses(ready)
         else:
-            self._cholesky_all(ready)
+            self.decompose(ready)
+        if self.inverse == "ekfac" and self.dist is None:
+            self._scalings_after_decomposition(ready)
         self._needs_inverse = False
         self.inverse_updates += 1
         self._regroup()
+
+    def decompose(self, blocks: List[Block], only: Optional[set] = None) -> None:
+        """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs, the
+        others' entries in ``block.inverse`` are left as they are).
+
+        A stacked block (groups, channels) is decomposed through one ``_Slice`` per member, so
+        its matrices join the size buckets (one batched call with every other factor of that
+        size) and the fallback chain works per matrix. A diagonal A is not decomposed; under
+        inverse="cholesky" a block with a diagonal A has its G decomposed by eigh instead (the
+        pi-damped update is then computed exactly in G's eigenbasis, docs/layers.md)."""
+        units, slices = [], {}
+        for b in blocks:
+            if b.stacked:
+                slices[b] = [_Slice(b, i) for i in range(b.num_stack)]
+                units += slices[b]
+            else:
+                units.append(b)
+        if only is not None:
+            only = set(only) | {(p, w) for b, parts in slices.items() for p in parts
+                                for w in ("A", "G") if (b, w) in only}
+        if self.inverse in ("eigh", "ekfac"):
+            self._eigh_all(units, only)
+        else:
+            self._cholesky_all([u for u in units if not u.diag_A], only)
+            self._eigh_all([u for u in units if u.diag_A], only)
+        for b, parts in slices.items():
+            new = {k: torch.stack([p.inverse[k] for p in parts]) for k in parts[0].inverse}
+            b.inverse = new if only is None else {**b.inverse, **new}
+        for b in blocks:
+            if b.diag_A and (only is None or (b, "A") in only):
+                b.inverse["lamA"] = b.A.clone()
 
     def _buckets(self, blocks: List[Block], mats: Callable[[Block], Dict[str, torch.Tensor]]):
         buckets: Dict[tuple, List[Tuple[Block, str, torch.Tensor]]] = OrderedDict()
@@ -533,9 +786,9 @@ class KFACEngine:
                 buckets.setdefault((f.shape[-1], f.dtype, f.device), []).append((b, which, f))
         return buckets
 
-    def _eigh_all(self, blocks: List[Block]) -> None:
+    def _eigh_all(self, blocks: List[Block], only: Optional[set] = None) -> None:
         new: Dict[Block, dict] = defaultdict(dict)
-        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+        for key, items in self._buckets(blocks, lambda b: _select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             prev = [b.inverse.get("Q" + which) for b, which, _ in items]
             kw = {}
@@ -554,7 +807,7 @@ class KFACEngine:
                 new[b]["lam" + which] = l_i
                 new[b]["Q" + which] = q_i
         for b, entries in new.items():
-            b.inverse = entries
+            b.inverse = entries if only is None else {**b.inverse, **entries}
 
     def _eigh_fallback(self, b: Block, which: str, f: torch.Tensor):
         """Retry in float64, then with added damping, then keep the previous decomposition."""
@@ -591,13 +844,15 @@ class KFACEngine:
             n, dtype=f.dtype, device=f.device)
 
     def pi(self, b: Block) -> torch.Tensor:
-        """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined)."""
-        ta = b.A.diagonal().sum() / b.A.shape[-1]
-        tg = b.G.diagonal().sum() / b.G.shape[-1]
+        """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined); one per
+        member of a stacked block, and a diagonal A's trace is its sum."""
+        diagA = b.A if b.diag_A else b.A.diagonal(dim1=-2, dim2=-1)
+        ta = diagA.sum(-1) / b.A.shape[-1]
+        tg = b.G.diagonal(dim1=-2, dim2=-1).sum(-1) / b.G.shape[-1]
         pi = torch.sqrt(ta / tg)
         return torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
 
-    def _cholesky_all(self, blocks: List[Block]) -> None:
+    def _cholesky_all(self, blocks: List[Block], only: Optional[set] = None) -> None:
         root = math.sqrt(self.damping)
         dampings = {}
         for b in blocks:
@@ -605,7 +860,7 @@ class KFACEngine:
             dampings[(b, "A")] = pi * root
             dampings[(b, "G")] = root / pi
         new: Dict[Block, dict] = defaultdict(dict)
-        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+        for key, items in self._buckets(blocks, lambda b: _select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
             inv, info = ops.damped_inverse(stack, damp, return_info=True, backend=self.op_backend("damped_inverse"))
@@ -614,7 +869,7 @@ class KFACEngine:
                 new[b][which + "_inv"] = (self._cholesky_fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
         for b, entries in new.items():
-            b.inverse = entries
+            b.inverse = entries if only is None else {**b.inverse, **entries}
 
     def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
         inv, info = ops.damped_inverse(f.double().unsqueeze(0), damp.double().reshape(1),
@@ -652,7 +907,7 @@ class KFACEngine:
         groups: Dict[tuple, List[Block]] = OrderedDict()
         for b in self.blocks.values():
             if b.inverse:
-                key = (b.shape, b.factor_dtype, b.weight.device, tuple(sorted(b.inverse)))
+                key = (b.shape[-2:], b.factor_dtype, b.weight.device, tuple(sorted(b.inverse)))
                 groups.setdefault(key, []).append(b)
         self._groups = [_Group(k, v) for k, v in groups.items()]
         for g in self._groups:
@@ -663,9 +918,16 @@ class KFACEngine:
         """Preconditioned directions for the given blocks' gradient matrices.
 
         Returns ``({block: U}, {block: <U, V> (0-d device tensor)})``; blocks of one shape go
-        through one batched op call.
+        through one batched op call. With torch.distributed and ``grad_worker_fraction < 1``
+        each rank preconditions its share and the directions are broadcast.
         """
         self._check_damping(self.damping)
+        if self.dist is not None:
+            return self.dist.precondition(grads, self.precondition_local)
+        return self.precondition_local(grads)
+
+    def precondition_local(self, grads: Dict[Block, torch.Tensor]):
+        """:meth:`precondition` with the decompositions this process holds."""
         out_u: Dict[Block, torch.Tensor] = {}
         out_dot: Dict[Block, torch.Tensor] = {}
         for g in self._groups:
@@ -675,12 +937,16 @@ class KFACEngine:
             if len(members) == len(g.blocks):
                 st = g.stacks
             else:
-                idx = torch.tensor([g.blocks.index(b) for b in members],
-                                   device=next(iter(g.stacks.values())).device)
+                idx = torch.tensor(g.rows(members), device=next(iter(g.stacks.values())).device)
                 st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            V = (grads[members[0]].unsqueeze(0) if len(members) == 1
-                 else torch.stack([grads[b] for b in members]))
-            if self.inverse == "cholesky":
+            if len(members) == 1:
+                b0 = members[0]
+                V = grads[b0] if b0.stacked else grads[b0].unsqueeze(0)
+            else:
+                V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
+            if "lamA" in st and "QA" not in st:     # diagonal A (embeddings)
+                U, dot = self._precondition_diag(members, st, V)
+            elif self.inverse == "cholesky":
                 U, dot = ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"],
                                                        return_dot=True, backend=self.op_backend("kron_precondition_inverse"))
             elif self.inverse == "ekfac" and "S" in st:
@@ -688,7 +954,7 @@ class KFACEngine:
                                                 return_dot=True, backend=self.op_backend("ekfac_precondition"))
             elif self.damping_mode == "pi":
                 root = math.sqrt(self.damping)
-                pis = torch.stack([self.pi(b) for b in members]).to(st["lamA"].dtype)
+                pis = torch.cat([self.pi(b).reshape(-1) for b in members]).to(st["lamA"].dtype)
                 lamA = st["lamA"].clamp_min(0) + (pis * root).unsqueeze(-1)
                 lamG = st["lamG"].clamp_min(0) + (root / pis).unsqueeze(-1)
                 U, dot = ops.kron_precondition_eigen(V, st["QG"], lamG, st["QA"], lamA, 0.0,
@@ -697,13 +963,39 @@ class KFACEngine:
                 U, dot = ops.kron_precondition_eigen(V, st["QG"], st["lamG"], st["QA"],
                                                      st["lamA"], float(self.damping),
                                                      return_dot=True, backend=self.op_backend("kron_precondition_eigen"))
-            for i, b in enumerate(members):
-                out_u[b] = U[i]
-                out_dot[b] = dot[i]
+            off = 0
+            for b in members:
+                if b.stacked:
+                    out_u[b] = U[off:off + b.num_stack]
+                    out_dot[b] = dot[off:off + b.num_stack].sum()
+                else:
+                    out_u[b] = U[off]
+                    out_dot[b] = dot[off]
+                off += b.num_stack
         return out_u, out_dot
+
+    def _precondition_diag(self, members: List[Block], st: Dict[str, torch.Tensor], V):
+        """Blocks whose A is diagonal: ``ops.kron_precondition_diag`` with scalings lamG a^T
+        (eigenvalue damping), the pi-damped product (damping_mode "pi", also under
+        inverse="cholesky": the same update, with G's inverse through its eigenbasis) or EKFAC's S."""
+        backend = self.op_backend("kron_precondition_diag")
+        if "S" in st:
+            return ops.kron_precondition_diag(V, st["QG"], st["S"], float(self.damping),
+                                              return_dot=True, backend=backend)
+        lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
+        damping = float(self.damping)
+        if self.damping_mode == "pi":
+            root = math.sqrt(self.damping)
+            pis = torch.cat([self.pi(b).reshape(-1) for b in members]).to(lamA.dtype)
+            lamA = lamA + (pis * root).unsqueeze(-1)
+            lamG = lamG + (root / pis).unsqueeze(-1)
+            damping = 0.0
+        return ops.kron_precondition_diag(V, st["QG"], lamG.unsqueeze(-1) * lamA.unsqueeze(-2),
+                                          damping, return_dot=True, backend=backend)
 
     def end_step(self) -> None:
         self.steps += 1
+        self._ekfac_stash = defaultdict(list)
         self._set_capture()
 
     # ------------------------------------------------------------------ state
@@ -715,12 +1007,17 @@ class KFACEngine:
                 entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
                              skipped=b.skipped.clone(),
                              inverse={k: v.clone() for k, v in b.inverse.items()})
+                if getattr(b, "ekfac_count", None) is not None:
+                    entry["ekfac_count"] = b.ekfac_count.clone()
             blocks[name] = entry
-        return {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
-                "inverse_updates": self.inverse_updates, "inverse": self.inverse,
-                "needs_inverse": self._needs_inverse, "blocks": blocks,
-                "generator": (None if self.generator is None else
-                              (str(self.generator.device), self.generator.get_state()))}
+        sd = {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
+              "inverse_updates": self.inverse_updates, "inverse": self.inverse,
+              "needs_inverse": self._needs_inverse, "blocks": blocks,
+              "generator": (None if self.generator is None else
+                            (str(self.generator.device), self.generator.get_state()))}
+        if self.dist is not None:   # decompositions held by other ranks, the sampling seed
+            self.dist.fill_state_dict(sd)
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         if not isinstance(sd, dict) or "blocks" not in sd:
@@ -750,6 +1047,10 @@ class KFACEngine:
             b.count, b.skipped = entry["count"].to(dev), entry["skipped"].to(dev)
             b.inverse = ({k: v.to(dev) for k, v in entry["inverse"].items()}
                          if same_inverse else {})
+            b.ekfac_count = (entry["ekfac_count"].to(dev)
+                             if same_inverse and "ekfac_count" in entry else None)
+            if b.ekfac_count is None and "S" in b.inverse:
+                b.ekfac_count = torch.ones((), dtype=b.factor_dtype, device=dev)
         self.steps = int(sd["steps"])
         self.factor_updates = int(sd["factor_updates"])
         self.inverse_updates = int(sd.get("inverse_updates", 0))
@@ -761,6 +1062,8 @@ class KFACEngine:
             self.generator.set_state(gen[1])
         self._clear_capture()
         self._set_capture()
+        if self.dist is not None:   # keep this rank's share of the decompositions
+            self.dist.load_state_dict(sd)
         self._regroup()
 
     # ------------------------------------------------------------------ description
@@ -786,6 +1089,8 @@ class KFACEngine:
              "symeig" if self.inverse != "cholesky" else "damped_inverse",
              {"eigh": "kron_precondition_eigen", "ekfac": "ekfac_precondition",
               "cholesky": "kron_precondition_inverse"}[self.inverse])))
+        if self.dist is not None:
+            lines.append(self.dist.describe())
         fb = [(n, r) for n, _, r in self.fallback] + list(extra_fallback)
         if fb:
             lines.append(f"fallback parameters (plain first-order rule): {len(fb)}")

@@ -17,7 +17,23 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only")
+# torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
+_DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
+              "bucket_cap_mb")
+
+
+def _dist_options(distributed=None, process_group=None, grad_worker_fraction=1.0,
+                  assignment="compute", bucket_cap_mb=25.0):
+    from .distributed import DistributedOptions
+    return DistributedOptions(enabled=distributed, process_group=process_group,
+                              grad_worker_fraction=grad_worker_fraction, assignment=assignment,
+                              bucket_cap_mb=bucket_cap_mb)
+
+
+def _consolidate(engine, to: int) -> None:
+    if engine.dist is not None:
+        engine.dist.consolidate(to)
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -34,8 +50,9 @@ def _check_kl_clip(kl_clip):
 class KFAC(torch.optim.Optimizer):
     """K-FAC: natural-gradient descent with a Kronecker-factored metric (Luk & Grosse).
 
-    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d) are preconditioned by ``G^-1 V A^-1``
-    (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
+    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d including grouped, nn.Embedding,
+    normalisation layers' affine parameters, the recurrent cells of :mod:`kfac_kernels.nn`; see
+    docs/layers.md) are preconditioned by ``G^-1 V A^-1`` (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
     same lr, momentum and weight decay (``describe()`` lists them). Usage::
 
         opt = KFAC(model, lr=1e-2, curvature="fisher", likelihood="categorical")
@@ -51,7 +68,17 @@ class KFAC(torch.optim.Optimizer):
     is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
     ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
     eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
-    skips factors whose basis still diagonalises them; default 1 = always full).
+    skips factors whose basis still diagonalises them; default 1 = always full). ``only``
+    (module names or glob patterns: precondition these modules and leave every other parameter
+    to the first-order rule; a name that matches no module, or only modules K-FAC cannot
+    precondition, is an error, as is a ``skip`` pattern that matches no module).
+
+    torch.distributed (docs/distributed.md): ``distributed`` (None: on when torch.distributed is
+    initialised with several processes; True; False), ``process_group``, ``grad_worker_fraction``
+    (1: every rank holds every decomposition; 1/world: one rank each, which broadcasts the
+    preconditioned gradient), ``assignment`` ("compute" | "memory" | "round_robin"),
+    ``bucket_cap_mb``. The model may be wrapped in DistributedDataParallel (block names are the
+    wrapped module's, without "module.").
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
@@ -62,7 +89,11 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, full_eigh_every: int = 1):
+                 seed: Optional[int] = None, full_eigh_every: int = 1,
+                 only: Optional[Iterable[str]] = None,
+                 distributed: Optional[bool] = None,
+                 process_group=None, grad_worker_fraction: float = 1.0,
+                 assignment: str = "compute", bucket_cap_mb: float = 25.0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -84,7 +115,10 @@ class KFAC(torch.optim.Optimizer):
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
                                  seed=seed, full_eigh_every=full_eigh_every,
-                                 trainable=trainable)
+                                 trainable=trainable, only=only,
+                                 distributed=_dist_options(distributed, process_group,
+                                                           grad_worker_fraction, assignment,
+                                                           bucket_cap_mb))
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views
@@ -155,7 +189,7 @@ class KFAC(torch.optim.Optimizer):
         # preconditioned directions for every block that has a decomposition and a gradient
         grads = {}
         for b in eng.blocks.values():
-            if not b.inverse:
+            if not eng.has_inverse(b):
                 continue
             V = b.grad_matrix()
             if V is None:
@@ -201,6 +235,11 @@ class KFAC(torch.optim.Optimizer):
         sd["kfac"]["kl_clip"] = self.kl_clip
         return sd
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather the decompositions on rank ``to`` so that its
+        ``state_dict()`` is complete. Needed only with ``grad_worker_fraction < 1``."""
+        _consolidate(self.engine, to)
+
     def load_state_dict(self, state_dict: dict) -> None:
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by KFAC")
@@ -221,18 +260,23 @@ class KFACPreconditioner:
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
         out = model(x); loss = loss_fn(out, y)
         base.zero_grad(); pre.backward(loss, out); pre.step(); base.step()
+
+    Takes the engine options of :class:`KFAC` and its torch.distributed options
+    (``distributed``, ``process_group``, ``grad_worker_fraction``, ``assignment``,
+    ``bucket_cap_mb``; docs/distributed.md).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, kl_clip: Optional[float] = None,
                  **engine_kwargs):
-        unknown = set(engine_kwargs) - set(_ENGINE_ARGS)
+        unknown = set(engine_kwargs) - set(_ENGINE_ARGS) - set(_DIST_ARGS)
         if unknown:
             raise TypeError(f"KFACPreconditioner got unexpected arguments {sorted(unknown)}; it "
-                            f"takes lr, kl_clip and {', '.join(_ENGINE_ARGS)}")
+                            f"takes lr, kl_clip and {', '.join(_ENGINE_ARGS + _DIST_ARGS)}")
         _check_kl_clip(kl_clip)
         self.lr = lr
         self.kl_clip = kl_clip
-        self.engine = KFACEngine(model, **engine_kwargs)
+        dist_kw = {k: engine_kwargs.pop(k) for k in _DIST_ARGS if k in engine_kwargs}
+        self.engine = KFACEngine(model, distributed=_dist_options(**dist_kw), **engine_kwargs)
 
     @property
     def blocks(self):
@@ -266,7 +310,7 @@ class KFACPreconditioner:
             eng.update_inverses()
         grads = {}
         for b in eng.blocks.values():
-            if b.inverse:
+            if eng.has_inverse(b):
                 V = b.grad_matrix()
                 if V is not None:
                     grads[b] = V
@@ -283,6 +327,10 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict:
         return self.engine.state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """See :meth:`KFAC.consolidate_state_dict`."""
+        _consolidate(self.engine, to)
 
     def load_state_dict(self, sd: dict) -> None:
         self.engine.load_state_dict(sd)
