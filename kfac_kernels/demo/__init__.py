@@ -218,6 +218,7 @@ def _run(args, opts: List[str], device, threads: int) -> int:
     from .train import TASKS, batch_schedule, train
 
     t_start = time.perf_counter()
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = _loadavg()
     task_names = ["autoencoder", "cnn"] if args.models == "all" else [args.models]
     data = load_digits(seed=args.seed, limit=QUICK_TRAIN_EXAMPLES if args.quick else 0).to(device)
@@ -269,7 +270,7 @@ def _run(args, opts: List[str], device, threads: int) -> int:
     total = time.perf_counter() - t_start
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{_cpu_name()}, {threads} torch threads")
-    meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    meta = dict(date=started,
                 device=str(device), device_name=dev_name, torch=torch.__version__,
                 python=platform.python_version(), threads=threads, usable_cpus=_usable_cpus(),
                 loadavg_before=load_before, loadavg_after=_loadavg(), seed=args.seed,
