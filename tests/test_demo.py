@@ -141,7 +141,7 @@ def test_bad_arguments_are_refused(argv, capsys, tmp_path):
 
 def test_tune_keeps_the_best_value_and_runs_the_demo_with_it(monkeypatch, tmp_path, capsys):
     from kfac_kernels.demo import settings
-    monkeypatch.setattr(settings, "GRIDS", dict(settings.GRIDS, adam=("lr", [3.0, 1e-2])))
+    monkeypatch.setattr(settings, "GRIDS", dict(settings.GRIDS, adam=[dict(lr=3.0), dict(lr=1e-2)]))
     rc = demo.main(["--quick", "--tune", "--models", "autoencoder", "--optimizers", "adam",
                     "--out", str(tmp_path), "--no-progress"])
     assert rc == 0

@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="evaluate train/test loss every N steps (default: steps/200, at least 1)")
     ap.add_argument("--tune", action="store_true",
                     help="first sweep each optimiser's step size over a small grid (settings.GRIDS: "
-                         "lr for Adam and SGD, kl_clip for K-FAC), keep the value with the lowest "
-                         "mean log train loss per model, then run the demo with it")
+                         "lr for Adam and SGD, lr and kl_clip for K-FAC), keep the setting with "
+                         "the lowest mean log train loss per model, then run the demo with it")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run in seconds: {QUICK_STEPS} steps on {QUICK_TRAIN_EXAMPLES} "
                          f"training examples")
@@ -322,35 +322,36 @@ def tune_score(run) -> float:
 
 
 def _tune(task, specs, grids, init, steps, batches, eval_every, run_one, desc):
-    """Sweep each optimiser's step-size knob over its grid; keep the best tune_score."""
+    """Run each optimiser's grid of settings; keep the best tune_score."""
     chosen, record = {}, {}
     thr = task.thresholds[-1]
     text = [f"sweep for {task.name} ({desc}, {steps} steps): score = mean log10 train loss "
             f"(lower is better), final train loss, steps to loss<={thr:g}; * = chosen"]
     md = [f"**{task.name}** ({desc}, {steps} steps); score = mean of log10(train loss) over the "
           f"run, lower is better; **bold** = chosen", "",
-          f"| optimiser | swept | score | final train loss | steps to loss<={thr:g} | "
+          f"| optimiser | setting | score | final train loss | steps to loss<={thr:g} | "
           f"final test loss |", "|---|---|---:|---:|---:|---:|"]
     for o, spec in specs.items():
-        knob, values = grids[o]
         results = []
-        for v in values:
-            r = run_one(task, spec.with_(**{knob: v}), init, steps, batches, eval_every,
-                        tag=f" {knob}={v:g}")
+        for setting in grids[o]:
+            label = ", ".join(f"{k}={v:g}" for k, v in setting.items())
+            r = run_one(task, spec.with_(**setting), init, steps, batches, eval_every,
+                        tag=f" {label}")
             hit = r.reach(thr)
-            results.append(dict(value=v, score=tune_score(r), train=r.final["train_loss"],
-                                test=r.final["test_loss"], reach=hit[0] if hit else None))
+            results.append(dict(setting=setting, label=label, score=tune_score(r),
+                                train=r.final["train_loss"], test=r.final["test_loss"],
+                                reach=hit[0] if hit else None))
         best = min(results, key=lambda t: t["score"])
-        chosen[o] = spec.with_(**{knob: best["value"]})
-        record[o] = [{knob: t["value"], "score": t["score"], "final_train_loss": t["train"],
-                      "final_test_loss": t["test"], f"steps_to_{thr:g}": t["reach"]}
+        chosen[o] = spec.with_(**best["setting"])
+        record[o] = [dict(t["setting"], score=t["score"], final_train_loss=t["train"],
+                          final_test_loss=t["test"], **{f"steps_to_{thr:g}": t["reach"]})
                      for t in results]
         text.append(f"  {spec.label}")
         for t in results:
             mark = "*" if t is best else " "
-            text.append(f"   {mark}{knob}={t['value']:<7g} score {t['score']:8.4f}  final "
+            text.append(f"   {mark}{t['label']:<22} score {t['score']:8.4f}  final "
                         f"{t['train']:<10.4g} steps to {thr:g}: {t['reach'] or '-'}")
             b = "**" if t is best else ""
-            md.append(f"| {spec.label} | {b}{knob}={t['value']:g}{b} | {b}{t['score']:.4f}{b} | "
+            md.append(f"| {spec.label} | {b}{t['label']}{b} | {b}{t['score']:.4f}{b} | "
                       f"{t['train']:.4g} | {t['reach'] or 'not reached'} | {t['test']:.4g} |")
     return "\n".join(text), "\n".join(md), chosen, record
