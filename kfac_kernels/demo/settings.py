@@ -25,7 +25,7 @@ DEFAULTS: Dict[str, Dict[str, OptimizerSpec]] = {
         "sgd": OptimizerSpec("sgd", 1e-2, dict(momentum=0.9)),
     },
     "cnn": {
-        "kfac": OptimizerSpec("kfac", 0.1, dict(_KFAC, damping=1e-1, kl_clip=1e-3)),
+        "kfac": OptimizerSpec("kfac", 0.3, dict(_KFAC, damping=1e-1, kl_clip=1e-3)),
         "adam": OptimizerSpec("adam", 3e-2),
         "sgd": OptimizerSpec("sgd", 1e-1, dict(momentum=0.9)),
     },
@@ -36,7 +36,7 @@ DEFAULTS: Dict[str, Dict[str, OptimizerSpec]] = {
 # nu = min(1, sqrt(C / (lr^2 sum <U, V>))), so while the clip is active the step is
 # sqrt(C / sum <U, V>) whatever the lr, and once it is not, the lr alone sets it.
 GRIDS: Dict[str, List[Dict[str, float]]] = {
-    "kfac": [dict(lr=lr, kl_clip=c) for lr in (0.03, 0.1, 0.3)
+    "kfac": [dict(lr=lr, kl_clip=c) for lr in (0.03, 0.1, 0.3, 1.0)
              for c in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)],
     "adam": [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)],
     "sgd": [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)],
