@@ -63,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=None,
                     help="evaluate train/test loss every N steps (default: steps/200, at least 1)")
     ap.add_argument("--tune", action="store_true",
-                    help="first sweep each optimiser's step size over a small grid (settings.GRIDS: "
-                         "lr for Adam and SGD, lr and kl_clip for K-FAC), keep the setting with "
-                         "the lowest mean log train loss per model, then run the demo with it")
+                    help="first sweep each optimiser's step size over a small grid "
+                         "(settings.GRIDS: lr for Adam and SGD, lr and kl_clip for K-FAC), keep "
+                         "the setting with the lowest mean log train loss per model, then run "
+                         "the demo with it")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run in seconds: {QUICK_STEPS} steps on {QUICK_TRAIN_EXAMPLES} "
                          f"training examples")
@@ -311,7 +312,8 @@ def _run(args, opts: List[str], device, threads: int) -> int:
     return 0
 
 
-TUNE_TIE = 1e-3   # scores this close (0.23% in geometric-mean loss) tie; the first in grid order wins
+# tune scores this close (0.23% in geometric-mean loss) tie; the first in grid order wins
+TUNE_TIE = 1e-3
 
 
 def tune_score(run) -> float:

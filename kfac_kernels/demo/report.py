@@ -110,7 +110,8 @@ def plot(path: str, tasks: Sequence[Task], runs_by_task: Dict[str, Sequence[Run]
                 ax.axhline(t, color="0.5", lw=0.7, ls=":")
             ax.set_yscale("log")
             if hi / max(lo, 1e-30) < 20:      # less than ~a decade: plain tick labels
-                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0), numticks=30))
+                ax.yaxis.set_major_locator(
+                    LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0), numticks=30))
                 ax.yaxis.set_major_formatter(ScalarFormatter())
                 ax.yaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel("optimiser steps" if xkey == "steps" else "training time (s)")

@@ -1,9 +1,9 @@
 """Default hyperparameters of the demo and the grids ``--tune`` sweeps.
 
 How each number was chosen is written up in docs/demo.md (with the sweep results); in short:
-Adam's and SGD's lr and K-FAC's lr and KL clip are the best of a small grid at the default step budget
-(``--tune`` reruns that: lowest mean log train loss over the run), and K-FAC's damping, curvature
-type and factor/inverse frequencies come from one-at-a-time sweeps around its defaults.
+Adam's and SGD's lr and K-FAC's lr and KL clip are the best of a small grid at the default step
+budget (``--tune`` reruns that: lowest mean log train loss over the run), and K-FAC's damping,
+curvature type and factor/inverse frequencies come from one-at-a-time sweeps around its defaults.
 """
 from __future__ import annotations
 
