@@ -20,10 +20,12 @@ This is the machinery shared by :class:`kfac_kernels.KFAC` and
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
 import warnings
+import weakref
 from collections import OrderedDict, defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -140,6 +142,14 @@ class KFACEngine:
         self._deferred: List[Tuple[object, torch.Tensor, List[str]]] = []
         self._warned: set = set()
         self._groups: List[_Group] = []
+        # robustness (see docs/robustness.md): a device flag that rejects this step's factor
+        # update (non-finite gradients, GradScaler overflow), a device factor for the empirical
+        # G_hat (1/S^2 under a GradScaler), and whether captured statistics have seen a backward
+        # pass since the last step (stale captures of a skipped step are discarded by zero_grad)
+        self._reject: Optional[torch.Tensor] = None
+        self._g_rescale: Optional[torch.Tensor] = None
+        self._seen_backward = False
+        self._stale = False
 
         self.blocks: "OrderedDict[str, Block]" = OrderedDict()
         self.fallback: List[Tuple[str, torch.Tensor, str]] = []
@@ -151,6 +161,9 @@ class KFACEngine:
                                            or "none"))
         self._hooks = [b.module.register_forward_hook(self._forward_hook(b))
                        for b in self.blocks.values()]
+        # the hooks hold the engine weakly: an optimiser dropped without close() frees its
+        # factors, and its hooks are removed when it is collected
+        weakref.finalize(self, _remove_hooks, self._hooks)
         self._set_capture()
 
     # ------------------------------------------------------------------ discovery
@@ -202,11 +215,40 @@ class KFACEngine:
         return {id(p): b for b in self.blocks.values() for p in b.params}
 
     def close(self) -> None:
-        """Remove every hook this engine registered."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Remove every hook this engine registered (steps after it keep the last factors)."""
+        _remove_hooks(self._hooks)
         self._clear_capture()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Capture nothing inside (extra forward/backward passes of step control)."""
+        saved = self._capturing, self._g_active
+        self._capturing = self._g_active = False
+        try:
+            yield
+        finally:
+            self._capturing, self._g_active = saved
+
+    def mark_stale(self) -> None:
+        """Called by ``zero_grad``: statistics that have already seen a backward pass belong to
+        an earlier step. If another backward pass comes before ``step()``, that step was never
+        taken (skipped by the user's loop), and they are dropped then (:meth:`_drop_stale`)
+        rather than merged into this step's factors."""
+        self._stale = self._seen_backward
+
+    def _drop_stale(self) -> None:
+        """Drop the captures of a step that was never taken; layer inputs captured after its
+        backward pass (this step's forward, run before ``zero_grad``) are kept."""
+        for b in self.blocks.values():
+            b.inputs = b.inputs[getattr(b, "_inputs_at_backward", 0):]
+            b.A_hat = b.G_hat = None
+            b._inputs_at_backward = 0
+        self._grads = defaultdict(list)
+        self._pending_passes = 0
+        self._seen_backward = self._stale = False
+        self._warn_once(("stale",), "statistics captured for a step whose step() never ran were "
+                        "dropped (a backward pass followed zero_grad() without a step() "
+                        "in between; warned once)")
 
     # ------------------------------------------------------------------ capture
     @property
@@ -219,8 +261,11 @@ class KFACEngine:
         self._g_active = self._capturing and self.curvature == "empirical"
 
     def _forward_hook(self, block: Block):
+        ref = weakref.ref(self)
+
         def hook(module, args, output):
-            if not self._capturing or not torch.is_grad_enabled() or not args:
+            self = ref()
+            if self is None or not self._capturing or not torch.is_grad_enabled() or not args:
                 return
             if module is not block.module:   # a deepcopy of the model carries the hook along
                 return
@@ -234,10 +279,20 @@ class KFACEngine:
         return hook
 
     def _grad_hook(self, block: Block):
+        ref = weakref.ref(self)
+
         def hook(grad):
-            if self._g_active:
+            self = ref()
+            if self is not None and self._g_active:
+                if self._stale:
+                    self._drop_stale()
                 self._grads[block].append(grad.detach())
+                self._mark_backward(block)
         return hook
+
+    def _mark_backward(self, block: Block) -> None:
+        self._seen_backward = True
+        block._inputs_at_backward = len(block.inputs)
 
     def _g_scale(self, n: int, weight: float, empirical: bool) -> float:
         """Scale turning captured output-gradients into the g_n of the metric (see DESIGN §1):
@@ -269,6 +324,8 @@ class KFACEngine:
             raise ValueError(f"curvature={self.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
         check_likelihood_output(self.likelihood, out)
+        if self._stale:
+            self._drop_stale()
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
             raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
@@ -305,8 +362,10 @@ class KFACEngine:
     def _clear_capture(self) -> None:
         for b in self.blocks.values():
             b.clear_capture()
+            b._inputs_at_backward = 0
         self._grads = defaultdict(list)
         self._pending_passes = 0
+        self._seen_backward = self._stale = False
 
     # ------------------------------------------------------------------ batched syrk
     def _run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
@@ -384,6 +443,10 @@ class KFACEngine:
             return False
         if self.curvature == "empirical" and any(self._grads.values()):
             self._fold_grads(1.0, empirical=True)
+            if self._g_rescale is not None:   # output-gradients of a scaled loss: G_hat / S^2
+                for b in self.blocks.values():
+                    if b.G_hat is not None:
+                        b.G_hat = b.G_hat * self._g_rescale.to(b.G_hat.dtype)
         captured = [b for b in self.blocks.values() if b.inputs]
         if not captured:
             self._clear_capture()
@@ -448,7 +511,9 @@ class KFACEngine:
         """Running average with the first-estimate rule, skipped on non-finite statistics.
 
         rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
-        first estimate is taken whole. Everything stays on the device. Returns "skipped"."""
+        first estimate is taken whole. Everything stays on the device. Returns whether the
+        statistics were not finite (warned about); a step rejected as a whole through
+        ``_reject`` (reported by the optimiser) is counted in ``skipped`` only."""
         if b.A is None:
             dev = A_hat.device
             b.A = torch.zeros_like(A_hat)
@@ -456,6 +521,11 @@ class KFACEngine:
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
         ok = torch.isfinite(A_hat).all() & torch.isfinite(G_hat).all()
+        bad_stats = ~ok
+        if self._reject is not None:      # the whole step was rejected (and reported) as such
+            reject = self._reject.to(ok.device)
+            ok = ok & ~reject
+            bad_stats = bad_stats & ~reject
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
         for name, hat in (("A", A_hat), ("G", G_hat)):
@@ -464,7 +534,7 @@ class KFACEngine:
             setattr(b, name, new)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
-        return ~ok
+        return bad_stats
 
     def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
         """Read the skip flags on the host later, without waiting for the device now."""
@@ -785,3 +855,10 @@ class KFACEngine:
             return ops._registry.resolve(op, self.backend, dev)
         except ops.BackendUnavailable as exc:
             return f"unavailable ({exc})"
+
+
+def _remove_hooks(handles: list) -> None:
+    """Remove hook handles in place (also the finaliser of a collected engine)."""
+    for h in handles:
+        h.remove()
+    handles.clear()

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from . import amp
 from .engine import KFACEngine, KFACWarning
 
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
@@ -32,6 +33,10 @@ def _check_kl_clip(kl_clip):
 
 
 class KFAC(torch.optim.Optimizer):
+    # GradScaler hands this optimiser grad_scale / found_inf and always calls step(): the
+    # unscaling and the skip of an overflowed step happen here, on the device (amp.py)
+    _step_supports_amp_scaling = True
+
     """K-FAC: natural-gradient descent with a Kronecker-factored metric (Luk & Grosse).
 
     Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d) are preconditioned by ``G^-1 V A^-1``
@@ -48,7 +53,11 @@ class KFAC(torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher").
+    is float64), ``seed`` (of the sampling generator used by curvature="fisher"), ``grad_scaler``
+    (the ``torch.amp.GradScaler`` whose scaled loss is back-propagated; step through
+    ``scaler.step(opt)``), ``skip_nonfinite`` (default True: a step with non-finite gradients or a
+    non-finite update changes neither parameters nor factors; decided on the device, warned once,
+    counted in ``skipped_steps``). See docs/robustness.md.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
@@ -59,7 +68,7 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, grad_scaler=None, skip_nonfinite: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -74,6 +83,12 @@ class KFAC(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
         self.kl_clip = kl_clip
+        self.grad_scaler = grad_scaler
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.control = None          # step control from the quadratic model (adaptive.py)
+        self._skipped = 0
+        self._flags = amp.DeferredFlags()
+        self._driven = False
         self.engine = KFACEngine(model, damping=damping, damping_mode=damping_mode,
                                  ema_decay=ema_decay, factor_every=factor_every,
                                  inverse_every=inverse_every, curvature=curvature,
@@ -136,19 +151,109 @@ class KFAC(torch.optim.Optimizer):
         """Remove the hooks K-FAC put on the model."""
         self.engine.close()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. Also marks the statistics captured so far as belonging to an
+        earlier step: if a backward pass comes before the next ``step()`` (a loop skipped
+        ``step()``), they are dropped instead of being merged into the next factor update."""
+        self.engine.mark_stale()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose parameter and factor updates were skipped (non-finite gradients or update,
+        GradScaler overflow). Reading it synchronises with the device."""
+        return int(self._skipped) if isinstance(self._skipped, torch.Tensor) else 0
+
+    def _run_closure(self, closure):
+        """Evaluate ``closure`` with gradients on. A closure returning ``(loss, out)`` leaves the
+        backward passes to the step (``zero_grad`` + :meth:`backward`); one returning the loss
+        has done them itself (torch's convention)."""
+        with torch.enable_grad():
+            res = closure()
+            if isinstance(res, (tuple, list)):
+                if len(res) != 2:
+                    raise ValueError("a closure returns the loss, or (loss, model output)")
+                loss, out = res
+                self.zero_grad()
+                self.backward(loss, out)
+                return loss
+        return res
+
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self, closure: Optional[Callable] = None):
+        """One K-FAC step. ``closure`` (optional) runs the forward pass on the batch and returns
+        either the loss (having called ``zero_grad`` and ``backward`` itself, torch's convention)
+        or ``(loss, out)`` (the step then calls ``zero_grad`` and ``backward(loss, out)``); the
+        adaptive options need the latter (see :mod:`kfac_kernels.adaptive`)."""
+        if self.control is not None:
+            return self.control.step(self, closure)
+        loss = self._run_closure(closure) if closure is not None else None
+        ok = self._begin_step()
+        direction, ok = self._directions(ok)
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                d = direction.get(id(p))
+                if d is not None:
+                    self._apply(p, d, lr, mom, ok)
+        self._end_step(ok)
+        return loss
+
+    # -------------------------------------------------------------- step phases
+    def _guard(self) -> Optional[torch.Tensor]:
+        """Check (and, under a GradScaler, unscale) the gradients on the device; set up the
+        engine's rejection flag and G rescaling. Returns the step's ok flag (0-d bool on the
+        device) or None when nothing is checked (``skip_nonfinite=False`` and no scaler)."""
         eng = self.engine
-        eng.finish_factor_update()
+        driven = hasattr(self, "found_inf")       # scaler.step(opt) set grad_scale / found_inf
+        grad_scale = getattr(self, "grad_scale", None)
+        scaler_on = self.grad_scaler is not None and self.grad_scaler.is_enabled()
+        if scaler_on and not driven:
+            raise RuntimeError("KFAC(grad_scaler=...) must be stepped through scaler.step(opt) "
+                               "(it tells the optimiser whether the gradients are still scaled "
+                               "and whether they overflowed)")
+        self._driven = driven
+        if not driven and not self.skip_nonfinite:
+            return None
+        scale = grad_scale if grad_scale is not None else amp.scaler_scale(self.grad_scaler)
+        if (driven and eng.capturing and eng.curvature == "empirical"
+                and any(b.inputs for b in eng.blocks.values())):
+            if scale is None:
+                raise RuntimeError(
+                    "scaler.unscale_(opt) ran before scaler.step(opt), so KFAC cannot tell which "
+                    "loss scale the captured output-gradients carry: pass grad_scaler=scaler to "
+                    "KFAC")
+            eng._g_rescale = amp.inverse_scale(scale) ** 2
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        found = amp.check_and_unscale(
+            grads, None if grad_scale is None else amp.inverse_scale(grad_scale))
+        found_inf = getattr(self, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor):
+            found = found_inf.float() if found is None else found + found_inf.to(found.device)
+        if found is None:
+            return None
+        ok = found == 0
+        eng._reject = ~ok
+        return ok
+
+    def _begin_step(self) -> Optional[torch.Tensor]:
+        """Gradient guard, factor update, inverse update (when due)."""
+        eng = self.engine
+        try:
+            ok = self._guard()
+            eng.finish_factor_update()
+        finally:
+            eng._reject = eng._g_rescale = None
         if eng.inverse_due():
             eng.update_inverses()
-        group_of = self._group_of()
+        return ok
 
-        # preconditioned directions for every block that has a decomposition and a gradient
+    def _directions(self, ok: Optional[torch.Tensor], *, kl_clip: bool = True):
+        """{id(param): direction} for every parameter with a gradient (K-FAC for blocks, times the
+        KL-clip factor; grad + weight_decay * param for the rest), and the ok flag extended by the
+        finiteness of the preconditioned directions."""
+        eng = self.engine
+        group_of = self._group_of()
         grads = {}
         for b in eng.blocks.values():
             if not b.inverse:
@@ -161,34 +266,59 @@ class KFAC(torch.optim.Optimizer):
                 V = V + wd * b.param_matrix()
             grads[b] = V
         U, dots = eng.precondition(grads)
+        if ok is not None and dots:
+            total = torch.stack([d.double() for d in dots.values()]).sum()
+            ok = ok & torch.isfinite(total).to(ok.device)
         nu = None
-        if self.kl_clip is not None and dots:
+        if kl_clip and self.kl_clip is not None and dots:
             total = sum(group_of[id(b.weight)]["lr"] ** 2 * d for b, d in dots.items())
             nu = _kl_factor(self.kl_clip, total)
-
         direction: Dict[int, torch.Tensor] = {}
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):
                 direction[id(p)] = d if nu is None else d * nu.to(d.dtype)
-        for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        for group in self.param_groups:       # fallback rule (and blocks not ready yet): SGD
+            wd = group["weight_decay"]
             for p in group["params"]:
-                d = direction.get(id(p))
-                if d is None:          # fallback rule (and blocks not ready yet): SGD
-                    if p.grad is None:
-                        continue
-                    d = p.grad if not wd else p.grad.add(p, alpha=wd)
-                if mom:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(mom).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
-        eng.end_step()
-        return loss
+                if id(p) not in direction and p.grad is not None:
+                    direction[id(p)] = p.grad if not wd else p.grad.add(p, alpha=wd)
+        return direction, ok
+
+    def _apply(self, p, d, lr, mom, ok) -> None:
+        """Heavy-ball step ``buf = mom buf + d; p -= lr buf``; with an ok flag, a rejected step
+        leaves both untouched (on the device)."""
+        if ok is None:
+            if mom:
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d.detach().clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = buf
+            p.add_(d, alpha=-lr)
+            return
+        keep = ok.to(device=p.device)
+        d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        if mom:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = d.detach().clone()
+            else:
+                buf.mul_(keep.to(buf.dtype) * (mom - 1.0) + 1.0).add_(d)
+            d = buf
+        p.addcmul_(d, keep.to(p.dtype) * -lr)
+
+    def _end_step(self, ok: Optional[torch.Tensor]) -> None:
+        if ok is not None:
+            bad = ~ok
+            self._skipped = self._skipped + bad.to(torch.int64)
+            if not self._driven:    # GradScaler skips are routine: it reports them itself
+                self._flags.push(bad, "step", "a step had non-finite gradients or a non-finite "
+                                 "preconditioned update; its parameter and factor updates were "
+                                 "skipped (warned once; opt.skipped_steps counts them)")
+        self.engine.end_step()
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -220,14 +350,16 @@ class KFACPreconditioner:
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, kl_clip: Optional[float] = None,
-                 **engine_kwargs):
+                 grad_scaler=None, **engine_kwargs):
         unknown = set(engine_kwargs) - set(_ENGINE_ARGS)
         if unknown:
             raise TypeError(f"KFACPreconditioner got unexpected arguments {sorted(unknown)}; it "
-                            f"takes lr, kl_clip and {', '.join(_ENGINE_ARGS)}")
+                            f"takes lr, kl_clip, grad_scaler and {', '.join(_ENGINE_ARGS)}")
         _check_kl_clip(kl_clip)
         self.lr = lr
         self.kl_clip = kl_clip
+        self.grad_scaler = grad_scaler
+        self._flags = amp.DeferredFlags()
         self.engine = KFACEngine(model, **engine_kwargs)
 
     @property
@@ -256,8 +388,25 @@ class KFACPreconditioner:
 
     @torch.no_grad()
     def step(self) -> None:
+        """Precondition the block gradients in place. With a GradScaler, call
+        ``scaler.unscale_(base)`` first (``grad_scaler=scaler`` unscales the captured statistics);
+        a step with non-finite block gradients takes no factor update (its gradients are left
+        for the base optimiser / scaler to skip)."""
         eng = self.engine
-        eng.finish_factor_update()
+        scale = amp.scaler_scale(self.grad_scaler)
+        try:
+            if scale is not None and eng.capturing and eng.curvature == "empirical":
+                eng._g_rescale = amp.inverse_scale(scale) ** 2
+            found = amp.check_and_unscale(
+                [p.grad for b in eng.blocks.values() for p in b.params if p.grad is not None])
+            if found is not None:
+                eng._reject = found > 0
+                if scale is None:
+                    self._flags.push(eng._reject, "step", "non-finite block gradients: that "
+                                     "step's factor update was skipped (warned once)")
+            eng.finish_factor_update()
+        finally:
+            eng._reject = eng._g_rescale = None
         if eng.inverse_due():
             eng.update_inverses()
         grads = {}
