@@ -76,8 +76,8 @@ class DeferredFlags:
 
     def push(self, flag: torch.Tensor, key: str, message: str) -> None:
         """Queue ``flag`` (true = warn ``message``, once per ``key``); report what is ready."""
-        if key in self._warned:
-            return
+        if key in self._warned or torch.compiler.is_compiling():
+            return    # compiled regions: the counters count, the warning is not emitted
         if flag.device.type == "cuda":
             host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
             host.copy_(flag, non_blocking=True)
@@ -89,6 +89,8 @@ class DeferredFlags:
         self.poll()
 
     def poll(self) -> None:
+        if torch.compiler.is_compiling():
+            return
         keep = []
         for ev, host, (key, message) in self._pending:
             if ev is not None and not ev.query():

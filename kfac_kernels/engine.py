@@ -530,14 +530,20 @@ class KFACEngine:
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
         for name, hat in (("A", A_hat), ("G", G_hat)):
             old = getattr(b, name)
-            new = torch.where(ok, old * rho + hat * (1.0 - rho), old)
+            # a running factor that is itself not finite (a corrupted checkpoint, an overflow)
+            # restarts from the new estimate instead of staying NaN forever
+            blend = torch.where(torch.isfinite(old).all(), old * rho + hat * (1.0 - rho), hat)
+            new = torch.where(ok, blend, old)
             setattr(b, name, new)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats
 
     def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
-        """Read the skip flags on the host later, without waiting for the device now."""
+        """Read the skip flags on the host later, without waiting for the device now (not in a
+        compiled region: ``b.skipped`` still counts there, the warning is not emitted)."""
+        if torch.compiler.is_compiling():
+            return
         if flags.device.type == "cpu":
             self._deferred.append((None, flags.clone(), names))
         else:
@@ -549,6 +555,8 @@ class KFACEngine:
         self._poll_deferred()
 
     def _poll_deferred(self) -> None:
+        if torch.compiler.is_compiling():
+            return
         keep = []
         for ev, host, names in self._deferred:
             if ev is not None and not ev.query():
@@ -572,10 +580,13 @@ class KFACEngine:
                                        and self.factor_updates > 0)
 
     def _check_damping(self, damping) -> None:
+        if torch.compiler.is_compiling():   # checked eagerly by the setter; symbolic when traced
+            return
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0 \
                 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
 
+    @torch.compiler.disable   # host syncs by design (decomposition health): always eager
     def update_inverses(self) -> None:
         """Decompose every factor, batched by size; the fallback chain handles failures."""
         self._poll_deferred()
@@ -602,7 +613,7 @@ class KFACEngine:
         for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
             stack = torch.stack([f for _, _, f in items])
             lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"))
-            bad = info.nonzero().flatten().tolist()      # one host sync per size bucket
+            bad = ((info != 0) | ~_finite_each(stack)).nonzero().flatten().tolist()  # 1 sync/bucket
             for i, (b, which, f) in enumerate(items):
                 if i in bad:
                     l_i, q_i = self._eigh_fallback(b, which, f)
@@ -666,7 +677,8 @@ class KFACEngine:
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
             inv, info = ops.damped_inverse(stack, damp, return_info=True, backend=self.op_backend("damped_inverse"))
-            bad = info.nonzero().flatten().tolist()
+            # a "successful" factorisation of a matrix with an inf can still give a finite inverse
+            bad = ((info != 0) | ~_finite_each(stack) | ~_finite_each(inv)).nonzero().flatten().tolist()
             for i, (b, which, f) in enumerate(items):
                 new[b][which + "_inv"] = (self._cholesky_fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
@@ -676,7 +688,8 @@ class KFACEngine:
     def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
         inv, info = ops.damped_inverse(f.double().unsqueeze(0), damp.double().reshape(1),
                                        return_info=True, backend="torch")
-        if int(info[0]) == 0:
+        finite_in = bool(torch.isfinite(f).all())
+        if int(info[0]) == 0 and finite_in and bool(torch.isfinite(inv[0].to(f.dtype)).all()):
             self._warn_once(("chol", b.name, which, "fp64"),
                             f"block {b.name!r}: Cholesky of {which} failed in {f.dtype}; "
                             f"recovered in float64")
@@ -687,7 +700,7 @@ class KFACEngine:
             extra *= 10.0
             inv, info = ops.damped_inverse(finite.unsqueeze(0), float(damp) + extra,
                                            return_info=True, backend="torch")
-            if int(info[0]) == 0 and bool(torch.isfinite(f).all()):
+            if int(info[0]) == 0 and finite_in and bool(torch.isfinite(inv[0].to(f.dtype)).all()):
                 self._warn_once(("chol", b.name, which, "damped"),
                                 f"block {b.name!r}: Cholesky of {which} failed; used extra "
                                 f"damping {extra:.3g}")
@@ -766,7 +779,7 @@ class KFACEngine:
     def state_dict(self) -> dict:
         blocks = {}
         for name, b in self.blocks.items():
-            entry = {"shape": tuple(b.shape)}
+            entry = {"shape": tuple(b.shape), "kind": b.kind}
             if b.A is not None:
                 entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
                              skipped=b.skipped.clone(),
@@ -790,6 +803,9 @@ class KFACEngine:
                 f"{sorted(mine - theirs) or 'none'}")
         for name, entry in sd["blocks"].items():
             b = self.blocks[name]
+            if entry.get("kind", b.kind) != b.kind:
+                raise ValueError(f"state_dict is from a different model: block {name!r} is a "
+                                 f"{entry['kind']} block there and a {b.kind} block here")
             if tuple(entry["shape"]) != tuple(b.shape):
                 raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
                                  f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")
@@ -862,3 +878,8 @@ def _remove_hooks(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
+
+
+def _finite_each(stack: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each matrix of a [B, n, n] stack is finite (on the device)."""
+    return torch.isfinite(stack).flatten(1).all(1)

@@ -27,6 +27,13 @@ def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(nu), nu.clamp(max=1.0), torch.ones_like(nu))
 
 
+def _compile_precondition(engine, compile_kwargs) -> None:
+    compile_kwargs.setdefault("fullgraph", True)
+    if not hasattr(engine, "_eager_precondition"):
+        engine._eager_precondition = engine.precondition
+    engine.precondition = torch.compile(engine._eager_precondition, **compile_kwargs)
+
+
 def _check_kl_clip(kl_clip):
     if kl_clip is not None and (not isinstance(kl_clip, (int, float)) or kl_clip <= 0):
         raise ValueError(f"kl_clip must be None or a number > 0, got {kl_clip!r}")
@@ -151,6 +158,20 @@ class KFAC(torch.optim.Optimizer):
         """Remove the hooks K-FAC put on the model."""
         self.engine.close()
 
+    def compile(self, **compile_kwargs) -> "KFAC":
+        """Compile the per-step phases with ``torch.compile`` (``fullgraph=True`` unless given):
+        the gradient matrices, the batched preconditioning of every block (its ops are
+        torch.library custom ops, so nothing breaks on them), the finiteness check and KL clip
+        in one graph, and the parameter update in another. The factor and inverse updates stay
+        eager (the inverse update reads decomposition health on the host by design). Compile
+        the model yourself (``torch.compile(model)``); see docs/robustness.md for measured times
+        and for the capture hooks, which split a compiled forward on factor steps. Returns
+        ``self``."""
+        compile_kwargs.setdefault("fullgraph", True)
+        self._directions = torch.compile(type(self)._directions.__get__(self), **compile_kwargs)
+        self._update = torch.compile(type(self)._update.__get__(self), **compile_kwargs)
+        return self
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. Also marks the statistics captured so far as belonging to an
         earlier step: if a backward pass comes before the next ``step()`` (a loop skipped
@@ -190,12 +211,7 @@ class KFAC(torch.optim.Optimizer):
         loss = self._run_closure(closure) if closure is not None else None
         ok = self._begin_step()
         direction, ok = self._directions(ok)
-        for group in self.param_groups:
-            lr, mom = group["lr"], group["momentum"]
-            for p in group["params"]:
-                d = direction.get(id(p))
-                if d is not None:
-                    self._apply(p, d, lr, mom, ok)
+        self._update(direction, ok)
         self._end_step(ok)
         return loss
 
@@ -283,6 +299,15 @@ class KFAC(torch.optim.Optimizer):
                 if id(p) not in direction and p.grad is not None:
                     direction[id(p)] = p.grad if not wd else p.grad.add(p, alpha=wd)
         return direction, ok
+
+    def _update(self, direction: Dict[int, torch.Tensor], ok: Optional[torch.Tensor]) -> None:
+        """Apply the directions with each group's lr and momentum."""
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                d = direction.get(id(p))
+                if d is not None:
+                    self._apply(p, d, lr, mom, ok)
 
     def _apply(self, p, d, lr, mom, ok) -> None:
         """Heavy-ball step ``buf = mom buf + d; p -= lr buf``; with an ok flag, a rejected step
@@ -385,6 +410,11 @@ class KFACPreconditioner:
 
     def close(self) -> None:
         self.engine.close()
+
+    def compile(self, **compile_kwargs) -> "KFACPreconditioner":
+        """Compile the preconditioning phase (see :meth:`KFAC.compile`). Returns ``self``."""
+        _compile_precondition(self.engine, compile_kwargs)
+        return self
 
     @torch.no_grad()
     def step(self) -> None:
