@@ -22,7 +22,24 @@ def report() -> str:
             lines.append(f"{mod} {getattr(m, '__version__', '?')}")
         except Exception as exc:  # report, never fail
             lines.append(f"{mod}: not importable ({type(exc).__name__}: {exc})")
+    lines.extend(_decomposition_lines())
     lines.append("backends:")
     for name, (ok, why) in available_backends().items():
         lines.append(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
     return "\n".join(lines)
+
+
+def _decomposition_lines():
+    """The compiled module and CuPy, with the reason when one cannot be used."""
+    from . import _cext
+
+    ok, why = _cext.status()
+    lines = [f"kfac_kernels._C (cuda backend): {'importable' if ok else 'unavailable'}: {why}"]
+    try:
+        from .ops.cupy import probe
+
+        ok, why = probe()
+        lines.append(f"cupy backend (cuSOLVER syevjBatched): {'usable' if ok else 'unusable'}: {why}")
+    except Exception as exc:  # report, never fail
+        lines.append(f"cupy backend: probe failed ({type(exc).__name__}: {exc})")
+    return lines

@@ -79,7 +79,7 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 trainable: Optional[set] = None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
@@ -104,7 +104,8 @@ class KFACEngine:
         _check_choice("backend", backend, ("auto",) + ops._registry.BACKENDS)
         if not (isinstance(mc_samples, int) and mc_samples >= 1):
             raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every)):
+        for name, v in (("factor_every", factor_every), ("inverse_every", inverse_every),
+                        ("full_eigh_every", full_eigh_every)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 <= ema_decay < 1.0:
@@ -118,6 +119,7 @@ class KFACEngine:
         self.ema_decay = float(ema_decay)
         self.factor_every = factor_every
         self.inverse_every = inverse_every
+        self.full_eigh_every = full_eigh_every
         self.curvature = curvature
         self.likelihood = likelihood
         self.mc_samples = mc_samples
@@ -520,7 +522,9 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        ok = torch.isfinite(A_hat).all() & torch.isfinite(G_hat).all()
+        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        # also deserves rejecting)
+        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         bad_stats = ~ok
         if self._reject is not None:      # the whole step was rejected (and reported) as such
             reject = self._reject.to(ok.device)
@@ -528,13 +532,12 @@ class KFACEngine:
             bad_stats = bad_stats & ~reject
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+        keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
         for name, hat in (("A", A_hat), ("G", G_hat)):
             old = getattr(b, name)
-            # a running factor that is itself not finite (a corrupted checkpoint, an overflow)
-            # restarts from the new estimate instead of staying NaN forever
-            blend = torch.where(torch.isfinite(old).all(), old * rho + hat * (1.0 - rho), hat)
-            new = torch.where(ok, blend, old)
-            setattr(b, name, new)
+            # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
+            torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
+            old.mul_(keep).addcmul_(hat, 1.0 - keep)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats
@@ -586,7 +589,6 @@ class KFACEngine:
                 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
 
-    @torch.compiler.disable   # host syncs by design (decomposition health): always eager
     def update_inverses(self) -> None:
         """Decompose every factor, batched by size; the fallback chain handles failures."""
         self._poll_deferred()
@@ -612,7 +614,14 @@ class KFACEngine:
         new: Dict[Block, dict] = defaultdict(dict)
         for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
             stack = torch.stack([f for _, _, f in items])
-            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"))
+            prev = [b.inverse.get("Q" + which) for b, which, _ in items]
+            kw = {}
+            if (self.full_eigh_every > 1 and self.inverse_updates % self.full_eigh_every != 0
+                    and all(q is not None and q.dtype == stack.dtype for q in prev)):
+                # between full decompositions: one warm-started subspace-iteration refresh
+                kw = dict(method="refresh", prev_eigenvectors=torch.stack(prev))
+            lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"),
+                                      **kw)
             bad = ((info != 0) | ~_finite_each(stack)).nonzero().flatten().tolist()  # 1 sync/bucket
             for i, (b, which, f) in enumerate(items):
                 if i in bad:
@@ -624,11 +633,27 @@ class KFACEngine:
         for b, entries in new.items():
             b.inverse = entries
 
+    def _restart_if_nonfinite(self, b: Block, which: str, f: torch.Tensor) -> bool:
+        """A running factor that is not finite (a corrupted checkpoint, an overflow) has no
+        decomposition, and the running average would keep it non-finite for ever: it restarts,
+        so that the block's next accepted estimate is taken whole (first-estimate rule). Read on
+        the host: the inverse update synchronises anyway. Returns whether it restarted."""
+        if bool(torch.isfinite(f).all()):
+            return False
+        if getattr(b, which) is f:
+            setattr(b, which, torch.zeros_like(f))
+            b.count = torch.zeros_like(b.count)
+        self._warn_once(("restart", b.name, which),
+                        f"block {b.name!r}: the running factor {which} is not finite; it "
+                        f"restarts from the next factor estimate")
+        return True
+
     def _eigh_fallback(self, b: Block, which: str, f: torch.Tensor):
         """Retry in float64, then with added damping, then keep the previous decomposition."""
         reasons = []
+        finite_in = not self._restart_if_nonfinite(b, which, f)
         lam, Q, info = ops.symeig(f.double().unsqueeze(0), return_info=True, backend="torch")
-        if int(info[0]) == 0:
+        if int(info[0]) == 0 and finite_in:
             self._warn_once(("eigh", b.name, which, "fp64"),
                             f"block {b.name!r}: eigendecomposition of {which} failed in "
                             f"{f.dtype}; recovered in float64")
@@ -686,9 +711,9 @@ class KFACEngine:
             b.inverse = entries
 
     def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
+        finite_in = not self._restart_if_nonfinite(b, which, f)
         inv, info = ops.damped_inverse(f.double().unsqueeze(0), damp.double().reshape(1),
                                        return_info=True, backend="torch")
-        finite_in = bool(torch.isfinite(f).all())
         if int(info[0]) == 0 and finite_in and bool(torch.isfinite(inv[0].to(f.dtype)).all()):
             self._warn_once(("chol", b.name, which, "fp64"),
                             f"block {b.name!r}: Cholesky of {which} failed in {f.dtype}; "
@@ -748,7 +773,8 @@ class KFACEngine:
                 idx = torch.tensor([g.blocks.index(b) for b in members],
                                    device=next(iter(g.stacks.values())).device)
                 st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            V = torch.stack([grads[b] for b in members])
+            V = (grads[members[0]].unsqueeze(0) if len(members) == 1
+                 else torch.stack([grads[b] for b in members]))
             if self.inverse == "cholesky":
                 U, dot = ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"],
                                                        return_dot=True, backend=self.op_backend("kron_precondition_inverse"))

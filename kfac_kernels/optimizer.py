@@ -18,7 +18,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every")
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,10 @@ class KFAC(torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher"), ``grad_scaler``
+    is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
+    ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
+    eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
+    skips factors whose basis still diagonalises them; default 1 = always full), ``grad_scaler``
     (the ``torch.amp.GradScaler`` whose scaled loss is back-propagated; step through
     ``scaler.step(opt)``), ``skip_nonfinite`` (default True: a step with non-finite gradients or a
     non-finite update changes neither parameters nor factors; decided on the device, warned once,
@@ -75,7 +78,8 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, grad_scaler=None, skip_nonfinite: bool = True):
+                 seed: Optional[int] = None, full_eigh_every: int = 1, grad_scaler=None,
+                 skip_nonfinite: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -102,7 +106,8 @@ class KFAC(torch.optim.Optimizer):
                                  likelihood=likelihood, mc_samples=mc_samples, inverse=inverse,
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
-                                 seed=seed, trainable=trainable)
+                                 seed=seed, full_eigh_every=full_eigh_every,
+                                 trainable=trainable)
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views

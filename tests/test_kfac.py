@@ -391,3 +391,30 @@ def test_cuda_model_trains_without_sync_in_step():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+def test_refresh_between_full_decompositions_tracks_the_factors(monkeypatch):
+    """full_eigh_every=3: inverse updates 1, 2 of every 3 refresh the previous eigenbasis; the
+    resulting basis still diagonalises the current factors."""
+    import kfac_kernels.engine as engine_mod
+    methods = []
+    real = engine_mod.ops.symeig
+
+    def spy(*a, **k):
+        methods.append(k.get("method", "full"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(engine_mod.ops, "symeig", spy)
+    model = small_mlp()
+    opt = kk.KFAC(model, lr=0.05, momentum=0.0, curvature="ggn", likelihood="categorical",
+                  inverse_every=1, full_eigh_every=3, ema_decay=0.9)
+    for s in range(5):
+        run_steps(model, opt, 1, start=s)
+        for b in opt.blocks.values():
+            for which in "AG":
+                F_, Q, lam = getattr(b, which), b.inverse["Q" + which], b.inverse["lam" + which]
+                resid = (F_ @ Q - Q * lam).norm() / F_.norm()
+                assert resid < 1e-3, (s, b.name, which, float(resid))
+    assert opt.engine.inverse_updates == 5
+    per_update = len(methods) // 5       # one call per size bucket
+    assert methods[::per_update] == ["full", "refresh", "refresh", "full", "refresh"]

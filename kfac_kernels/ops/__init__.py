@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _library, _registry, reference
+from . import _decomp_policy, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
 
 _compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
@@ -199,12 +199,32 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
            backend: str = "auto", **options):
     """Batched eigendecomposition of symmetric matrices [B, n, n] (or [n, n]).
 
-    Returns ``(eigenvalues [B, n] ascending, eigenvectors [B, n, n])`` and, with
-    ``return_info``, an int32 ``info`` [B] that is 0 where the matrix was decomposed and nonzero
-    where it failed (no convergence, non-finite input); failed entries hold NaN. ``method``
-    selects the algorithm where a backend offers several ("auto", "eigh", "jacobi", "refresh"),
-    ``prev_eigenvectors`` warm-starts methods that can use them; backend-specific ``options``
-    (tolerance, sweep limits) pass through.
+    Returns ``(eigenvalues [B, n] ascending, eigenvectors [B, n, n])`` (eigenvectors in columns,
+    ``F Q = Q diag(lam)``) and, with ``return_info``, an int32 ``info`` [B]: 0 where the matrix
+    was decomposed, nonzero where it failed (1: no convergence or a failed factorisation,
+    2: non-finite input, for the Jacobi solvers); failed entries hold NaN, the rest of the batch
+    is unaffected. The input must be symmetric: torch and cuSOLVER read its lower triangle, the
+    Jacobi kernel all of it.
+
+    ``method``:
+
+    * ``"auto"`` (default): the fastest path this build knows for the size and device (see
+      :mod:`kfac_kernels.ops._decomp_policy`): ``torch.linalg.eigh`` on CPU; on CUDA the Jacobi
+      kernels for small batched matrices, else ``torch.linalg.eigh``. ``prev_eigenvectors``, if
+      given, warm-starts the Jacobi kernel.
+    * ``"eigh"``: ``torch.linalg.eigh``.
+    * ``"jacobi"``: batched Jacobi (CUDA kernel, warm-started from ``prev_eigenvectors`` if given,
+      or cuSOLVER ``syevjBatched`` through CuPy for n <= 32); options ``tol`` (rotate while
+      ``|a_pq| > tol sqrt(|a_pp a_qq|)``; defaults 1e-6 fp32 / 1e-13 fp64 for the kernel) and
+      ``max_sweeps`` (default 15 for the kernel, 100 for cuSOLVER).
+    * ``"refresh"``: update ``prev_eigenvectors`` (required): matrices whose previous basis still
+      diagonalises them (off-diagonal mass of ``Q^T F Q`` at most ``skip_tol`` times its diagonal,
+      default 1e-4, a bound on the eigen-residual) keep it; the others take one subspace-iteration
+      step ``orth(F Q_prev)`` (``orth="qr"`` or ``"cholqr"``) and a Rayleigh-Ritz projection. Runs
+      on every device (pure torch), with the Jacobi kernel for the projection on CUDA.
+
+    ``backend`` as for every op ("auto", "torch", "cuda", "cupy"); backend-specific ``options``
+    pass through (direct methods ignore ``tol`` / ``max_sweeps``).
     """
     _check_symmetric_stack("factors", factors)
     if prev_eigenvectors is not None:
@@ -213,35 +233,54 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
             raise ValueError(f"prev_eigenvectors has shape {tuple(prev_eigenvectors.shape)}, "
                              f"factors {tuple(factors.shape)}")
         _check_same_device(factors=factors, prev_eigenvectors=prev_eigenvectors)
-    if method not in ("auto", "eigh", "jacobi", "refresh"):
+    if method not in reference.SYMEIG_METHODS:
         raise ValueError(f"unknown symeig method {method!r}; expected auto, eigh, jacobi, refresh")
     if method == "refresh" and prev_eigenvectors is None:
         raise ValueError("method='refresh' needs prev_eigenvectors")
-    kwargs = dict(prev_eigenvectors=prev_eigenvectors, return_info=return_info)
-    if method != "auto" or options:
-        kwargs.update(method=method, **options)
-    if backend == "torch" and (method not in ("auto", "eigh") or options):
-        raise BackendUnavailable(f"the torch backend computes symeig with torch.linalg.eigh only;"
-                                 f" method={method!r} {sorted(options)} need another backend")
     if _compiling() and not options:
         lam, q, info = _library.symeig(factors, prev_eigenvectors, method, backend)
         return (lam, q, info) if return_info else (lam, q)
-    return _registry.call("symeig", backend, factors.device, factors, **kwargs)
+    return _run_symeig(factors, method, backend, prev_eigenvectors=prev_eigenvectors,
+                       return_info=return_info, **options)
+
+
+def _run_symeig(factors, method, backend, **kwargs):
+    """symeig's dispatch after the checks (shared with its torch.library custom op)."""
+    if backend == "auto" and factors.device.type == "cuda":
+        n = factors.shape[-1]
+        batch = factors.shape[0] if factors.dim() == 3 else 1
+        plan = _decomp_policy.symeig_plan(n, batch, method, kwargs.get("prev_eigenvectors")
+                                          is not None)
+        return _decomp_policy.run("symeig", plan, factors.device, (factors,), kwargs, "method")
+    return _registry.call("symeig", backend, factors.device, factors, method=method, **kwargs)
 
 
 def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False,
                    backend: str = "auto"):
     """Batched ``(F + damping I)^{-1}`` of symmetric positive (semi)definite matrices by Cholesky.
 
-    ``damping`` is a number, a 0-d tensor or a tensor [B] (one value per matrix). With
-    ``return_info`` also returns cholesky's int32 ``info`` [B] (0 = success; k > 0: not positive
-    definite, that inverse is NaN).
+    ``damping`` is a number, a 0-d tensor or a tensor [B] (one value per matrix); only the lower
+    triangle of ``F`` is read. With ``return_info`` also returns an int32 ``info`` [B]: 0 on
+    success, k > 0 where the leading k x k minor of ``F + damping I`` is not positive definite
+    (or not finite); that matrix's inverse is NaN, the rest of the batch is unaffected. On CUDA,
+    ``backend="auto"`` picks the CUDA kernels or torch by size (:mod:`._decomp_policy`).
     """
     _check_symmetric_stack("factors", factors)
     _check_damping(damping, factors.shape[:-2], factors.device)
     if _compiling():
         inv, info = _library.damped_inverse(factors, *_split_damping(damping), backend)
         return (inv, info) if return_info else inv
+    return _run_damped_inverse(factors, damping, backend, return_info)
+
+
+def _run_damped_inverse(factors, damping, backend, return_info):
+    """damped_inverse's dispatch after the checks (shared with its torch.library custom op)."""
+    if backend == "auto" and factors.device.type == "cuda":
+        n = factors.shape[-1]
+        batch = factors.shape[0] if factors.dim() == 3 else 1
+        plan = _decomp_policy.damped_inverse_plan(n, batch)
+        return _decomp_policy.run("damped_inverse", plan, factors.device, (factors, damping),
+                                  dict(return_info=return_info), "variant")
     return _registry.call("damped_inverse", backend, factors.device, factors, damping,
                           return_info=return_info)
 

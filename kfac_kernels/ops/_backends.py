@@ -8,3 +8,11 @@ from ._registry import register, register_backend
 # Fast backends add their lines here, e.g.
 #   register_backend("triton", "kfac_kernels.ops.triton:probe")
 #   register("syrk_update", "triton", "kfac_kernels.ops.triton.syrk:syrk_update")
+
+# CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy: symeig and damped_inverse.
+# On CUDA tensors with backend="auto" these two ops follow kfac_kernels/ops/_decomp_policy.py.
+register_backend("cuda", "kfac_kernels.ops.cuda:probe")
+register("symeig", "cuda", "kfac_kernels.ops.cuda.symeig:symeig")
+register("damped_inverse", "cuda", "kfac_kernels.ops.cuda.damped_inverse:damped_inverse")
+register_backend("cupy", "kfac_kernels.ops.cupy:probe")
+register("symeig", "cupy", "kfac_kernels.ops.cupy.symeig:symeig")

@@ -3,8 +3,8 @@
 Each op of :mod:`kfac_kernels.ops` is registered once as ``torch.ops.kfac_kernels.<name>`` with a
 fake (meta) implementation that states its output shapes and dtypes; the in-place
 ``syrk_update`` (and ``ema_factor_update``, which is built on it) declares the mutation of its
-``factor``. The real implementation is the same backend dispatch the eager wrappers use
-(:func:`kfac_kernels.ops._registry.call`), so a compiled region runs exactly the kernels an eager
+``factor``. The real implementation is the same backend dispatch the eager wrappers use (the registry, and
+for decompositions on CUDA the size policy of :mod:`kfac_kernels.ops._decomp_policy`), so a compiled region runs exactly the kernels an eager
 call would, without dynamo tracing (and breaking on) the registry's Python.
 
 The public wrappers in :mod:`kfac_kernels.ops` check their inputs as usual and route through
@@ -81,10 +81,9 @@ def _(x, kernel_size, stride, padding, dilation, homogeneous, backend):
 @custom_op(f"{NAMESPACE}::symeig", mutates_args=())
 def symeig(factors: Tensor, prev_eigenvectors: Optional[Tensor], method: str,
            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    kwargs = dict(prev_eigenvectors=prev_eigenvectors, return_info=True)
-    if method != "auto":
-        kwargs["method"] = method
-    lam, q, info = _registry.call("symeig", backend, factors.device, factors, **kwargs)
+    from . import _run_symeig
+    lam, q, info = _run_symeig(factors, method, backend, prev_eigenvectors=prev_eigenvectors,
+                               return_info=True)
     return _fresh(lam), _fresh(q), _fresh(info.to(torch.int32))
 
 
@@ -97,8 +96,8 @@ def _(factors, prev_eigenvectors, method, backend):
 @custom_op(f"{NAMESPACE}::damped_inverse", mutates_args=())
 def damped_inverse(factors: Tensor, damping_t: Optional[Tensor],
                    damping_f: float, backend: str) -> Tuple[Tensor, Tensor]:
-    inv, info = _registry.call("damped_inverse", backend, factors.device, factors,
-                               _damping(damping_t, damping_f), return_info=True)
+    from . import _run_damped_inverse
+    inv, info = _run_damped_inverse(factors, _damping(damping_t, damping_f), backend, True)
     return _fresh(inv), _fresh(info.to(torch.int32))
 
 

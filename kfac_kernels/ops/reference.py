@@ -20,6 +20,9 @@ __all__ = [
     "conv_patches",
     "conv_input_factor",
     "symeig",
+    "refresh_eigh",
+    "offdiag_ratio",
+    "orthonormalize",
     "damped_inverse",
     "kron_precondition_eigen",
     "kron_precondition_inverse",
@@ -39,17 +42,32 @@ def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: fl
     """In place: ``factor <- beta * factor + alpha * xbar^T xbar``; ``xbar = [x, 1]`` if homogeneous.
 
     ``x`` is [n, k] (or [B, n, k] for a stack of factors [B, d, d]); the product is formed in the
-    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS.
+    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS. The ones
+    column is not materialised: its row/column are the column sums of x and its corner is n.
+    The result is exactly symmetric.
     """
     xf = x.to(factor.dtype)
-    if homogeneous:
-        xf = _homogeneous(xf)
+    k = xf.shape[-1]
     prod = xf.transpose(-1, -2) @ xf
-    prod = 0.5 * (prod + prod.transpose(-1, -2))  # exactly symmetric
+    prod = prod + prod.transpose(-1, -2)          # exactly symmetric (2 x the product)
+    half_alpha = 0.5 * alpha
+    core = factor[..., :k, :k]
     if beta == 0:
-        factor.copy_(prod.mul_(alpha))
+        core.copy_(prod).mul_(half_alpha)
     else:
-        factor.mul_(beta).add_(prod, alpha=alpha)
+        core.mul_(beta).add_(prod, alpha=half_alpha)
+    if homogeneous:
+        colsum = xf.sum(dim=-2) * alpha                # [..., k]
+        n = alpha * xf.shape[-2]
+        row, col, corner = factor[..., k, :k], factor[..., :k, k], factor[..., k, k]
+        if beta == 0:
+            row.copy_(colsum)
+            col.copy_(colsum)
+            corner.fill_(n)
+        else:
+            row.mul_(beta).add_(colsum)
+            col.mul_(beta).add_(colsum)
+            corner.mul_(beta).add_(n)
     return factor
 
 
@@ -120,18 +138,10 @@ def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilatio
     return syrk_update(out, rows, alpha=1.0 / rows.shape[0], beta=0.0, homogeneous=homogeneous)
 
 
-def symeig(factors: torch.Tensor, *, prev_eigenvectors: Optional[torch.Tensor] = None,
-           return_info: bool = False):
-    """Batched symmetric eigendecomposition (ascending eigenvalues), ``torch.linalg.eigh``.
-
-    ``info`` (returned when asked) is an int32 tensor [B]: 0 where the decomposition succeeded and
-    its output is finite, 1 where it failed. A failed matrix gets NaN outputs rather than raising,
-    so one bad factor cannot take down its whole batch.
-    """
-    squeeze = factors.dim() == 2
-    f = factors.unsqueeze(0) if squeeze else factors
+def _eigh_isolated(f: torch.Tensor):
+    """torch.linalg.eigh of a stack [B, n, n]; a matrix it fails on gets NaN, not an exception."""
     try:
-        lam, q = torch.linalg.eigh(f)
+        return torch.linalg.eigh(f)
     except RuntimeError:  # torch raises for the whole batch; redo one by one to isolate failures
         lam = torch.full(f.shape[:-1], float("nan"), dtype=f.dtype, device=f.device)
         q = torch.full_like(f, float("nan"))
@@ -140,11 +150,136 @@ def symeig(factors: torch.Tensor, *, prev_eigenvectors: Optional[torch.Tensor] =
                 lam[i], q[i] = torch.linalg.eigh(f[i])
             except RuntimeError:
                 pass
-    ok = torch.isfinite(lam).all(-1) & torch.isfinite(q).flatten(1).all(-1)
-    info = (~ok).to(torch.int32)
+        return lam, q
+
+
+def _failed_info(lam: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    ok = torch.isfinite(lam).all(-1) & torch.isfinite(q).flatten(-2).all(-1)
+    return (~ok).to(torch.int32)
+
+
+SYMEIG_METHODS = ("auto", "eigh", "jacobi", "refresh")
+
+
+def symeig(factors: torch.Tensor, *, method: str = "eigh",
+           prev_eigenvectors: Optional[torch.Tensor] = None, return_info: bool = False,
+           skip_tol: float = 1e-4, orth: str = "qr", tol: Optional[float] = None,
+           max_sweeps: Optional[int] = None):
+    """Batched symmetric eigendecomposition: eigenvalues ascending, eigenvectors in columns.
+
+    ``method``: ``"eigh"`` (``"auto"`` is the same here) is ``torch.linalg.eigh``;
+    ``"refresh"`` updates ``prev_eigenvectors`` by one step of subspace iteration and a
+    Rayleigh-Ritz projection, and skips the work for matrices whose previous basis still
+    diagonalises them (see :func:`refresh_eigh`, which also takes ``skip_tol`` and ``orth``).
+    ``"jacobi"`` is a kernel method (CUDA / CuPy backends) that this backend declines.
+    ``tol`` and ``max_sweeps`` bound iterative methods; the direct methods here ignore them.
+
+    ``info`` (returned when asked) is an int32 tensor [B]: 0 where the decomposition succeeded and
+    its output is finite, 1 where it failed. A failed matrix gets NaN outputs rather than raising,
+    so one bad factor cannot take down its whole batch.
+    """
+    if method == "jacobi":
+        from ._registry import NotSupported
+        raise NotSupported("the torch backend has no Jacobi solver (method='jacobi' runs on the "
+                           "cuda and cupy backends); use method='eigh' or 'refresh'")
+    if method not in SYMEIG_METHODS:
+        raise ValueError(f"unknown symeig method {method!r}; expected one of {SYMEIG_METHODS}")
+    squeeze = factors.dim() == 2
+    f = factors.unsqueeze(0) if squeeze else factors
+    if method == "refresh":
+        if prev_eigenvectors is None:
+            raise ValueError("method='refresh' needs prev_eigenvectors")
+        q0 = prev_eigenvectors.unsqueeze(0) if squeeze else prev_eigenvectors
+        lam, q, info, _ = refresh_eigh(f, q0, skip_tol=skip_tol, orth=orth)
+    else:
+        lam, q = _eigh_isolated(f)
+        info = _failed_info(lam, q)
     if squeeze:
         lam, q, info = lam[0], q[0], info[0]
     return (lam, q, info) if return_info else (lam, q)
+
+
+# ----------------------------------------------------------------------------- warm-started refresh
+def offdiag_ratio(factors: torch.Tensor, basis: torch.Tensor):
+    """``M = Q^T F Q`` (symmetrised) and, per matrix, ``||offdiag(M)||_F / ||diag(M)||_2``.
+
+    With ``Lambda = diag(M)`` the eigen-residual of the basis is
+    ``||F Q - Q Lambda||_F / ||F||_F = ||offdiag(M)||_F / ||M||_F <= ratio`` (Q orthonormal), so
+    a basis whose ratio is below a tolerance already meets that residual. Batched [B, n, n].
+    """
+    m = basis.transpose(-1, -2) @ factors @ basis
+    m = 0.5 * (m + m.transpose(-1, -2))
+    d = torch.diagonal(m, dim1=-2, dim2=-1)
+    off = (m - torch.diag_embed(d)).flatten(-2).norm(dim=-1)
+    scale = d.norm(dim=-1)
+    zero = torch.zeros_like(off)
+    ratio = torch.where(scale > 0, off / torch.where(scale > 0, scale, torch.ones_like(scale)),
+                        torch.where(off == 0, zero, torch.full_like(off, float("inf"))))
+    return m, ratio
+
+
+def orthonormalize(y: torch.Tensor, orth: str = "qr") -> torch.Tensor:
+    """Orthonormal basis of the columns of ``y`` [B, n, k]: Householder QR (``"qr"``) or
+    Cholesky-QR (``"cholqr"``: ``R = chol(Y^T Y)``, ``Q = Y R^{-1}``; two matmuls and a small
+    Cholesky, faster on GPUs, used where the Cholesky succeeds, QR elsewhere)."""
+    if orth == "qr":
+        return torch.linalg.qr(y).Q
+    if orth != "cholqr":
+        raise ValueError(f"orth must be 'qr' or 'cholqr', got {orth!r}")
+    gram = y.transpose(-1, -2) @ y
+    r, info = torch.linalg.cholesky_ex(0.5 * (gram + gram.transpose(-1, -2)), upper=True)
+    q = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    bad = (info != 0) | ~torch.isfinite(q).flatten(-2).all(-1)
+    if bool(bad.any()):
+        q = torch.where(bad.reshape(-1, 1, 1), torch.linalg.qr(y).Q, q)
+    return q
+
+
+def refresh_eigh(factors: torch.Tensor, prev_eigenvectors: torch.Tensor, *,
+                 skip_tol: float = 1e-4, orth: str = "qr", rayleigh_ritz=None):
+    """Warm-started refresh of an eigendecomposition, batched over [B, n, n].
+
+    Per matrix: if the previous basis ``Q0`` still diagonalises ``F`` (``offdiag_ratio`` of
+    ``Q0^T F Q0`` at most ``skip_tol``, which bounds the eigen-residual by ``skip_tol``), keep
+    ``Q0`` and take ``diag(Q0^T F Q0)`` as eigenvalues (no factorisation at all). Otherwise one
+    step of subspace iteration, ``Q1 = orth(F Q0)`` (re-orthonormalising a drifted basis on the
+    way), then Rayleigh-Ritz: ``Q1^T F Q1 = Z Lambda Z^T`` and ``Q = Q1 Z``. ``rayleigh_ritz(F,
+    Q1) -> (lam, Q, info)`` replaces the last step (the CUDA backend passes its warm-started Jacobi
+    kernel); the default is ``torch.linalg.eigh`` of ``Q1^T F Q1``.
+
+    Returns ``(eigenvalues ascending [B, n], eigenvectors [B, n, n], info [B] int32, refreshed
+    [B] bool)``; ``info`` is 1 (and the outputs NaN) where the inputs are not finite or the
+    decomposition failed. Selecting the refreshed matrices costs one host synchronisation.
+    """
+    f, q0 = factors, prev_eigenvectors.to(factors.dtype)
+    bsz, n = f.shape[0], f.shape[-1]
+    finite = torch.isfinite(f).flatten(1).all(1) & torch.isfinite(q0).flatten(1).all(1)
+    m, ratio = offdiag_ratio(torch.where(finite.reshape(-1, 1, 1), f, torch.zeros_like(f)),
+                             torch.where(finite.reshape(-1, 1, 1), q0, torch.zeros_like(q0)))
+    skip = finite & (ratio <= skip_tol)
+    d = torch.diagonal(m, dim1=-2, dim2=-1)
+    lam, order = torch.sort(d, dim=-1, stable=True)
+    q = torch.gather(q0, -1, order.unsqueeze(-2).expand(bsz, n, n))
+    info = torch.zeros(bsz, dtype=torch.int32, device=f.device)
+    need = torch.nonzero(finite & ~skip).flatten()  # host sync
+    if need.numel():
+        fs, q0s = f.index_select(0, need), q0.index_select(0, need)
+        q1 = orthonormalize(fs @ q0s, orth)
+        if rayleigh_ritz is None:
+            m1 = q1.transpose(-1, -2) @ fs @ q1
+            lam_s, z = _eigh_isolated(0.5 * (m1 + m1.transpose(-1, -2)))
+            q_s = q1 @ z
+            info_s = _failed_info(lam_s, q_s)
+        else:
+            lam_s, q_s, info_s = rayleigh_ritz(fs, q1)
+        lam = lam.index_copy(0, need, lam_s.to(lam.dtype))
+        q = q.index_copy(0, need, q_s.to(q.dtype))
+        info = info.index_copy(0, need, info_s.to(torch.int32))
+    info = torch.where(finite, info, torch.ones_like(info))
+    bad = (info != 0)
+    lam = torch.where(bad.reshape(-1, 1), torch.full_like(lam, float("nan")), lam)
+    q = torch.where(bad.reshape(-1, 1, 1), torch.full_like(q, float("nan")), q)
+    return lam, q, info, finite & ~skip
 
 
 def _damping_tensor(damping, f: torch.Tensor) -> torch.Tensor:
@@ -172,13 +307,13 @@ def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False)
 
 def _eig_divide(Vt: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """Vt / denom where denom > 0, else 0 (the pseudo-inverse on the null space)."""
-    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, Vt / safe, torch.zeros_like(Vt))
+    out = Vt / denom
+    return out.masked_fill_(denom <= 0, 0.0)
 
 
 def _finish(U: torch.Tensor, V: torch.Tensor, out_dtype, return_dot: bool):
     if return_dot:
-        dot = (U * V.to(U.dtype)).sum(dim=(-2, -1))
+        dot = torch.linalg.vecdot(U.flatten(-2), V.to(U.dtype).flatten(-2))
         return U.to(out_dtype), dot
     return U.to(out_dtype)
 
