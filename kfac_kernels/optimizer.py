@@ -6,7 +6,7 @@ curvature blocks and the factor/inverse/preconditioning phases; these classes ow
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -79,7 +79,10 @@ class KFAC(torch.optim.Optimizer):
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, full_eigh_every: int = 1, grad_scaler=None,
-                 skip_nonfinite: bool = True):
+                 skip_nonfinite: bool = True, adaptive_lr: bool = False,
+                 adaptive_momentum: bool = False, adaptive_damping: bool = False,
+                 damping_adaptation_every: int = 5, damping_adaptation_decay: float = 0.95,
+                 damping_bounds: Tuple[float, float] = (1e-8, 1e4)):
         if not isinstance(model, nn.Module):
             raise TypeError(f"KFAC takes the model (an nn.Module) first, got {type(model).__name__}")
         if lr < 0:
@@ -97,6 +100,18 @@ class KFAC(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.skip_nonfinite = bool(skip_nonfinite)
         self.control = None          # step control from the quadratic model (adaptive.py)
+        if adaptive_lr or adaptive_momentum or adaptive_damping:
+            if kl_clip is not None and adaptive_lr:
+                raise ValueError("kl_clip and adaptive_lr both set the step length: use one")
+            if grad_scaler is not None:
+                raise ValueError("the adaptive options do not support a GradScaler (the "
+                                 "quadratic model needs unscaled curvature products)")
+            from .adaptive import StepControl
+            self.control = StepControl(adaptive_lr=adaptive_lr,
+                                       adaptive_momentum=adaptive_momentum,
+                                       adaptive_damping=adaptive_damping,
+                                       every=damping_adaptation_every,
+                                       decay=damping_adaptation_decay, bounds=damping_bounds)
         self._skipped = 0
         self._flags = amp.DeferredFlags()
         self._driven = False
@@ -202,7 +217,7 @@ class KFAC(torch.optim.Optimizer):
                 loss, out = res
                 self.zero_grad()
                 self.backward(loss, out)
-                return loss
+                return loss.detach()
         return res
 
     @torch.no_grad()
@@ -355,6 +370,9 @@ class KFAC(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["kfac"] = self.engine.state_dict()
         sd["kfac"]["kl_clip"] = self.kl_clip
+        sd["kfac"]["optimizer"] = {"skipped_steps": self._skipped, "damping": self.damping,
+                                   "control": (None if self.control is None
+                                               else self.control.state_dict())}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -364,6 +382,14 @@ class KFAC(torch.optim.Optimizer):
         kfac = sd.pop("kfac")
         self.engine.load_state_dict(kfac)      # validates the model first
         super().load_state_dict(sd)
+        extra = kfac.get("optimizer")
+        if extra is not None:                  # damping included: adaptive damping changes it
+            self.damping = extra["damping"]
+            skipped = extra["skipped_steps"]
+            dev = next(iter(self.engine.blocks.values())).weight.device
+            self._skipped = skipped.to(dev) if isinstance(skipped, torch.Tensor) else skipped
+            if self.control is not None and extra.get("control") is not None:
+                self.control.load_state_dict(extra["control"])
 
 
 class KFACPreconditioner:
