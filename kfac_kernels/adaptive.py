@@ -144,7 +144,7 @@ class StepControl:
         opt.zero_grad()
         opt.backward(loss, out, retain_graph=need_model)
         ok = opt._begin_step()
-        direction, ok = opt._directions(ok, kl_clip=False)
+        direction, ok = opt._directions(ok, kl_clip=not self.adaptive_lr)
         group_of = opt._group_of()
         params = [p for g in opt.param_groups for p in g["params"] if id(p) in direction]
         wd = [group_of[id(p)]["weight_decay"] for p in params]

@@ -201,6 +201,22 @@ def test_levenberg_marquardt_raises_damping_when_steps_overshoot():
     assert opt.damping == 2e-3                # clamped at the upper bound
 
 
+def test_adaptive_damping_alone_keeps_the_fixed_update_rule():
+    """Without adaptive_lr the step is the ordinary one (lr, momentum, KL clip) until the
+    damping changes."""
+    x, y = data()
+    kw = dict(lr=0.3, momentum=0.9, damping=1e-2, kl_clip=1e-3, curvature="ggn",
+              likelihood="categorical")
+    m1, m2 = mlp(), mlp()
+    o1 = kk.KFAC(m1, adaptive_damping=True, damping_adaptation_every=3, **kw)
+    o2 = kk.KFAC(m2, **kw)
+    for _ in range(3):
+        o1.step(closure_for(m1, x, y))
+        o2.step(closure_for(m2, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert len(o1.control.history) == 1 and o1.damping != 1e-2
+
+
 # ---------------------------------------------------------------------------- API, state, faults
 def test_closure_api_and_errors():
     model = mlp()
