@@ -23,7 +23,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["scaler_scale", "check_and_unscale", "DeferredFlags"]
+__all__ = ["scaler_scale", "check_and_unscale", "agree", "DeferredFlags"]
 
 
 def scaler_scale(scaler) -> Optional[torch.Tensor]:
@@ -64,6 +64,18 @@ def check_and_unscale(grads: Iterable[torch.Tensor],
             torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)
         found_all = found if found_all is None else found_all + found.to(found_all.device)
     return found_all
+
+
+def agree(found: torch.Tensor, engine) -> torch.Tensor:
+    """With torch.distributed, every rank takes the same skip decision (the running factors
+    must stay identical across ranks): the found-inf flags are summed over the engine's process
+    group (a collective on one number, no host sync). In a single process: ``found`` itself."""
+    dist_state = getattr(engine, "dist", None)
+    if dist_state is None:
+        return found
+    found = found.clone()
+    torch.distributed.all_reduce(found, group=dist_state.group)
+    return found
 
 
 class DeferredFlags:

@@ -54,6 +54,12 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
+def _select(b: Block, only: Optional[set]) -> Dict[str, torch.Tensor]:
+    """A block's factors to decompose: all, or those listed in ``only`` as (block, which)."""
+    mats = {"A": b.A, "G": b.G}
+    return mats if only is None else {w: f for w, f in mats.items() if (b, w) in only}
+
+
 class _Group:
     """Blocks of one gradient shape/dtype/device, preconditioned in one batched call."""
 
@@ -79,10 +85,13 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 full_eigh_every: int = 1, trainable: Optional[set] = None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None, distributed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
+        from . import distributed as _dist
+        model = _dist.unwrap_model(model)   # DDP: block names without the "module." prefix
+        self.dist = None                   # the torch.distributed strategy, when one is active
         _check_choice("curvature", curvature, CURVATURES)
         if likelihood is not None:
             _check_choice("likelihood", likelihood, LIKELIHOODS)
@@ -167,6 +176,7 @@ class KFACEngine:
         # factors, and its hooks are removed when it is collected
         weakref.finalize(self, _remove_hooks, self._hooks)
         self._set_capture()
+        self.dist = _dist.setup(self, distributed)   # None in a single process: no collectives
 
     # ------------------------------------------------------------------ discovery
     def _discover(self, model, skip, factor_dtype, trainable):
@@ -288,6 +298,8 @@ class KFACEngine:
             if self is not None and self._g_active:
                 if self._stale:
                     self._drop_stale()
+                if self.dist is not None:
+                    self.dist.backward_started()   # launch the A reduction (once per step)
                 self._grads[block].append(grad.detach())
                 self._mark_backward(block)
         return hook
@@ -336,6 +348,8 @@ class KFACEngine:
         weights = [b.weight for b in self.blocks.values() if b.inputs]
         if not weights:
             return
+        if self.dist is not None:   # launch the A reduction; per-rank, per-step sampling seed
+            self.dist.curvature_started(out)
         if self.generator is None or self.generator.device != out.device:
             self.generator = torch.Generator(device=out.device)
             seed = self.seed if self.seed is not None else int(
@@ -360,8 +374,12 @@ class KFACEngine:
                 self._fold_grads(weight, empirical=False)
         finally:
             self._g_active = False
+        if self.dist is not None:   # G is complete: reduce it while loss.backward() runs
+            self.dist.curvature_finished()
 
     def _clear_capture(self) -> None:
+        if self.dist is not None:
+            self.dist.clear()
         for b in self.blocks.values():
             b.clear_capture()
             b._inputs_at_backward = 0
@@ -463,14 +481,26 @@ class KFACEngine:
                 f"curvature={self.curvature!r} needs its own backward passes: call "
                 f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
                 f"are updated (every factor_every={self.factor_every} steps)")
-        stats = self.compute_statistics(captured)
-        stats = self.reduce_statistics(stats)
+        if self.dist is None:
+            stats = self.compute_statistics(captured)
+        else:   # averaged over ranks (kfac_kernels.distributed), part of it launched earlier
+            stats = self.dist.factor_statistics(captured)
         self._clear_capture()
         return self.merge_statistics(stats)
 
     def compute_statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
         """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
         output-gradients (batched syrk / conv_input_factor)."""
+        a_hats = self.compute_a_statistics(captured)
+        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
+        for b in captured:
+            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
+                continue
+            stats[b] = (a_hats[b], b.G_hat)
+        return stats
+
+    def compute_a_statistics(self, captured: List[Block]) -> "OrderedDict[Block, torch.Tensor]":
+        """This step's A_hat of each captured block (batched), in the block's factor dtype."""
         a_jobs, a_ready = [], {}
         for b in captured:
             jobs, mat = b.a_jobs(b.inputs)
@@ -480,36 +510,38 @@ class KFACEngine:
         for b in captured:
             b.A_hat = None
         self._run_jobs(a_jobs, target="A_hat", accumulate=False)
-        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
+        a_hats: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
         for b in captured:
             a_hat = a_ready.get(b, b.A_hat)
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat
             b.A_hat = None
-            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
-                continue
-            stats[b] = (a_hat.to(b.factor_dtype), b.G_hat)
-        return stats
-
-    def reduce_statistics(self, stats: "OrderedDict[Block, Tuple]") -> "OrderedDict[Block, Tuple]":
-        """Combine the estimates across processes (identity in a single process; the distributed
-        strategy averages them over ranks here)."""
-        return stats
+            a_hats[b] = a_hat.to(b.factor_dtype)
+        return a_hats
 
     def merge_statistics(self, stats: "OrderedDict[Block, Tuple]") -> bool:
         """Fold the step's estimates into the running factors (guarded, no host sync)."""
+        # every verdict before any merge: merging cleans its (possibly shared) estimates in place
+        oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
         flags, names = [], []
-        for b, (a_hat, g_hat) in stats.items():
-            flags.append(self._merge(b, a_hat, g_hat))
+        for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks):
+            flags.append(self._merge(b, a_hat, g_hat, ok))
             names.append(b.name)
         if flags:
             self.factor_updates += 1
-            if any(not b.inverse for b in stats):
+            if any(not self.has_inverse(b) for b in stats):
                 self._needs_inverse = True   # a block's first factors: decompose them now
             self._defer_check(torch.stack(flags), names)
         return bool(flags)
 
-    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+        """One reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        also deserves rejecting)."""
+        return torch.isfinite(A_hat.sum() + G_hat.sum())
+
+    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor,
+               ok: torch.Tensor) -> torch.Tensor:
         """Running average with the first-estimate rule, skipped on non-finite statistics.
 
         rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
@@ -522,9 +554,6 @@ class KFACEngine:
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
-        # one reduction per factor: a sum is finite iff every entry is (or it overflowed, which
-        # also deserves rejecting)
-        ok = torch.isfinite(A_hat.sum() + G_hat.sum())
         bad_stats = ~ok
         if self._reject is not None:      # the whole step was rejected (and reported) as such
             reject = self._reject.to(ok.device)
@@ -589,19 +618,32 @@ class KFACEngine:
                 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
 
+    def has_inverse(self, b: Block) -> bool:
+        """Whether block ``b`` can be preconditioned (with torch.distributed, its decomposition
+        may live on another rank: see kfac_kernels.distributed)."""
+        return bool(b.inverse) if self.dist is None else self.dist.has_inverse(b)
+
     def update_inverses(self) -> None:
         """Decompose every factor, batched by size; the fallback chain handles failures."""
         self._poll_deferred()
         ready = [b for b in self.blocks.values() if b.A is not None]
         if not ready:
             return
-        if self.inverse in ("eigh", "ekfac"):
-            self._eigh_all(ready)
+        if self.dist is not None:     # this rank's share, then the results are shared
+            self.dist.update_inverses(ready)
         else:
-            self._cholesky_all(ready)
+            self.decompose(ready)
         self._needs_inverse = False
         self.inverse_updates += 1
         self._regroup()
+
+    def decompose(self, blocks: List[Block], only: Optional[set] = None) -> None:
+        """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs, the
+        others' entries in ``block.inverse`` are left as they are)."""
+        if self.inverse in ("eigh", "ekfac"):
+            self._eigh_all(blocks, only)
+        else:
+            self._cholesky_all(blocks, only)
 
     def _buckets(self, blocks: List[Block], mats: Callable[[Block], Dict[str, torch.Tensor]]):
         buckets: Dict[tuple, List[Tuple[Block, str, torch.Tensor]]] = OrderedDict()
@@ -610,9 +652,9 @@ class KFACEngine:
                 buckets.setdefault((f.shape[-1], f.dtype, f.device), []).append((b, which, f))
         return buckets
 
-    def _eigh_all(self, blocks: List[Block]) -> None:
+    def _eigh_all(self, blocks: List[Block], only: Optional[set] = None) -> None:
         new: Dict[Block, dict] = defaultdict(dict)
-        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+        for key, items in self._buckets(blocks, lambda b: _select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             prev = [b.inverse.get("Q" + which) for b, which, _ in items]
             kw = {}
@@ -631,7 +673,7 @@ class KFACEngine:
                 new[b]["lam" + which] = l_i
                 new[b]["Q" + which] = q_i
         for b, entries in new.items():
-            b.inverse = entries
+            b.inverse = entries if only is None else {**b.inverse, **entries}
 
     def _restart_if_nonfinite(self, b: Block, which: str, f: torch.Tensor) -> bool:
         """A running factor that is not finite (a corrupted checkpoint, an overflow) has no
@@ -690,7 +732,7 @@ class KFACEngine:
         pi = torch.sqrt(ta / tg)
         return torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
 
-    def _cholesky_all(self, blocks: List[Block]) -> None:
+    def _cholesky_all(self, blocks: List[Block], only: Optional[set] = None) -> None:
         root = math.sqrt(self.damping)
         dampings = {}
         for b in blocks:
@@ -698,7 +740,7 @@ class KFACEngine:
             dampings[(b, "A")] = pi * root
             dampings[(b, "G")] = root / pi
         new: Dict[Block, dict] = defaultdict(dict)
-        for key, items in self._buckets(blocks, lambda b: {"A": b.A, "G": b.G}).items():
+        for key, items in self._buckets(blocks, lambda b: _select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
             inv, info = ops.damped_inverse(stack, damp, return_info=True, backend=self.op_backend("damped_inverse"))
@@ -708,7 +750,7 @@ class KFACEngine:
                 new[b][which + "_inv"] = (self._cholesky_fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
         for b, entries in new.items():
-            b.inverse = entries
+            b.inverse = entries if only is None else {**b.inverse, **entries}
 
     def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
         finite_in = not self._restart_if_nonfinite(b, which, f)
@@ -758,9 +800,16 @@ class KFACEngine:
         """Preconditioned directions for the given blocks' gradient matrices.
 
         Returns ``({block: U}, {block: <U, V> (0-d device tensor)})``; blocks of one shape go
-        through one batched op call.
+        through one batched op call. With torch.distributed and ``grad_worker_fraction < 1``
+        each rank preconditions its share and the directions are broadcast.
         """
         self._check_damping(self.damping)
+        if self.dist is not None:
+            return self.dist.precondition(grads, self.precondition_local)
+        return self.precondition_local(grads)
+
+    def precondition_local(self, grads: Dict[Block, torch.Tensor]):
+        """:meth:`precondition` with the decompositions this process holds."""
         out_u: Dict[Block, torch.Tensor] = {}
         out_dot: Dict[Block, torch.Tensor] = {}
         for g in self._groups:
@@ -811,11 +860,14 @@ class KFACEngine:
                              skipped=b.skipped.clone(),
                              inverse={k: v.clone() for k, v in b.inverse.items()})
             blocks[name] = entry
-        return {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
-                "inverse_updates": self.inverse_updates, "inverse": self.inverse,
-                "needs_inverse": self._needs_inverse, "blocks": blocks,
-                "generator": (None if self.generator is None else
-                              (str(self.generator.device), self.generator.get_state()))}
+        sd = {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
+              "inverse_updates": self.inverse_updates, "inverse": self.inverse,
+              "needs_inverse": self._needs_inverse, "blocks": blocks,
+              "generator": (None if self.generator is None else
+                            (str(self.generator.device), self.generator.get_state()))}
+        if self.dist is not None:   # decompositions held by other ranks, the sampling seed
+            self.dist.fill_state_dict(sd)
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         if not isinstance(sd, dict) or "blocks" not in sd:
@@ -859,6 +911,8 @@ class KFACEngine:
             self.generator.set_state(gen[1])
         self._clear_capture()
         self._set_capture()
+        if self.dist is not None:   # keep this rank's share of the decompositions
+            self.dist.load_state_dict(sd)
         self._regroup()
 
     # ------------------------------------------------------------------ description
@@ -884,6 +938,8 @@ class KFACEngine:
              "symeig" if self.inverse != "cholesky" else "damped_inverse",
              {"eigh": "kron_precondition_eigen", "ekfac": "ekfac_precondition",
               "cholesky": "kron_precondition_inverse"}[self.inverse])))
+        if self.dist is not None:
+            lines.append(self.dist.describe())
         fb = [(n, r) for n, _, r in self.fallback] + list(extra_fallback)
         if fb:
             lines.append(f"fallback parameters (plain first-order rule): {len(fb)}")

@@ -19,6 +19,22 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
                 "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every")
+# torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
+_DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
+              "bucket_cap_mb")
+
+
+def _dist_options(distributed=None, process_group=None, grad_worker_fraction=1.0,
+                  assignment="compute", bucket_cap_mb=25.0):
+    from .distributed import DistributedOptions
+    return DistributedOptions(enabled=distributed, process_group=process_group,
+                              grad_worker_fraction=grad_worker_fraction, assignment=assignment,
+                              bucket_cap_mb=bucket_cap_mb)
+
+
+def _consolidate(engine, to: int) -> None:
+    if engine.dist is not None:
+        engine.dist.consolidate(to)
 
 
 def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
@@ -67,7 +83,17 @@ class KFAC(torch.optim.Optimizer):
     (the ``torch.amp.GradScaler`` whose scaled loss is back-propagated; step through
     ``scaler.step(opt)``), ``skip_nonfinite`` (default True: a step with non-finite gradients or a
     non-finite update changes neither parameters nor factors; decided on the device, warned once,
-    counted in ``skipped_steps``). See docs/robustness.md.
+    counted in ``skipped_steps``); step control from the quadratic model, all off by default:
+    ``adaptive_lr``, ``adaptive_momentum``, ``adaptive_damping``, ``damping_adaptation_every``,
+    ``damping_adaptation_decay``, ``damping_bounds`` (kfac_kernels.adaptive). See
+    docs/robustness.md.
+
+    torch.distributed (docs/distributed.md): ``distributed`` (None: on when torch.distributed is
+    initialised with several processes; True; False), ``process_group``, ``grad_worker_fraction``
+    (1: every rank holds every decomposition; 1/world: one rank each, which broadcasts the
+    preconditioned gradient), ``assignment`` ("compute" | "memory" | "round_robin"),
+    ``bucket_cap_mb``. The model may be wrapped in DistributedDataParallel (block names are the
+    wrapped module's, without "module.").
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
@@ -78,7 +104,10 @@ class KFAC(torch.optim.Optimizer):
                  kl_clip: Optional[float] = None, weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
-                 seed: Optional[int] = None, full_eigh_every: int = 1, grad_scaler=None,
+                 seed: Optional[int] = None, full_eigh_every: int = 1,
+                 distributed: Optional[bool] = None,
+                 process_group=None, grad_worker_fraction: float = 1.0,
+                 assignment: str = "compute", bucket_cap_mb: float = 25.0, grad_scaler=None,
                  skip_nonfinite: bool = True, adaptive_lr: bool = False,
                  adaptive_momentum: bool = False, adaptive_damping: bool = False,
                  damping_adaptation_every: int = 5, damping_adaptation_decay: float = 0.95,
@@ -122,7 +151,10 @@ class KFAC(torch.optim.Optimizer):
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
                                  seed=seed, full_eigh_every=full_eigh_every,
-                                 trainable=trainable)
+                                 trainable=trainable,
+                                 distributed=_dist_options(distributed, process_group,
+                                                           grad_worker_fraction, assignment,
+                                                           bucket_cap_mb))
         self._check_groups()
 
     # -------------------------------------------------------------- convenience views
@@ -268,6 +300,7 @@ class KFAC(torch.optim.Optimizer):
             found = found_inf.float() if found is None else found + found_inf.to(found.device)
         if found is None:
             return None
+        found = amp.agree(found, eng)
         ok = found == 0
         eng._reject = ~ok
         return ok
@@ -292,7 +325,7 @@ class KFAC(torch.optim.Optimizer):
         group_of = self._group_of()
         grads = {}
         for b in eng.blocks.values():
-            if not b.inverse:
+            if not eng.has_inverse(b):
                 continue
             V = b.grad_matrix()
             if V is None:
@@ -375,6 +408,11 @@ class KFAC(torch.optim.Optimizer):
                                                else self.control.state_dict())}
         return sd
 
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather the decompositions on rank ``to`` so that its
+        ``state_dict()`` is complete. Needed only with ``grad_worker_fraction < 1``."""
+        _consolidate(self.engine, to)
+
     def load_state_dict(self, state_dict: dict) -> None:
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by KFAC")
@@ -403,20 +441,26 @@ class KFACPreconditioner:
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
         out = model(x); loss = loss_fn(out, y)
         base.zero_grad(); pre.backward(loss, out); pre.step(); base.step()
+
+    Takes the engine options of :class:`KFAC` and its torch.distributed options
+    (``distributed``, ``process_group``, ``grad_worker_fraction``, ``assignment``,
+    ``bucket_cap_mb``; docs/distributed.md).
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 1.0, kl_clip: Optional[float] = None,
                  grad_scaler=None, **engine_kwargs):
-        unknown = set(engine_kwargs) - set(_ENGINE_ARGS)
+        unknown = set(engine_kwargs) - set(_ENGINE_ARGS) - set(_DIST_ARGS)
         if unknown:
             raise TypeError(f"KFACPreconditioner got unexpected arguments {sorted(unknown)}; it "
-                            f"takes lr, kl_clip, grad_scaler and {', '.join(_ENGINE_ARGS)}")
+                            f"takes lr, kl_clip, grad_scaler and "
+                            f"{', '.join(_ENGINE_ARGS + _DIST_ARGS)}")
         _check_kl_clip(kl_clip)
         self.lr = lr
         self.kl_clip = kl_clip
         self.grad_scaler = grad_scaler
         self._flags = amp.DeferredFlags()
-        self.engine = KFACEngine(model, **engine_kwargs)
+        dist_kw = {k: engine_kwargs.pop(k) for k in _DIST_ARGS if k in engine_kwargs}
+        self.engine = KFACEngine(model, distributed=_dist_options(**dist_kw), **engine_kwargs)
 
     @property
     def blocks(self):
@@ -461,7 +505,7 @@ class KFACPreconditioner:
             found = amp.check_and_unscale(
                 [p.grad for b in eng.blocks.values() for p in b.params if p.grad is not None])
             if found is not None:
-                eng._reject = found > 0
+                eng._reject = amp.agree(found, eng) > 0
                 if scale is None:
                     self._flags.push(eng._reject, "step", "non-finite block gradients: that "
                                      "step's factor update was skipped (warned once)")
@@ -472,7 +516,7 @@ class KFACPreconditioner:
             eng.update_inverses()
         grads = {}
         for b in eng.blocks.values():
-            if b.inverse:
+            if eng.has_inverse(b):
                 V = b.grad_matrix()
                 if V is not None:
                     grads[b] = V
@@ -489,6 +533,10 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict:
         return self.engine.state_dict()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """See :meth:`KFAC.consolidate_state_dict`."""
+        _consolidate(self.engine, to)
 
     def load_state_dict(self, sd: dict) -> None:
         self.engine.load_state_dict(sd)

@@ -145,3 +145,29 @@ def test_import_is_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_shared_input_with_nan_rejects_every_layer_that_reads_it():
+    """Layers fed the same input share one A estimate; a NaN in it must reject all of them (the
+    verdicts are taken before any estimate is cleaned in place)."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x).nan_to_num(), self.b(x).nan_to_num()
+
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    opt = kk.KFAC(model, lr=0.0, inverse_every=1)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    ya, yb = model(x)
+    (ya.sum() + (yb ** 2).sum()).backward()    # output gradients (so G) stay finite
+    opt.zero_grad(set_to_none=True)            # only the factors are under test
+    with pytest.warns(KFACWarning) as rec:
+        opt.step()
+    assert {str(w.message).split("'")[1] for w in rec} == {"a", "b"}
+    assert int(opt.blocks["a"].count) == 0 and int(opt.blocks["b"].count) == 0
