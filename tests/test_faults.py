@@ -221,3 +221,18 @@ def test_checkpoint_from_a_model_with_the_same_names_and_shapes_but_other_layer_
     with pytest.raises(ValueError, match=r"block '1' is a conv block there and a linear block "
                                          r"here"):
         o_lin.load_state_dict(o_conv.state_dict())
+
+
+# ---------------------------------------------------------------------------- torch.distributed
+@pytest.mark.timeout(60)
+def test_skip_decision_agrees_across_ranks():
+    """A non-finite gradient on one rank skips the step on every rank (the decision is summed
+    over the process group on the device), so replicas and their factors stay identical."""
+    from dist_harness import run_ranks
+    import robust_dist_scenarios as R
+    r0, r1 = run_ranks(R.nonfinite_gradient_on_one_rank, 2, timeout=60)
+    assert r0["unchanged"] and r1["unchanged"]
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert r0["counts"] == r1["counts"] == [2.0, 2.0, 2.0]
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(r0["A"], r1["A"]))
