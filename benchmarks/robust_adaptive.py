@@ -16,7 +16,8 @@ eigendecompositions every 10 (the demo's schedule):
 * adaptive lr+mom: ``adaptive_lr`` + ``adaptive_momentum``, damping 1e-2 fixed, no KL clip;
 * adaptive lr+mom+LM: the three options together (M&G 2015's full scheme), damping from 1e-2.
 
-Reported: training loss after each budget, steps to reach the thresholds, ms/step (CPU).
+Reported: training loss after each budget, steps to reach the thresholds, CPU time per step
+(process time with one thread: wall time on a shared machine is too noisy to compare).
 
 Usage: python benchmarks/robust_adaptive.py [--steps 200] [--threads 1] [--out FILE]
 """
@@ -92,9 +93,9 @@ def train(problem, variant, steps, x, y):
 
     losses, t = [], 0.0
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()      # CPU time: steadier than wall time on a shared machine
         loss = opt.step(closure)
-        t += time.perf_counter() - t0
+        t += time.process_time() - t0
         losses.append(float(loss))
     return losses, 1e3 * t / steps, opt
 
@@ -125,7 +126,7 @@ def main(argv=None):
         thr = PROBLEMS[problem]["thresholds"]
         out += [f"**{problem}** {'-'.join(map(str, PROBLEMS[problem]['dims']))}", "",
                 "| variant | loss @50 | @100 | @" + str(args.steps) + " | "
-                + " | ".join(f"steps to {t:g}" for t in thr) + " | ms/step | final damping |",
+                + " | ".join(f"steps to {t:g}" for t in thr) + " | CPU ms/step | final damping |",
                 "|---|---|---|---|" + "---|" * len(thr) + "---|---|"]
         for variant in VARIANTS:
             losses, ms, opt = train(problem, variant, args.steps, x, y)

@@ -44,10 +44,11 @@ def _kl_factor(kl_clip, total: torch.Tensor) -> torch.Tensor:
 
 
 def _compile_precondition(engine, compile_kwargs) -> None:
+    """Compile the engine's local preconditioning (the batched ops of this process's blocks);
+    a distributed strategy's broadcasts around it stay eager."""
     compile_kwargs.setdefault("fullgraph", True)
-    if not hasattr(engine, "_eager_precondition"):
-        engine._eager_precondition = engine.precondition
-    engine.precondition = torch.compile(engine._eager_precondition, **compile_kwargs)
+    engine.precondition_local = torch.compile(type(engine).precondition_local.__get__(engine),
+                                              **compile_kwargs)
 
 
 def _check_kl_clip(kl_clip):
@@ -220,7 +221,11 @@ class KFAC(torch.optim.Optimizer):
         and for the capture hooks, which split a compiled forward on factor steps. Returns
         ``self``."""
         compile_kwargs.setdefault("fullgraph", True)
-        self._directions = torch.compile(type(self)._directions.__get__(self), **compile_kwargs)
+        if self.engine.dist is None:
+            self._directions = torch.compile(type(self)._directions.__get__(self),
+                                             **compile_kwargs)
+        else:     # the collectives of distributed preconditioning stay eager
+            _compile_precondition(self.engine, dict(compile_kwargs))
         self._update = torch.compile(type(self)._update.__get__(self), **compile_kwargs)
         return self
 

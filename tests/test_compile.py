@@ -169,3 +169,23 @@ def test_cuda_compiled_training_step_matches_eager():
             opt.step()
     for p, q in zip(eager.parameters(), comp.parameters()):
         assert rel_err(q.detach(), p.detach()) <= 1e-3      # TF32 / kernel-order differences
+
+
+def test_compiled_preconditioner_matches_eager():
+    torch._dynamo.reset()
+    m1, m2 = mlp(), mlp()
+    p1 = kk.KFACPreconditioner(m1, damping=1e-2, kl_clip=1e-2).compile(backend=BACKEND)
+    p2 = kk.KFACPreconditioner(m2, damping=1e-2, kl_clip=1e-2)
+    b1 = torch.optim.SGD(m1.parameters(), lr=0.1)
+    b2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(32, 10, generator=g)
+        y = (x[:, :4] - x[:, 4:8]).argmax(1)
+        for m, p, b in ((m1, p1, b1), (m2, p2, b2)):
+            b.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            p.step()
+            b.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert rel_err(a.detach(), b.detach()) <= 1e-6
