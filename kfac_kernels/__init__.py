@@ -10,11 +10,14 @@ compilation, no Triton, CuPy or compiled module until a backend that needs them 
 from ._version import __version__
 from . import ops
 
-__all__ = ["__version__", "ops", "KFAC", "KFACPreconditioner"]
+__all__ = ["__version__", "ops", "nn", "KFAC", "KFACPreconditioner"]
 
 
 def __getattr__(name):  # lazy, so `import kfac_kernels.ops` stays minimal
     if name in ("KFAC", "KFACPreconditioner"):
         from . import optimizer
         return getattr(optimizer, name)
+    if name == "nn":
+        import importlib
+        return importlib.import_module(".nn", __name__)
     raise AttributeError(f"module 'kfac_kernels' has no attribute {name!r}")

@@ -55,25 +55,51 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
 
 
 def _select(b: Block, only: Optional[set]) -> Dict[str, torch.Tensor]:
-    """A block's factors to decompose: all, or those listed in ``only`` as (block, which)."""
-    mats = {"A": b.A, "G": b.G}
+    """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
+    diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
+    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
     return mats if only is None else {w: f for w, f in mats.items() if (b, w) in only}
 
 
 class _Group:
-    """Blocks of one gradient shape/dtype/device, preconditioned in one batched call."""
+    """Blocks of one gradient shape/dtype/device, preconditioned in one batched call.
+
+    A stacked block (grouped convolution, normalisation layer) contributes ``num_stack``
+    consecutive matrices to the stacks, a plain block one; ``slots`` records where each sits."""
 
     def __init__(self, key, blocks: List[Block]):
         self.key = key
         self.blocks = blocks
         self.stacks: Dict[str, torch.Tensor] = {}
+        self.slots: Dict[Block, slice] = {}
 
     def restack(self) -> None:
         """Stack the members' decompositions and make each member's entries views of the stack."""
         names = self.blocks[0].inverse.keys()
-        self.stacks = {k: torch.stack([b.inverse[k] for b in self.blocks]) for k in names}
-        for i, b in enumerate(self.blocks):
-            b.inverse = {k: v[i] for k, v in self.stacks.items()}
+        self.stacks = {k: torch.cat([b.inverse[k] if b.stacked else b.inverse[k].unsqueeze(0)
+                                     for b in self.blocks]) for k in names}
+        off = 0
+        for b in self.blocks:
+            sl = slice(off, off + b.num_stack)
+            off += b.num_stack
+            self.slots[b] = sl
+            b.inverse = {k: (v[sl] if b.stacked else v[sl.start]) for k, v in self.stacks.items()}
+
+    def rows(self, members: List[Block]) -> List[int]:
+        return [i for b in members for i in range(self.slots[b].start, self.slots[b].stop)]
+
+
+class _Slice:
+    """One matrix of a stacked block, seen by the inverse phase as a block of its own (so that
+    batching by size and the fallback chain work per matrix)."""
+
+    diag_A = False
+
+    def __init__(self, block: Block, i: int):
+        self.block, self.i = block, i
+        self.name = f"{block.name}[{i}]"
+        self.A, self.G = block.A[i], block.G[i]
+        self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
 
 
 class KFACEngine:
@@ -85,7 +111,8 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 full_eigh_every: int = 1, trainable: Optional[set] = None, distributed=None):
+                 full_eigh_every: int = 1, trainable: Optional[set] = None,
+                 only: Optional[Iterable[str]] = None, distributed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
@@ -142,6 +169,7 @@ class KFACEngine:
         self.loss_reduction = loss_reduction
         self.seed = seed
         self.generator: Optional[torch.Generator] = None
+        self._out_batch: Optional[int] = None    # batch size of the last curvature pass output
 
         self.steps = 0                     # completed optimiser steps
         self.factor_updates = 0            # factor updates performed
@@ -153,6 +181,10 @@ class KFACEngine:
         self._deferred: List[Tuple[object, torch.Tensor, List[str]]] = []
         self._warned: set = set()
         self._groups: List[_Group] = []
+        self._grad_calls: Dict[Block, List[int]] = defaultdict(list)   # call index of each grad
+        # EKFAC: statistics of passes whose eigenbasis is replaced this step, kept until the new
+        # basis exists (see _fold_ekfac); {block: [(inputs, grads, calls, alpha)]}
+        self._ekfac_stash: Dict[Block, list] = defaultdict(list)
         # robustness (see docs/robustness.md): a device flag that rejects this step's factor
         # update (non-finite gradients, GradScaler overflow), a device factor for the empirical
         # G_hat (1/S^2 under a GradScaler), and whether captured statistics have seen a backward
@@ -164,10 +196,15 @@ class KFACEngine:
 
         self.blocks: "OrderedDict[str, Block]" = OrderedDict()
         self.fallback: List[Tuple[str, torch.Tensor, str]] = []
-        self._discover(model, tuple(skip), factor_dtype, trainable)
+        if isinstance(skip, str) or isinstance(only, str):
+            raise TypeError("skip= and only= take a list of module names or glob patterns, not a "
+                            "single string")
+        self._discover(model, tuple(skip), factor_dtype, trainable,
+                       None if only is None else tuple(only))
         if not self.blocks:
             raise ValueError(
-                "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d); "
+                "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
+                "normalisation layers, kfac_kernels.nn cells); "
                 "fallback parameters: " + (", ".join(f"{n} ({r})" for n, _, r in self.fallback)
                                            or "none"))
         self._hooks = [b.module.register_forward_hook(self._forward_hook(b))
@@ -177,13 +214,53 @@ class KFACEngine:
         weakref.finalize(self, _remove_hooks, self._hooks)
         self._set_capture()
         self.dist = _dist.setup(self, distributed)   # None in a single process: no collectives
+        if self.dist is not None:
+            try:
+                self._check_distributed_support()
+            except NotImplementedError:
+                self.close()          # no hooks left behind on the model
+                raise
+
+    def _check_distributed_support(self) -> None:
+        """The distributed strategy reduces and shares plain [d, d] factors and the eigh/cholesky
+        entries: stacked blocks (grouped convolutions, normalisation layers), a diagonal A
+        (embeddings) and EKFAC's scalings are not supported there yet. Every rank raises alike."""
+        odd = [f"{n} ({type(b).__name__})" for n, b in self.blocks.items()
+               if b.stacked or b.diag_A]
+        if odd or self.inverse == "ekfac":
+            what = (f"the blocks {', '.join(odd)}" if odd else "") + (
+                " and " if odd and self.inverse == "ekfac" else "") + (
+                "EKFAC's scalings (inverse='ekfac')" if self.inverse == "ekfac" else "")
+            raise NotImplementedError(
+                f"distributed K-FAC does not reduce or share {what} yet: leave those modules to the "
+                f"first-order rule with skip=/only=, use inverse='eigh', or pass distributed=False")
 
     # ------------------------------------------------------------------ discovery
-    def _discover(self, model, skip, factor_dtype, trainable):
+    @staticmethod
+    def _matches(mname: str, pattern: str) -> bool:
+        """A pattern names a module or any module inside it ("encoder" covers "encoder.0.fc")."""
+        parts = mname.split(".") if mname else [""]
+        return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern)
+                   for i in range(1, len(parts) + 1))
+
+    def _discover(self, model, skip, factor_dtype, trainable, only=None):
         owner: Dict[int, List[str]] = defaultdict(list)
+        names = [mname for mname, _ in model.named_modules()]
         for mname, mod in model.named_modules():
             for pname, p in mod.named_parameters(recurse=False):
                 owner[id(p)].append(mname)
+        for opt_name, pats in (("skip", skip), ("only", only or ())):
+            for pat in pats:
+                if not isinstance(pat, str):
+                    raise TypeError(f"{opt_name}= takes module names or glob patterns (str), got "
+                                    f"{pat!r}")
+                if not any(self._matches(n, pat) for n in names):
+                    shown = [n for n in names if n][:12]
+                    raise ValueError(
+                        f"{opt_name}= names {pat!r}, which matches no module of the model (module "
+                        f"names as named_modules() gives them, e.g. "
+                        f"{', '.join(map(repr, shown)) or 'none'}{', ...' if len(names) > 13 else ''})")
+        why_not: Dict[str, List[str]] = defaultdict(list)    # only= pattern -> refusals
         claimed = set()
         for mname, mod in model.named_modules():
             direct = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if p.requires_grad
@@ -192,8 +269,11 @@ class KFACEngine:
                 continue
             reason = ""
             cls, why = block_type_for(mod)
-            if any(fnmatch.fnmatchcase(mname, pat) for pat in skip):
+            wanted = [pat for pat in (only or ()) if self._matches(mname, pat)]
+            if any(self._matches(mname, pat) for pat in skip):
                 reason = "listed in skip="
+            elif only is not None and not wanted:
+                reason = "not listed in only="
             elif cls is None:
                 reason = why
             elif not mod.weight.requires_grad or (trainable is not None and id(mod.weight) not in trainable):
@@ -201,11 +281,15 @@ class KFACEngine:
             elif any(len(set(owner[id(p)])) > 1 for _, p in direct):
                 reason = "parameter shared with another module (tied weights)"
             if reason:
+                for pat in wanted:
+                    why_not[pat].append(f"{mname or '<model>'} ({type(mod).__name__}): {reason}")
                 for pn, p in direct:
                     if id(p) not in claimed:
                         claimed.add(id(p))
                         self.fallback.append((f"{mname}.{pn}" if mname else pn, p, reason))
                 continue
+            for pat in wanted:
+                why_not[pat].append("")
             block = cls(mname, mod, weight_sharing=self.weight_sharing,
                         factor_dtype=factor_dtype, backend=self.op_backend("conv_input_factor"))
             self.blocks[mname] = block
@@ -215,6 +299,13 @@ class KFACEngine:
                 if id(p) not in claimed:
                     claimed.add(id(p))
                     self.fallback.append((f"{mname}.{pn}", p, "not part of the block"))
+        for pat in only or ():
+            refusals = why_not.get(pat, [])
+            if "" not in refusals:
+                raise ValueError(
+                    f"only= asks K-FAC to precondition {pat!r}, but no module it names can get a "
+                    f"block: " + ("; ".join(refusals) if refusals else
+                                  "the modules it names hold no trainable parameters"))
 
     def op_backend(self, op: str) -> str:
         """The backend for one op: the one asked for where it implements the op, else "auto"
@@ -252,10 +343,15 @@ class KFACEngine:
         """Drop the captures of a step that was never taken; layer inputs captured after its
         backward pass (this step's forward, run before ``zero_grad``) are kept."""
         for b in self.blocks.values():
-            b.inputs = b.inputs[getattr(b, "_inputs_at_backward", 0):]
+            mark = getattr(b, "_inputs_at_backward", 0)
+            b.inputs = b.inputs[mark:]
+            b._call_offset = getattr(b, "_call_offset", 0) + mark   # hooks know absolute calls
             b.A_hat = b.G_hat = None
+            b.S_hat = None
             b._inputs_at_backward = 0
         self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
+        self._ekfac_stash = defaultdict(list)
         self._pending_passes = 0
         self._seen_backward = self._stale = False
         self._warn_once(("stale",), "statistics captured for a step whose step() never ran were "
@@ -287,10 +383,10 @@ class KFACEngine:
             block.check_input(x)
             block.inputs.append(x.detach())
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._grad_hook(block))
+                output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
         return hook
 
-    def _grad_hook(self, block: Block):
+    def _grad_hook(self, block: Block, call: int = 0):
         ref = weakref.ref(self)
 
         def hook(grad):
@@ -301,6 +397,8 @@ class KFACEngine:
                 if self.dist is not None:
                     self.dist.backward_started()   # launch the A reduction (once per step)
                 self._grads[block].append(grad.detach())
+                # call index among the inputs kept (stale ones dropped: see _drop_stale)
+                self._grad_calls[block].append(call - getattr(block, "_call_offset", 0))
                 self._mark_backward(block)
         return hook
 
@@ -323,9 +421,17 @@ class KFACEngine:
             if not grads:
                 continue
             n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
-            for job in block.g_jobs(grads, self._g_scale(n, weight, empirical)):
+            calls = self._grad_calls[block]
+            scale = self._g_scale(n, weight, empirical)
+            for job in block.pass_jobs(grads, calls, scale):
                 jobs.append((block, job))
+            if self.inverse == "ekfac" and block.inputs:
+                alpha = scale / n
+                if self._g_rescale is not None:   # a scaled loss's gradients (1/S^2, device)
+                    alpha = self._g_rescale * alpha
+                self._fold_ekfac(block, grads, calls, alpha)
         self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
         self._run_jobs(jobs, target="G_hat", accumulate=True)
         if jobs:
             self._pending_passes += 1
@@ -340,6 +446,7 @@ class KFACEngine:
         check_likelihood_output(self.likelihood, out)
         if self._stale:
             self._drop_stale()
+        self._out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
             raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
@@ -382,8 +489,9 @@ class KFACEngine:
             self.dist.clear()
         for b in self.blocks.values():
             b.clear_capture()
-            b._inputs_at_backward = 0
+            b._inputs_at_backward = b._call_offset = 0
         self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
         self._pending_passes = 0
         self._seen_backward = self._stale = False
 
@@ -433,7 +541,14 @@ class KFACEngine:
                     uniq[k] = len(xs)
                     xs.append(job.x)
                 slot.append(uniq[k])
-            if len(xs) == 1:
+            if x0.dim() == 3:   # stacked jobs (one matrix per group/channel): concatenate
+                per = x0.shape[0]
+                out = torch.empty(len(xs) * per, d, d, dtype=dtype, device=x0.device)
+                ops.syrk_update(out, xs[0] if len(xs) == 1 else torch.cat(xs), alpha=alpha,
+                                beta=0.0, homogeneous=hom, backend=self.op_backend("syrk_update"))
+                for (block, _), s in zip(members, slot):
+                    setattr(block, target, out[s * per:(s + 1) * per])
+            elif len(xs) == 1:
                 out = torch.empty(d, d, dtype=dtype, device=x0.device)
                 ops.syrk_update(out, xs[0], alpha=alpha, beta=0.0, homogeneous=hom,
                                 backend=self.op_backend("syrk_update"))
@@ -471,6 +586,7 @@ class KFACEngine:
         if not captured:
             self._clear_capture()
             return False
+        self._check_batch_sizes(captured)
         if self._pending_passes == 0 or all(b.G_hat is None for b in captured):
             self._clear_capture()
             if self.curvature == "empirical":
@@ -486,7 +602,10 @@ class KFACEngine:
         else:   # averaged over ranks (kfac_kernels.distributed), part of it launched earlier
             stats = self.dist.factor_statistics(captured)
         self._clear_capture()
-        return self.merge_statistics(stats)
+        updated = self.merge_statistics(stats)
+        if self.inverse == "ekfac":
+            self._merge_scalings([b for b in stats])
+        return updated
 
     def compute_statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
         """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
@@ -571,6 +690,84 @@ class KFACEngine:
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats
 
+    def _check_batch_sizes(self, captured: List[Block]) -> None:
+        """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
+        the model output's batch size (or, for "empirical", the most common one among the layers)
+        differs from it, e.g. a position embedding called on arange(T) or a Linear fed
+        x.view(-1, d). Its statistics would not be per-example. Shapes only: no host sync."""
+        sizes = {b: {b.batch_size(x) for x in b.inputs} for b in captured}
+        n = getattr(self, "_out_batch", None)
+        if n is None:
+            counts: Dict[int, int] = defaultdict(int)
+            for ss in sizes.values():
+                for v in ss:
+                    counts[v] += 1
+            n = max(counts, key=lambda v: (counts[v], v))
+        self._out_batch = None
+        for b, ss in sizes.items():
+            if ss != {n}:
+                self._warn_once(("batch", b.name),
+                                f"module {b.name!r} saw inputs with batch size(s) {sorted(ss)} while "
+                                f"the model's batch size is {n}: K-FAC reads dim 0 of a layer's "
+                                f"input as the example index, so this block's statistics are not "
+                                f"per-example (a position embedding called on arange(T)? a layer fed "
+                                f"x.view(-1, d)?). Keep the batch dimension first (e.g. "
+                                f"pos.expand(N, T)) or leave the module out with skip=")
+
+    # ------------------------------------------------------------------ EKFAC scalings
+    def _fold_ekfac(self, b: Block, grads, calls, alpha: float) -> None:
+        """Fold one backward pass into the block's EKFAC estimate S_hat in the CURRENT eigenbasis,
+        or, when that basis is replaced in this step's inverse update (or does not exist yet),
+        keep the pass until the new basis exists (``update_inverses`` computes S from it)."""
+        if self.inverse_due() or "QG" not in b.inverse or "S" not in b.inverse:
+            self._ekfac_stash[b].append((list(b.inputs), list(grads), list(calls), alpha))
+            return
+        part = b.ekfac_sums(b.inputs, grads, calls, b.inverse["QG"], b.inverse.get("QA"))
+        part = part.to(b.factor_dtype) * alpha
+        b.S_hat = part if getattr(b, "S_hat", None) is None else b.S_hat + part
+
+    def reduce_scalings(self, s_hats: "OrderedDict[Block, torch.Tensor]"):
+        """Combine EKFAC estimates across processes (identity in one process; the distributed
+        strategy averages them over ranks here, like ``reduce_statistics``)."""
+        return s_hats
+
+    def _merge_scalings(self, blocks: List[Block]) -> None:
+        """S <- rho S + (1 - rho) S_hat, rho = min(1 - 1/k, ema_decay), k counting accepted
+        estimates since the eigenbasis last changed; on the device, guarded like the factors."""
+        s_hats = OrderedDict((b, b.S_hat) for b in blocks if getattr(b, "S_hat", None) is not None)
+        for b in blocks:
+            b.S_hat = None
+        for b, s_hat in self.reduce_scalings(s_hats).items():
+            S = b.inverse["S"]
+            ok = torch.isfinite(s_hat).all()
+            if self._reject is not None:      # the whole step was rejected (see KFAC.step)
+                ok = ok & ~self._reject.to(ok.device)
+            count = b.ekfac_count + ok.to(b.ekfac_count.dtype)
+            rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
+            S.copy_(torch.where(ok, S * rho + s_hat * (1.0 - rho), S))   # in place: S is a stack view
+            b.ekfac_count = count
+
+    def _scalings_after_decomposition(self, blocks: List[Block]) -> None:
+        """EKFAC after a new eigenbasis: S restarts in it, from this step's statistics (kept by
+        ``_fold_ekfac``) when there are any, else from the K-FAC eigenvalues lamG lamA^T."""
+        for b in blocks:
+            inv = b.inverse
+            lamA = inv["lamA"].clamp_min(0)
+            init = inv["lamG"].clamp_min(0).unsqueeze(-1) * lamA.unsqueeze(-2)
+            stash = self._ekfac_stash.pop(b, [])
+            est = None
+            for inputs, grads, calls, alpha in stash:
+                part = b.ekfac_sums(inputs, grads, calls, inv["QG"], inv.get("QA")).to(init.dtype)
+                est = part * alpha if est is None else est + part * alpha
+            dev = init.device
+            if est is None:
+                inv["S"], b.ekfac_count = init, torch.zeros((), dtype=b.factor_dtype, device=dev)
+            else:
+                ok = torch.isfinite(est).all()
+                inv["S"] = torch.where(ok, est, init)
+                b.ekfac_count = ok.to(b.factor_dtype)
+        self._ekfac_stash = defaultdict(list)
+
     def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
         """Read the skip flags on the host later, without waiting for the device now (not in a
         compiled region: ``b.skipped`` still counts there, the warning is not emitted)."""
@@ -633,17 +830,42 @@ class KFACEngine:
             self.dist.update_inverses(ready)
         else:
             self.decompose(ready)
+        if self.inverse == "ekfac" and self.dist is None:
+            self._scalings_after_decomposition(ready)
         self._needs_inverse = False
         self.inverse_updates += 1
         self._regroup()
 
     def decompose(self, blocks: List[Block], only: Optional[set] = None) -> None:
         """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs, the
-        others' entries in ``block.inverse`` are left as they are)."""
+        others' entries in ``block.inverse`` are left as they are).
+
+        A stacked block (groups, channels) is decomposed through one ``_Slice`` per member, so
+        its matrices join the size buckets (one batched call with every other factor of that
+        size) and the fallback chain works per matrix. A diagonal A is not decomposed; under
+        inverse="cholesky" a block with a diagonal A has its G decomposed by eigh instead (the
+        pi-damped update is then computed exactly in G's eigenbasis, docs/layers.md)."""
+        units, slices = [], {}
+        for b in blocks:
+            if b.stacked:
+                slices[b] = [_Slice(b, i) for i in range(b.num_stack)]
+                units += slices[b]
+            else:
+                units.append(b)
+        if only is not None:
+            only = set(only) | {(p, w) for b, parts in slices.items() for p in parts
+                                for w in ("A", "G") if (b, w) in only}
         if self.inverse in ("eigh", "ekfac"):
-            self._eigh_all(blocks, only)
+            self._eigh_all(units, only)
         else:
-            self._cholesky_all(blocks, only)
+            self._cholesky_all([u for u in units if not u.diag_A], only)
+            self._eigh_all([u for u in units if u.diag_A], only)
+        for b, parts in slices.items():
+            new = {k: torch.stack([p.inverse[k] for p in parts]) for k in parts[0].inverse}
+            b.inverse = new if only is None else {**b.inverse, **new}
+        for b in blocks:
+            if b.diag_A and (only is None or (b, "A") in only):
+                b.inverse["lamA"] = b.A.clone()
 
     def _buckets(self, blocks: List[Block], mats: Callable[[Block], Dict[str, torch.Tensor]]):
         buckets: Dict[tuple, List[Tuple[Block, str, torch.Tensor]]] = OrderedDict()
@@ -726,9 +948,11 @@ class KFACEngine:
             n, dtype=f.dtype, device=f.device)
 
     def pi(self, b: Block) -> torch.Tensor:
-        """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined)."""
-        ta = b.A.diagonal().sum() / b.A.shape[-1]
-        tg = b.G.diagonal().sum() / b.G.shape[-1]
+        """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined); one per
+        member of a stacked block, and a diagonal A's trace is its sum."""
+        diagA = b.A if b.diag_A else b.A.diagonal(dim1=-2, dim2=-1)
+        ta = diagA.sum(-1) / b.A.shape[-1]
+        tg = b.G.diagonal(dim1=-2, dim2=-1).sum(-1) / b.G.shape[-1]
         pi = torch.sqrt(ta / tg)
         return torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
 
@@ -789,7 +1013,7 @@ class KFACEngine:
         groups: Dict[tuple, List[Block]] = OrderedDict()
         for b in self.blocks.values():
             if b.inverse:
-                key = (b.shape, b.factor_dtype, b.weight.device, tuple(sorted(b.inverse)))
+                key = (b.shape[-2:], b.factor_dtype, b.weight.device, tuple(sorted(b.inverse)))
                 groups.setdefault(key, []).append(b)
         self._groups = [_Group(k, v) for k, v in groups.items()]
         for g in self._groups:
@@ -819,12 +1043,16 @@ class KFACEngine:
             if len(members) == len(g.blocks):
                 st = g.stacks
             else:
-                idx = torch.tensor([g.blocks.index(b) for b in members],
-                                   device=next(iter(g.stacks.values())).device)
+                idx = torch.tensor(g.rows(members), device=next(iter(g.stacks.values())).device)
                 st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            V = (grads[members[0]].unsqueeze(0) if len(members) == 1
-                 else torch.stack([grads[b] for b in members]))
-            if self.inverse == "cholesky":
+            if len(members) == 1:
+                b0 = members[0]
+                V = grads[b0] if b0.stacked else grads[b0].unsqueeze(0)
+            else:
+                V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
+            if "lamA" in st and "QA" not in st:     # diagonal A (embeddings)
+                U, dot = self._precondition_diag(members, st, V)
+            elif self.inverse == "cholesky":
                 U, dot = ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"],
                                                        return_dot=True, backend=self.op_backend("kron_precondition_inverse"))
             elif self.inverse == "ekfac" and "S" in st:
@@ -832,7 +1060,7 @@ class KFACEngine:
                                                 return_dot=True, backend=self.op_backend("ekfac_precondition"))
             elif self.damping_mode == "pi":
                 root = math.sqrt(self.damping)
-                pis = torch.stack([self.pi(b) for b in members]).to(st["lamA"].dtype)
+                pis = torch.cat([self.pi(b).reshape(-1) for b in members]).to(st["lamA"].dtype)
                 lamA = st["lamA"].clamp_min(0) + (pis * root).unsqueeze(-1)
                 lamG = st["lamG"].clamp_min(0) + (root / pis).unsqueeze(-1)
                 U, dot = ops.kron_precondition_eigen(V, st["QG"], lamG, st["QA"], lamA, 0.0,
@@ -841,13 +1069,39 @@ class KFACEngine:
                 U, dot = ops.kron_precondition_eigen(V, st["QG"], st["lamG"], st["QA"],
                                                      st["lamA"], float(self.damping),
                                                      return_dot=True, backend=self.op_backend("kron_precondition_eigen"))
-            for i, b in enumerate(members):
-                out_u[b] = U[i]
-                out_dot[b] = dot[i]
+            off = 0
+            for b in members:
+                if b.stacked:
+                    out_u[b] = U[off:off + b.num_stack]
+                    out_dot[b] = dot[off:off + b.num_stack].sum()
+                else:
+                    out_u[b] = U[off]
+                    out_dot[b] = dot[off]
+                off += b.num_stack
         return out_u, out_dot
+
+    def _precondition_diag(self, members: List[Block], st: Dict[str, torch.Tensor], V):
+        """Blocks whose A is diagonal: ``ops.kron_precondition_diag`` with scalings lamG a^T
+        (eigenvalue damping), the pi-damped product (damping_mode "pi", also under
+        inverse="cholesky": the same update, with G's inverse through its eigenbasis) or EKFAC's S."""
+        backend = self.op_backend("kron_precondition_diag")
+        if "S" in st:
+            return ops.kron_precondition_diag(V, st["QG"], st["S"], float(self.damping),
+                                              return_dot=True, backend=backend)
+        lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
+        damping = float(self.damping)
+        if self.damping_mode == "pi":
+            root = math.sqrt(self.damping)
+            pis = torch.cat([self.pi(b).reshape(-1) for b in members]).to(lamA.dtype)
+            lamA = lamA + (pis * root).unsqueeze(-1)
+            lamG = lamG + (root / pis).unsqueeze(-1)
+            damping = 0.0
+        return ops.kron_precondition_diag(V, st["QG"], lamG.unsqueeze(-1) * lamA.unsqueeze(-2),
+                                          damping, return_dot=True, backend=backend)
 
     def end_step(self) -> None:
         self.steps += 1
+        self._ekfac_stash = defaultdict(list)
         self._set_capture()
 
     # ------------------------------------------------------------------ state
@@ -859,6 +1113,8 @@ class KFACEngine:
                 entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
                              skipped=b.skipped.clone(),
                              inverse={k: v.clone() for k, v in b.inverse.items()})
+                if getattr(b, "ekfac_count", None) is not None:
+                    entry["ekfac_count"] = b.ekfac_count.clone()
             blocks[name] = entry
         sd = {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
               "inverse_updates": self.inverse_updates, "inverse": self.inverse,
@@ -900,6 +1156,10 @@ class KFACEngine:
             b.count, b.skipped = entry["count"].to(dev), entry["skipped"].to(dev)
             b.inverse = ({k: v.to(dev) for k, v in entry["inverse"].items()}
                          if same_inverse else {})
+            b.ekfac_count = (entry["ekfac_count"].to(dev)
+                             if same_inverse and "ekfac_count" in entry else None)
+            if b.ekfac_count is None and "S" in b.inverse:
+                b.ekfac_count = torch.ones((), dtype=b.factor_dtype, device=dev)
         self.steps = int(sd["steps"])
         self.factor_updates = int(sd["factor_updates"])
         self.inverse_updates = int(sd.get("inverse_updates", 0))

@@ -18,7 +18,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only")
 # torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
 _DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
               "bucket_cap_mb")
@@ -57,14 +57,11 @@ def _check_kl_clip(kl_clip):
 
 
 class KFAC(torch.optim.Optimizer):
-    # GradScaler hands this optimiser grad_scale / found_inf and always calls step(): the
-    # unscaling and the skip of an overflowed step happen here, on the device (amp.py)
-    _step_supports_amp_scaling = True
-
     """K-FAC: natural-gradient descent with a Kronecker-factored metric (Luk & Grosse).
 
-    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d) are preconditioned by ``G^-1 V A^-1``
-    (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
+    Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d including grouped, nn.Embedding,
+    normalisation layers' affine parameters, the recurrent cells of :mod:`kfac_kernels.nn`; see
+    docs/layers.md) are preconditioned by ``G^-1 V A^-1`` (damped as ``damping_mode`` says); all other trainable parameters take a plain SGD step with the
     same lr, momentum and weight decay (``describe()`` lists them). Usage::
 
         opt = KFAC(model, lr=1e-2, curvature="fisher", likelihood="categorical")
@@ -80,14 +77,18 @@ class KFAC(torch.optim.Optimizer):
     is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
     ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
     eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
-    skips factors whose basis still diagonalises them; default 1 = always full), ``grad_scaler``
-    (the ``torch.amp.GradScaler`` whose scaled loss is back-propagated; step through
-    ``scaler.step(opt)``), ``skip_nonfinite`` (default True: a step with non-finite gradients or a
-    non-finite update changes neither parameters nor factors; decided on the device, warned once,
-    counted in ``skipped_steps``); step control from the quadratic model, all off by default:
-    ``adaptive_lr``, ``adaptive_momentum``, ``adaptive_damping``, ``damping_adaptation_every``,
-    ``damping_adaptation_decay``, ``damping_bounds`` (kfac_kernels.adaptive). See
-    docs/robustness.md.
+    skips factors whose basis still diagonalises them; default 1 = always full). ``only``
+    (module names or glob patterns: precondition these modules and leave every other parameter
+    to the first-order rule; a name that matches no module, or only modules K-FAC cannot
+    precondition, is an error, as is a ``skip`` pattern that matches no module).
+
+    Robustness (docs/robustness.md): ``grad_scaler`` (the ``torch.amp.GradScaler`` whose scaled
+    loss is back-propagated; step through ``scaler.step(opt)``), ``skip_nonfinite`` (default True:
+    a step with non-finite gradients or a non-finite update changes neither parameters nor
+    factors; decided on the device, warned once, counted in ``skipped_steps``); step control from
+    the quadratic model, all off by default: ``adaptive_lr``, ``adaptive_momentum``,
+    ``adaptive_damping``, ``damping_adaptation_every``, ``damping_adaptation_decay``,
+    ``damping_bounds`` (:mod:`kfac_kernels.adaptive`).
 
     torch.distributed (docs/distributed.md): ``distributed`` (None: on when torch.distributed is
     initialised with several processes; True; False), ``process_group``, ``grad_worker_fraction``
@@ -96,6 +97,10 @@ class KFAC(torch.optim.Optimizer):
     ``bucket_cap_mb``. The model may be wrapped in DistributedDataParallel (block names are the
     wrapped module's, without "module.").
     """
+
+    # GradScaler hands this optimiser grad_scale / found_inf and always calls step(): the
+    # unscaling and the skip of an overflowed step happen here, on the device (amp.py)
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9,
                  weight_decay: float = 0.0, damping: float = 1e-3,
@@ -106,6 +111,7 @@ class KFAC(torch.optim.Optimizer):
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, full_eigh_every: int = 1,
+                 only: Optional[Iterable[str]] = None,
                  distributed: Optional[bool] = None,
                  process_group=None, grad_worker_fraction: float = 1.0,
                  assignment: str = "compute", bucket_cap_mb: float = 25.0, grad_scaler=None,
@@ -152,7 +158,7 @@ class KFAC(torch.optim.Optimizer):
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
                                  seed=seed, full_eigh_every=full_eigh_every,
-                                 trainable=trainable,
+                                 trainable=trainable, only=only,
                                  distributed=_dist_options(distributed, process_group,
                                                            grad_worker_fraction, assignment,
                                                            bucket_cap_mb))

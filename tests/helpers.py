@@ -3,6 +3,8 @@ with the library's capture, scaling or batching (Jacobians and Hessians by autog
 patches by F.unfold)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -107,3 +109,167 @@ def _dummy(likelihood, f):
 def _sqrt_psd(H):
     lam, Q = torch.linalg.eigh(H)
     return Q * lam.clamp_min(0).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------
+# General per-example references for every block kind (grouped convs, embeddings, normalisation
+# layers, modules called several times). Patches come from a convolution with one-hot kernels,
+# embedding inputs from explicit one-hot rows, normalisation curvature from per-example gradients
+# of the parameters themselves: nothing is shared with the library's capture or batching.
+def onehot_patches(module, a):
+    """[T, C*K] patches of one example's conv input a [1, C, *sp] (order (c, k...)), by a grouped
+    convolution with one-hot kernels, honouring the module's padding mode."""
+    nd = a.dim() - 2
+    k = module.kernel_size
+    K = math.prod(k)
+    C = a.shape[1]
+    eye = torch.eye(K, dtype=a.dtype).reshape(K, 1, *k).repeat(C, 1, *([1] * nd))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    if module.padding_mode != "zeros":
+        a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        pad = 0
+    else:
+        pad = module.padding
+    p = conv(a, eye, stride=module.stride, padding=pad, dilation=module.dilation, groups=C)
+    return p.reshape(C * K, -1).T
+
+
+def _group_rows(module, a, g):
+    """Per group: (input rows [T, k(+1)], output-gradient rows [T, m]) of one call of one example."""
+    if isinstance(module, torch.nn.Embedding):
+        tok = a.reshape(-1)
+        keep = torch.ones_like(tok, dtype=torch.bool) if module.padding_idx is None else \
+            tok != module.padding_idx
+        rows = F.one_hot(tok[keep], module.num_embeddings).to(g.dtype)
+        return [(rows, g.reshape(-1, g.shape[-1])[keep])]
+    if isinstance(module, torch.nn.Linear):
+        groups, rows, grows = 1, a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+    else:
+        groups = module.groups
+        rows = onehot_patches(module, a)
+        grows = g.reshape(g.shape[1], -1).T
+    out = []
+    for j in range(groups):
+        r = rows.chunk(groups, 1)[j]
+        if module.bias is not None:
+            r = torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype)], 1)
+        out.append((r, grows.chunk(groups, 1)[j]))
+    return out
+
+
+def _passes(model, module, xn, yn, curvature, likelihood, targets_n):
+    """For one example: its per-call layer inputs, and per backward vector of the metric
+    (weight, [output-gradient of each call])."""
+    calls, outs = [], []
+
+    def record(m, a, o):
+        calls.append(a[0].detach())
+        outs.append(o.detach())
+
+    h = module.register_forward_hook(record)
+    model(xn)
+    h.remove()
+    # zero probes added to each call's output: d(loss)/d(probe_c) is the TOTAL derivative at the
+    # call's output node, through every later use (later time steps included), as backprop sees it
+    s_vars = [torch.zeros_like(o).requires_grad_(True) for o in outs]
+    counter = [0]
+
+    def replace(m, a, o):
+        v = s_vars[counter[0]]
+        counter[0] += 1
+        return o + v
+
+    h = module.register_forward_hook(replace)
+    try:
+        out = model(xn)
+    finally:
+        h.remove()
+    res = []
+    if curvature == "ggn":
+        H = torch.autograd.functional.hessian(
+            lambda f: per_example_loss(likelihood, f, _dummy(likelihood, f)).sum(), out.detach())
+        L = _sqrt_psd(H.reshape(out.numel(), out.numel()))
+        for k in range(L.shape[1]):
+            gs = torch.autograd.grad(out, s_vars, grad_outputs=L[:, k].reshape(out.shape),
+                                     retain_graph=True, allow_unused=True)
+            res.append((1.0, gs))
+    else:
+        tgts = [yn] if curvature == "empirical" else targets_n
+        for tgt in tgts:
+            loss = per_example_loss(likelihood, out, tgt).sum()
+            gs = torch.autograd.grad(loss, s_vars, retain_graph=True, allow_unused=True)
+            res.append((1.0 / len(tgts), gs))
+    res = [(w, [torch.zeros_like(s) if g is None else g for g, s in zip(gs, s_vars)])
+           for w, gs in res]
+    return calls, res
+
+
+def brute_block(model, name, x, y, curvature, likelihood, weight_sharing, fisher_targets=None):
+    """Per-example reference of block ``name`` (Linear, Conv1d/2d/3d with any groups, Embedding;
+    any number of calls per forward pass), in float64.
+
+    Returns per group: A (dense; for an embedding the dense one-hot second moment), G, and the
+    per-example gradient matrices D [n_examples * n_passes, m, k(+1)] scaled by sqrt(pass weight),
+    so that the metric's exact diagonal block is (1/N) sum vec(D) vec(D)^T.
+    """
+    module = dict(model.named_modules())[name]
+    n_ex = x.shape[0]
+    A, G, D, count = None, None, [], 0
+    for n in range(n_ex):
+        tn = None if fisher_targets is None else [t[n:n + 1] for t in fisher_targets]
+        calls, passes = _passes(model, module, x[n:n + 1], y[n:n + 1], curvature, likelihood, tn)
+        first = True
+        for w, gs in passes:
+            per_call = [_group_rows(module, a, g) for a, g in zip(calls, gs)]   # [call][group]
+            groups = len(per_call[0])
+            if A is None:
+                A = [0.0] * groups
+                G = [0.0] * groups
+                D = [[] for _ in range(groups)]
+            for j in range(groups):
+                rows = torch.cat([pc[j][0] for pc in per_call])
+                grows = torch.cat([pc[j][1] for pc in per_call])
+                if first:
+                    if weight_sharing == "expand":
+                        A[j] = A[j] + rows.T @ rows
+                    else:
+                        abar = rows.mean(0, keepdim=True) if rows.shape[0] else rows.sum(0, keepdim=True)
+                        A[j] = A[j] + abar.T @ abar
+                if weight_sharing == "expand":
+                    G[j] = G[j] + w * grows.T @ grows
+                else:
+                    gsum = grows.sum(0, keepdim=True)
+                    G[j] = G[j] + w * gsum.T @ gsum
+                D[j].append(w ** 0.5 * grows.T @ rows)
+            if first:
+                count += rows.shape[0]
+            first = False
+    denom = count if weight_sharing == "expand" else n_ex
+    return ([a / denom for a in A], [g / n_ex for g in G], [torch.stack(d) for d in D])
+
+
+def brute_norm(model, name, x, y, curvature, likelihood, fisher_targets=None):
+    """Exact per-channel [scale, shift] curvature of a normalisation layer, [C, 2, 2] (1 x 1
+    without a shift), from per-example gradients of its parameters (model in eval mode for
+    batch norm, so examples are independent)."""
+    module = dict(model.named_modules())[name]
+    bias = getattr(module, "bias", None)
+    params = [module.weight] + ([bias] if bias is not None else [])
+    F_ = 0.0
+    for n in range(x.shape[0]):
+        out = model(x[n:n + 1])
+        if curvature == "ggn":
+            H = torch.autograd.functional.hessian(
+                lambda f: per_example_loss(likelihood, f, _dummy(likelihood, f)).sum(),
+                out.detach())
+            L = _sqrt_psd(H.reshape(out.numel(), out.numel()))
+            vecs = [(1.0, (out * L[:, k].reshape(out.shape)).sum()) for k in range(L.shape[1])]
+        else:
+            tgts = [y[n:n + 1]] if curvature == "empirical" else \
+                [t[n:n + 1] for t in fisher_targets]
+            vecs = [(1.0 / len(tgts), per_example_loss(likelihood, out, t).sum()) for t in tgts]
+        for w, scalar in vecs:
+            gs = torch.autograd.grad(scalar, params, retain_graph=True)
+            u = torch.stack([g.reshape(-1) for g in gs], -1)          # [C, 2]
+            F_ = F_ + w * u.unsqueeze(-1) * u.unsqueeze(-2)
+    return F_ / x.shape[0]

@@ -101,11 +101,13 @@ def test_low_precision_model_trains_with_fp32_factors(dtype):
 
 # ---------------------------------------------------------------------------- GradScaler
 @pytest.mark.parametrize("unscale_first", [False, True])
-@pytest.mark.parametrize("curvature", ["empirical", "fisher"])
-def test_grad_scaler_run_matches_the_unscaled_run(curvature, unscale_first):
+@pytest.mark.parametrize("curvature,inverse", [("empirical", "eigh"), ("fisher", "eigh"),
+                                               ("empirical", "ekfac")])
+def test_grad_scaler_run_matches_the_unscaled_run(curvature, inverse, unscale_first):
     """A power-of-two loss scale is exact: parameters, factors and momentum must match a run
-    without scaler, whether or not unscale_ ran before step (and G is unscaled by S^2)."""
-    kw = dict(KW, curvature=curvature, likelihood="categorical", seed=2)
+    without scaler, whether or not unscale_ ran before step (and G, and EKFAC's scalings, are
+    unscaled by S^2)."""
+    kw = dict(KW, curvature=curvature, likelihood="categorical", seed=2, inverse=inverse)
     ref, sc = mlp(), mlp()
     o_ref = kk.KFAC(ref, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
@@ -119,6 +121,8 @@ def test_grad_scaler_run_matches_the_unscaled_run(curvature, unscale_first):
     for name, b in o_ref.blocks.items():
         assert rel_err(o_sc.blocks[name].G, b.G) <= 1e-6
         assert rel_err(o_sc.blocks[name].A, b.A) <= 1e-6
+        if inverse == "ekfac":
+            assert rel_err(o_sc.blocks[name].inverse["S"], b.inverse["S"]) <= 1e-6
 
 
 @pytest.mark.parametrize("poison", ["loss", "grad"])
@@ -235,12 +239,14 @@ def test_skip_nonfinite_false_lets_nan_through():
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("curvature", ["empirical", "ggn"])   # ggn: folded in backward(), no RNG
+@pytest.mark.parametrize("curvature,inverse", [("empirical", "eigh"), ("ggn", "eigh"),
+                                               ("ggn", "ekfac")])  # ggn: folded in backward()
 @pytest.mark.parametrize("forward_first", [False, True])
-def test_statistics_of_a_step_the_loop_skipped_are_dropped(curvature, forward_first):
+def test_statistics_of_a_step_the_loop_skipped_are_dropped(curvature, inverse, forward_first):
     """A loop that skips step() (here: a loss it does not like) must not merge that batch into
     the next factor update; forward-before-zero_grad ordering keeps the new batch's inputs."""
-    kw = dict(KW, curvature=curvature, likelihood="categorical", seed=4, inverse_every=1)
+    kw = dict(KW, curvature=curvature, likelihood="categorical", seed=4, inverse_every=1,
+              inverse=inverse)
     model, ref = mlp(), mlp()
     opt, o_ref = kk.KFAC(model, **kw), kk.KFAC(ref, **kw)
 
@@ -262,9 +268,13 @@ def test_statistics_of_a_step_the_loop_skipped_are_dropped(curvature, forward_fi
         step(model, opt, 1, take=False)
         step(model, opt, 2)
     step(ref, o_ref, 2)
+    step(model, opt, 3)
+    step(ref, o_ref, 3)
     for name, b in o_ref.blocks.items():
         assert torch.equal(opt.blocks[name].A, b.A)
         assert rel_err(opt.blocks[name].G, b.G) <= 1e-12
+        if inverse == "ekfac":
+            assert rel_err(opt.blocks[name].inverse["S"], b.inverse["S"]) <= 1e-12
     assert len(opt.engine._grads) == 0 and all(not b.inputs for b in opt.blocks.values())
 
 

@@ -19,8 +19,8 @@ def mlp():
 
 def test_model_without_supported_layer():
     with pytest.raises(ValueError, match="no layer K-FAC supports.*0.weight \\(no block for "
-                                         "LayerNorm\\)"):
-        kk.KFAC(nn.Sequential(nn.LayerNorm(4)))
+                                         "PReLU\\)"):
+        kk.KFAC(nn.Sequential(nn.PReLU(4)))
     with pytest.raises(TypeError, match="takes the model"):
         kk.KFAC(mlp().parameters())
 

@@ -302,7 +302,7 @@ def test_step_with_closure_and_preconditioner_match_kfac():
 
 def test_fallback_parameters_are_updated_and_described():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 6), nn.PReLU(6), nn.Tanh(), nn.Linear(6, 3)).double()
     opt = kk.KFAC(model, lr=0.1, momentum=0.0, curvature="empirical", skip=["3"])
     ln_w = model[1].weight.detach().clone()
     out_w = model[3].weight.detach().clone()
@@ -315,7 +315,7 @@ def test_fallback_parameters_are_updated_and_described():
     assert torch.allclose(model[1].weight.detach(), ln_w - 0.1 * g_ln)       # plain SGD
     assert torch.allclose(model[3].weight.detach(), out_w - 0.1 * g_out)
     text = opt.describe()
-    assert "1.weight: no block for LayerNorm" in text
+    assert "1.weight: no block for PReLU" in text
     assert "3.weight: listed in skip=" in text and "3.bias: listed in skip=" in text
     assert set(opt.blocks) == {"0"}
 

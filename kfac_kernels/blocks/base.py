@@ -37,9 +37,21 @@ class SyrkJob:
 
 
 class Block:
-    """Base class of the Kronecker-factored blocks (A ⊗ G over [weight | bias])."""
+    """Base class of the Kronecker-factored blocks (A ⊗ G over [weight | bias]).
+
+    Layouts beyond one [out, in(+1)] matrix (see docs/layers.md):
+
+    * ``stacked``: the block holds ``num_stack`` independent Kronecker blocks of one shape (the
+      groups of a grouped convolution, the channels of a normalisation layer); A, G, the gradient
+      matrix and every inverse entry carry a leading stack dim, so the batched ops do all of them
+      in one call.
+    * ``diag_A``: A is diagonal and stored as a vector (an embedding's token frequencies); its
+      eigenbasis is the identity, and preconditioning goes through ``ops.kron_precondition_diag``.
+    """
 
     kind = "block"
+    stacked = False
+    diag_A = False
 
     def __init__(self, name: str, module: torch.nn.Module, *, weight_sharing: str = "expand",
                  factor_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
@@ -76,14 +88,30 @@ class Block:
 
     # ------------------------------------------------------------------ shapes
     @property
-    def shape(self) -> Tuple[int, int]:
-        """(out, in(+1)): the shape of the gradient matrix this block preconditions."""
+    def shape(self) -> Tuple[int, ...]:
+        """(out, in(+1)): the shape of the gradient matrix this block preconditions
+        ((num_stack, out, in) for a stacked block)."""
+        if self.stacked:
+            return (self.num_stack, self.out_dim, self.in_dim)
         return (self.out_dim, self.in_dim)
+
+    @property
+    def num_stack(self) -> int:
+        """How many Kronecker blocks this block holds (1 unless ``stacked``)."""
+        return 1
 
     def describe_row(self) -> dict:
         return dict(name=self.name, kind=self.kind, module=type(self.module).__name__,
                     shape=f"{self.out_dim}x{self.in_dim}", A=f"{self.in_dim}x{self.in_dim}",
                     G=f"{self.out_dim}x{self.out_dim}", bias=self.has_bias)
+
+    def backend_for(self, op: str) -> str:
+        """The backend this block's ops run on: the engine's choice where that backend implements
+        the op, else "auto" (as :meth:`KFACEngine.op_backend` decides for the shared ops)."""
+        from .. import ops
+        if self.backend in ("auto", "torch") or self.backend in ops._registry.implementations(op):
+            return self.backend
+        return "auto"
 
     # ------------------------------------------------------------------ capture interface
     def batch_size(self, x: torch.Tensor) -> int:
@@ -100,6 +128,31 @@ class Block:
         """Contribution of one backward pass to G_hat: ``scale * sum_rows g g^T / N`` (expand) or
         the reduce form; ``scale`` carries the curvature type's rescaling and pass weight."""
         raise NotImplementedError
+
+    def pass_jobs(self, grads: List[torch.Tensor], calls: List[int], scale: float) -> List[SyrkJob]:
+        """:meth:`g_jobs` for blocks that need to know which call produced each output-gradient:
+        ``calls[j]`` indexes ``self.inputs`` for ``grads[j]`` (backward passes deliver gradients
+        in their own order). Defaults to ``g_jobs``."""
+        return self.g_jobs(grads, scale)
+
+    # ------------------------------------------------------------------ EKFAC
+    def ekfac_sums(self, inputs: List[torch.Tensor], grads: List[torch.Tensor], calls: List[int],
+                   QG: torch.Tensor, QA: Optional[torch.Tensor]) -> torch.Tensor:
+        """``sum_n (QG^T D_n QA)^2`` for one backward pass, D_n the per-example gradient matrix
+        (George et al. 2018); the engine scales it by the pass weight / N."""
+        raise NotImplementedError(f"{type(self).__name__} has no EKFAC statistics")
+
+    def paired(self, inputs: List[torch.Tensor], grads: List[torch.Tensor], calls: List[int],
+               ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(input, output-gradient) of each call that received a gradient, checking that every
+        call has the same batch size (a per-example quantity sums over calls)."""
+        pairs = [(inputs[c], g) for g, c in zip(grads, calls)]
+        sizes = {self.batch_size(x) for x, _ in pairs}
+        if len(sizes) > 1:
+            raise BlockInputError(
+                f"module {self.name!r} was called with batch sizes {sorted(sizes)} in one step; "
+                f"per-example statistics (EKFAC, normalisation layers) need one batch size")
+        return pairs
 
     # ------------------------------------------------------------------ gradients
     def grad_matrix(self) -> Optional[torch.Tensor]:
@@ -126,9 +179,12 @@ class Block:
 
     # ------------------------------------------------------------------ dense view (tests)
     def to_dense(self) -> torch.Tensor:
-        """A ⊗ G: the block's curvature in column-major vec([weight | bias]) order."""
+        """A ⊗ G: the block's curvature in column-major vec([weight | bias]) order (for a stacked
+        block, the block-diagonal of its members' A_j ⊗ G_j, member after member)."""
         if self.A is None:
             raise RuntimeError(f"block {self.name!r} has no factors yet")
+        if self.stacked:
+            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(self.A, self.G)])
         A = self.A if self.A.dim() == 2 else torch.diag(self.A)
         return torch.kron(A, self.G)
 
@@ -139,10 +195,12 @@ class Block:
 
 
 def rows_jobs_expand(xs: List[torch.Tensor], k: int, homogeneous: bool) -> List[SyrkJob]:
-    """A_hat = mean over all rows of all calls of xbar xbar^T, as one syrk job per call."""
+    """A_hat = mean over all rows of all calls of xbar xbar^T, as ONE syrk job: a module called
+    at T time steps costs one op call, not T (a single call's rows stay a view of its input, so
+    the engine can still share identical inputs between layers)."""
     rows = [x.reshape(-1, k) for x in xs]
     total = sum(r.shape[0] for r in rows)
-    return [SyrkJob(r, 1.0 / total, homogeneous) for r in rows]
+    return [SyrkJob(rows[0] if len(rows) == 1 else torch.cat(rows), 1.0 / total, homogeneous)]
 
 
 def mean_over_calls(parts: List[Tuple[torch.Tensor, int]], name: str) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,8 +110,145 @@ class ConvBlock(Block):
         total = None
         for g in grads:
             if g.shape[0] != n:
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
             s = g.reshape(n, mo, -1).sum(-1)
             total = s if total is None else total + s
         return [SyrkJob(total, scale / n, False)]
+
+    # ------------------------------------------------------------------ EKFAC
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, T, C*K] patches of one call (materialised: EKFAC's per-example gradients need them,
+        and the engine hands them over in chunks of examples)."""
+        m = self.module
+        xp, pad = self._padded(x)
+        return ops.reference.conv_patches(xp, m.kernel_size, m.stride, pad, m.dilation)
+
+    def _ekfac_terms(self, chunk_pairs):
+        """g [N, T, O] and patches [N, T, C*K] of a chunk of examples, calls concatenated along T."""
+        g = torch.cat([gr.reshape(gr.shape[0], self.module.out_channels, -1).transpose(1, 2)
+                       for _, gr in chunk_pairs], 1)
+        a = torch.cat([self._patches(x) for x, _ in chunk_pairs], 1)
+        return g, a
+
+    def _chunks(self, pairs, per_example: int):
+        """Split the examples so that one chunk's patches stay below ~2^24 elements."""
+        n = pairs[0][0].shape[0]
+        step = max(1, (1 << 24) // max(1, per_example))
+        for s in range(0, n, step):
+            yield [(x[s:s + step], g[s:s + step]) for x, g in pairs]
+
+    def ekfac_sums(self, inputs, grads, calls, QG, QA):
+        pairs = self.paired(inputs, grads, calls)
+        per_example = sum(x[0:1].numel() * math.prod(self.module.kernel_size) for x, _ in pairs)
+        out = None
+        for chunk in self._chunks(pairs, per_example):
+            g, a = self._ekfac_terms(chunk)
+            part = ops.ekfac_scalings(g, a, QG, QA, homogeneous=self.has_bias,
+                                      backend=self.backend_for("ekfac_scalings"))
+            out = part if out is None else out + part
+        return out
+
+
+class GroupedConvBlock(ConvBlock):
+    """A convolution with ``groups > 1`` (depthwise included): one Kronecker block per group,
+    held as a stack so that factor updates, decompositions and preconditioning of all groups are
+    single batched op calls. Group j maps input channels [j C/g, (j+1) C/g) to output channels
+    [j O/g, (j+1) O/g) with the weight rows ``weight[j O/g:(j+1) O/g].flatten(1)`` and their
+    biases; its factors are the KFC factors of those channels alone."""
+
+    kind = "conv-grouped"
+    stacked = True
+
+    def __init__(self, name, module, **kw):
+        super().__init__(name, module, **kw)
+        self.groups = module.groups
+        self.out_dim = module.out_channels // self.groups          # per group
+        self.in_dim = self.weight[0].numel() + int(self.has_bias)  # (C/g)*K (+1)
+
+    @property
+    def num_stack(self) -> int:
+        return self.groups
+
+    def describe_row(self) -> dict:
+        row = super().describe_row()
+        g = self.groups
+        row.update(shape=f"{g}x{self.out_dim}x{self.in_dim}", A=f"{g}x{self.in_dim}x{self.in_dim}",
+                   G=f"{g}x{self.out_dim}x{self.out_dim}")
+        row["module"] = row["module"][:-1] + f", groups={g})"
+        return row
+
+    def a_jobs(self, inputs: List[torch.Tensor]):
+        m, g = self.module, self.groups
+        if self.weight_sharing == "reduce":
+            a = mean_over_calls([self.mean_patch_sum(x) for x in inputs], self.name)   # [N, C*K]
+            a = a.reshape(a.shape[0], g, -1).transpose(0, 1)                           # [g, N, CgK]
+            return [SyrkJob(a, 1.0 / a.shape[1], self.has_bias)], None
+        mats, weights = [], []
+        for x in inputs:
+            xp, pad = self._padded(x)
+            mats.append(ops.conv_input_factor_grouped(
+                xp, m.kernel_size, m.stride, pad, m.dilation, g, homogeneous=self.has_bias,
+                backend=self.backend_for("conv_input_factor_grouped")))
+            weights.append(x.shape[0] * math.prod(self._out_spatial(xp, pad)))
+        total = float(sum(weights))
+        A = mats[0].to(self.factor_dtype) * (weights[0] / total)
+        for w, mat in zip(weights[1:], mats[1:]):
+            A = A + mat.to(self.factor_dtype) * (w / total)
+        return [], A
+
+    def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
+        g, mo = self.groups, self.out_dim
+        if self.weight_sharing == "expand":
+            return [SyrkJob(gr.movedim(1, -1).reshape(-1, g, mo).transpose(0, 1),
+                            scale / gr.shape[0], False) for gr in grads]
+        n = grads[0].shape[0]
+        total = None
+        for gr in grads:
+            if gr.shape[0] != n:
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
+            s = gr.reshape(n, g * mo, -1).sum(-1)
+            total = s if total is None else total + s
+        return [SyrkJob(total.reshape(n, g, mo).transpose(0, 1), scale / n, False)]
+
+    def grad_matrix(self) -> Optional[torch.Tensor]:
+        if self.weight.grad is None:
+            return None
+        g = self.groups
+        gw = self.weight.grad.reshape(g, self.out_dim, -1)
+        if not self.has_bias:
+            return gw
+        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([gw, gb.reshape(g, self.out_dim, 1)], dim=2)
+
+    def param_matrix(self) -> torch.Tensor:
+        g = self.groups
+        w = self.weight.detach().reshape(g, self.out_dim, -1)
+        if not self.has_bias:
+            return w
+        return torch.cat([w, self.bias.detach().reshape(g, self.out_dim, 1)], dim=2)
+
+    def split(self, U: torch.Tensor) -> List[torch.Tensor]:
+        if not self.has_bias:
+            return [U.reshape(self.weight.shape)]
+        return [U[..., :-1].reshape(self.weight.shape), U[..., -1].reshape(self.bias.shape)]
+
+    def ekfac_sums(self, inputs, grads, calls, QG, QA):
+        g = self.groups
+        pairs = self.paired(inputs, grads, calls)
+        per_example = sum(x[0:1].numel() * math.prod(self.module.kernel_size) for x, _ in pairs)
+        out = None
+        for chunk in self._chunks(pairs, per_example):
+            gr, a = self._ekfac_terms(chunk)                      # [c, T, O], [c, T, C*K]
+            n, t = gr.shape[:2]
+            gr = gr.reshape(n, t, g, -1).permute(2, 0, 1, 3)       # [g, c, T, O/g]
+            a = a.reshape(n, t, g, -1).permute(2, 0, 1, 3)         # [g, c, T, CgK]
+            part = ops.ekfac_scalings(gr, a, QG, QA, homogeneous=self.has_bias,
+                                      backend=self.backend_for("ekfac_scalings"))
+            out = part if out is None else out + part
+        return out

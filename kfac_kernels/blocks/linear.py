@@ -5,6 +5,7 @@ from typing import List
 
 import torch
 
+from .. import ops
 from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_expand
 
 
@@ -35,12 +36,27 @@ class LinearBlock(Block):
         m = self.out_dim
         n = self.batch_size(grads[0])
         if self.weight_sharing == "expand":
+            if len(grads) > 1 and all(self.batch_size(g) == n for g in grads):   # one op call
+                return [SyrkJob(torch.cat([g.reshape(-1, m) for g in grads]), scale / n, False)]
             return [SyrkJob(g.reshape(-1, m), scale / self.batch_size(g), False) for g in grads]
         total = None
         for g in grads:
             if self.batch_size(g) != n:
-                raise BlockInputError(f"module {self.name!r} was called with different batch "
-                                      f"sizes in one step; weight_sharing='reduce' needs one")
+                raise BlockInputError(
+                    f"module {self.name!r} was called with batch sizes "
+                    f"{[self.batch_size(x) for x in grads]} in one step; weight_sharing='reduce' "
+                    f"needs the same batch size in every call")
             s = g.reshape(n, -1, m).sum(1)
             total = s if total is None else total + s
         return [SyrkJob(total, scale / n, False)]
+
+    def ekfac_sums(self, inputs, grads, calls, QG, QA):
+        """Per-example gradient D_n = sum over calls and positions of g abar^T; with one call and
+        no positions (T = 1) the op needs no per-example gradient at all."""
+        k, m = self.weight.shape[1], self.out_dim
+        pairs = self.paired(inputs, grads, calls)
+        n = self.batch_size(pairs[0][0])
+        g = torch.cat([gr.reshape(n, -1, m) for _, gr in pairs], 1)
+        a = torch.cat([x.reshape(n, -1, k) for x, _ in pairs], 1)
+        return ops.ekfac_scalings(g, a, QG, QA, homogeneous=self.has_bias,
+                                  backend=self.backend_for("ekfac_scalings"))

@@ -29,6 +29,10 @@ __all__ = [
     "kron_precondition_eigen",
     "kron_precondition_inverse",
     "ekfac_precondition",
+    "conv_input_factor_grouped",
+    "kron_precondition_diag",
+    "ekfac_scalings",
+    "ekfac_scalings_embedding",
     "reference",
     "BackendUnavailable",
     "NotSupported",
@@ -40,7 +44,9 @@ _FACTOR_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _OPS = ("syrk_update", "ema_factor_update", "conv_input_factor", "symeig", "damped_inverse",
-        "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition")
+        "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
+        "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
+        "ekfac_scalings_embedding")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
 
@@ -350,3 +356,111 @@ def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, back
         return (U, dot) if return_dot else U
     return _registry.call("kron_precondition_inverse", backend, V.device, V, G_inv, A_inv,
                           return_dot=return_dot)
+
+
+# ----------------------------------------------------------------------------- layer-specific ops
+def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
+                              groups: int = 1, *, homogeneous: bool = False,
+                              backend: str = "auto") -> torch.Tensor:
+    """KFC input factors of a grouped convolution, one per group: a new ``[groups, d, d]`` stack
+    with ``d = (C / groups) * prod(kernel_size) + homogeneous`` (see :func:`conv_input_factor`
+    for the other arguments; group j sees input channels ``[j C/groups, (j+1) C/groups)``)."""
+    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
+    if x.shape[1] % groups:
+        raise ValueError(f"x has {x.shape[1]} channels, not divisible by groups={groups}")
+    nd = x.dim() - 2
+    args = {}
+    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
+                    ("dilation", dilation)):
+        t = reference._tuple(v, nd, name)
+        lo = 0 if name == "padding" else 1
+        if any(i < lo for i in t):
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+        args[name] = t
+    for i in range(nd):
+        span = args["dilation"][i] * (args["kernel_size"][i] - 1) + 1
+        if x.shape[2 + i] + 2 * args["padding"][i] < span:
+            raise ValueError(f"spatial dim {i} of size {x.shape[2 + i]} (padded by "
+                             f"{args['padding'][i]}) is smaller than the kernel's span {span}")
+    if x.shape[0] == 0:
+        raise ValueError("x has an empty batch")
+    return _registry.call("conv_input_factor_grouped", backend, x.device, x, args["kernel_size"],
+                          args["stride"], args["padding"], args["dilation"], groups,
+                          homogeneous=bool(homogeneous))
+
+
+def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False,
+                           backend: str = "auto"):
+    """``U = QG [(QG^T V) / (scalings + damping)]`` for blocks whose right factor is diagonal
+    (an embedding's A): its eigenbasis is the identity and is never formed. ``scalings`` [.., m, n]
+    is ``lamG lamA^T`` for K-FAC, the corrected eigenvalues for EKFAC. Batched over [B, m, n]."""
+    _check_tensor("V", V, _INPUT_DTYPES, (2, 3))
+    _check_tensor("QG", QG, _FACTOR_DTYPES, (V.dim(),))
+    _check_tensor("scalings", scalings, _FACTOR_DTYPES, (V.dim(),))
+    m = V.shape[-2]
+    if QG.shape[-2:] != (m, m):
+        raise ValueError(f"QG must be {m} x {m} for V of shape {tuple(V.shape)}, got "
+                         f"{tuple(QG.shape)}")
+    if scalings.shape != V.shape:
+        raise ValueError(f"scalings has shape {tuple(scalings.shape)}, V {tuple(V.shape)}")
+    if V.dim() == 3 and QG.shape[0] != V.shape[0]:
+        raise ValueError(f"batch sizes differ: V {V.shape[0]}, QG {QG.shape[0]}")
+    _check_same_device(V=V, QG=QG, scalings=scalings)
+    _check_damping(damping, V.shape[:-2], V.device)
+    return _registry.call("kron_precondition_diag", backend, V.device, V, QG, scalings, damping,
+                          return_dot=return_dot)
+
+
+def ekfac_scalings(g, a, QG, QA, *, homogeneous: bool = False, alpha: float = 1.0,
+                   backend: str = "auto"):
+    """EKFAC statistics ``alpha * sum_n (QG^T D_n QA)^2`` with per-example gradients
+    ``D_n = sum_t g[n, t] abar[n, t]^T`` (George et al. 2018), returned as a new [..., m, n].
+
+    ``g`` [..., N, T, m] (output-gradients), ``a`` [..., N, T, k] (inputs; abar = [a, 1] when
+    ``homogeneous``), ``QG`` [..., m, m], ``QA`` [..., k(+1), k(+1)]; leading dims are independent
+    problems. T = 1 needs no per-example gradient (one product of squares); T > 1 forms the
+    projected per-example gradients chunk by chunk."""
+    _check_tensor("g", g, _INPUT_DTYPES)
+    _check_tensor("a", a, _INPUT_DTYPES, (g.dim(),))
+    _check_tensor("QG", QG, _FACTOR_DTYPES, (g.dim() - 1,))
+    _check_tensor("QA", QA, _FACTOR_DTYPES, (g.dim() - 1,))
+    if g.dim() < 3:
+        raise ValueError(f"g must be [..., N, T, m], got shape {tuple(g.shape)}")
+    if g.shape[:-1] != a.shape[:-1]:
+        raise ValueError(f"g {tuple(g.shape)} and a {tuple(a.shape)} must agree in all but the "
+                         f"last dim")
+    m, k = g.shape[-1], a.shape[-1] + int(bool(homogeneous))
+    if QG.shape[-2:] != (m, m) or QA.shape[-2:] != (k, k):
+        raise ValueError(f"QG must be {m} x {m} and QA {k} x {k}, got {tuple(QG.shape)} and "
+                         f"{tuple(QA.shape)}")
+    if QG.shape[:-2] != g.shape[:-3] or QA.shape[:-2] != g.shape[:-3]:
+        raise ValueError(f"leading (batch) dims differ: g {tuple(g.shape[:-3])}, QG "
+                         f"{tuple(QG.shape[:-2])}, QA {tuple(QA.shape[:-2])}")
+    _check_number("alpha", alpha)
+    _check_same_device(g=g, a=a, QG=QG, QA=QA)
+    return _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
+                          homogeneous=bool(homogeneous), alpha=float(alpha))
+
+
+def ekfac_scalings_embedding(g, tokens, QG, num_embeddings: int, *,
+                             padding_idx: Optional[int] = None, alpha: float = 1.0,
+                             backend: str = "auto"):
+    """EKFAC statistics of an embedding, ``alpha * sum_n (QG^T D_n)^2`` [m, V], with
+    ``D_n = sum_t g[n, t] e_{tokens[n, t]}^T``: a new tensor. ``g`` [N, T, m], ``tokens`` [N, T]
+    (integers in [0, num_embeddings)); positions holding ``padding_idx`` do not count."""
+    _check_tensor("g", g, _INPUT_DTYPES, (3,))
+    _check_tensor("QG", QG, _FACTOR_DTYPES, (2,))
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("tokens must be an int32/int64 tensor")
+    if tuple(tokens.shape) != tuple(g.shape[:2]):
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(g.shape[:2])}")
+    m = g.shape[-1]
+    if QG.shape != (m, m):
+        raise ValueError(f"QG must be {m} x {m}, got {tuple(QG.shape)}")
+    _check_number("alpha", alpha)
+    _check_same_device(g=g, tokens=tokens, QG=QG)
+    return _registry.call("ekfac_scalings_embedding", backend, g.device, g,
+                          tokens.to(torch.int64), QG, int(num_embeddings),
+                          padding_idx=padding_idx, alpha=float(alpha))

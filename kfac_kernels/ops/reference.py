@@ -27,6 +27,10 @@ __all__ = [
     "kron_precondition_eigen",
     "kron_precondition_inverse",
     "ekfac_precondition",
+    "conv_input_factor_grouped",
+    "kron_precondition_diag",
+    "ekfac_scalings",
+    "ekfac_scalings_embedding",
 ]
 
 Number = Union[float, int]
@@ -355,3 +359,100 @@ def kron_precondition_inverse(V: torch.Tensor, G_inv: torch.Tensor, A_inv: torch
     Vw = V.to(w)
     U = G_inv @ Vw @ A_inv
     return _finish(U, Vw, V.dtype, return_dot)
+
+
+# ----------------------------------------------------------------------------- layer-specific ops
+def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
+                              groups: int = 1, *, homogeneous: bool = False,
+                              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """KFC input factors of a grouped convolution, one per group: ``[groups, d, d]``.
+
+    Group ``j`` sees input channels ``[j C/groups, (j+1) C/groups)``; its factor is
+    ``(1/(N T)) sum_{n,t} pbar pbar^T`` over those channels' patches (ordered like the group's
+    ``weight[j Og:(j+1) Og].flatten(1)``). This reference materialises the patches once.
+    """
+    if out_dtype is None:
+        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    p = conv_patches(x, kernel_size, stride, padding, dilation)            # [N, T, C*K]
+    n, t, ck = p.shape
+    rows = p.reshape(n * t, groups, ck // groups).transpose(0, 1)          # [g, NT, Cg*K]
+    d = ck // groups + int(homogeneous)
+    out = torch.empty(groups, d, d, dtype=out_dtype, device=x.device)
+    return syrk_update(out, rows, alpha=1.0 / (n * t), beta=0.0, homogeneous=homogeneous)
+
+
+def kron_precondition_diag(V: torch.Tensor, QG: torch.Tensor, scalings: torch.Tensor, damping, *,
+                           return_dot: bool = False):
+    """``U = QG [(QG^T V) / (scalings + damping)]``: Kronecker (or EKFAC) preconditioning when the
+    right factor is diagonal, so its eigenbasis is the identity and never materialised.
+
+    For K-FAC ``scalings = lamG lamA^T`` (``lamA`` the diagonal of A); for EKFAC the corrected
+    eigenvalues. Scalings are clamped at 0; zero denominators give 0 (pseudo-inverse).
+    """
+    w = QG.dtype
+    Vw = V.to(w)
+    Vt = QG.transpose(-1, -2) @ Vw
+    denom = scalings.to(w).clamp_min(0) + _damping_tensor(damping, Vt)
+    U = QG @ _eig_divide(Vt, denom)
+    return _finish(U, Vw, V.dtype, return_dot)
+
+
+def ekfac_scalings(g: torch.Tensor, a: torch.Tensor, QG: torch.Tensor, QA: torch.Tensor, *,
+                   homogeneous: bool = False, alpha: float = 1.0,
+                   chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """EKFAC statistics ``alpha * sum_n (QG^T D_n QA)^2`` with the per-example gradient
+    ``D_n = sum_t g[n, t] abar[n, t]^T``, abar = [a, 1] when ``homogeneous``.
+
+    ``g`` is [..., N, T, m], ``a`` [..., N, T, k]; leading dims batch independent problems (one
+    per group of a grouped convolution) and match ``QG`` [..., m, m], ``QA`` [..., n, n].
+    Projections first: ``QG^T D_n QA = (g_n QG)^T (abar_n QA)``. With T = 1 the sum over examples
+    is one matrix product of squares and no per-example gradient is formed; otherwise the
+    projected per-example gradients are formed for ``chunk_elements``-sized chunks of examples.
+    """
+    w = QG.dtype
+    gp = g.to(w) @ QG.unsqueeze(-3)                                        # [..., N, T, m]
+    af = a.to(w)
+    if homogeneous:
+        af = _homogeneous(af)
+    ap = af @ QA.unsqueeze(-3)                                             # [..., N, T, n]
+    n_ex, t = gp.shape[-3], gp.shape[-2]
+    if t == 1:
+        out = (gp.squeeze(-2) ** 2).transpose(-1, -2) @ (ap.squeeze(-2) ** 2)
+        return out.mul_(alpha)
+    m, n = gp.shape[-1], ap.shape[-1]
+    lead = math.prod(gp.shape[:-3])
+    step = max(1, chunk_elements // max(1, lead * m * n))
+    out = None
+    for s in range(0, n_ex, step):
+        D = gp[..., s:s + step, :, :].transpose(-1, -2) @ ap[..., s:s + step, :, :]   # [.., c, m, n]
+        part = (D * D).sum(-3)
+        out = part if out is None else out.add_(part)
+    return out.mul_(alpha)
+
+
+def ekfac_scalings_embedding(g: torch.Tensor, tokens: torch.Tensor, QG: torch.Tensor,
+                             num_embeddings: int, *, padding_idx: Optional[int] = None,
+                             alpha: float = 1.0) -> torch.Tensor:
+    """EKFAC statistics of an embedding (A diagonal, so its eigenbasis is the identity):
+    ``alpha * sum_n (QG^T D_n)^2`` [m, V] with ``D_n = sum_t g[n, t] e_{tokens[n, t]}^T``.
+
+    ``g`` is [N, T, m], ``tokens`` [N, T]. Each example's positions holding the same token are
+    summed first (sort + segment sum, no [N, V] buffer and no host synchronisation); positions
+    holding ``padding_idx`` do not count.
+    """
+    w = QG.dtype
+    n_ex, t, m = g.shape
+    gp = g.to(w) @ QG                                                      # [N, T, m]
+    if padding_idx is not None:
+        gp = gp * (tokens != padding_idx).unsqueeze(-1).to(w)
+    tok, order = tokens.sort(dim=1)
+    gp = gp.gather(1, order.unsqueeze(-1).expand(n_ex, t, m))
+    first = torch.ones_like(tok, dtype=torch.bool)
+    first[:, 1:] = tok[:, 1:] != tok[:, :-1]
+    seg = first.to(torch.int64).cumsum(1) - 1                              # segment id per position
+    flat = (torch.arange(n_ex, device=g.device).unsqueeze(1) * t + seg).reshape(-1)
+    sums = torch.zeros(n_ex * t, m, dtype=w, device=g.device).index_add_(0, flat, gp.reshape(-1, m))
+    seg_tok = torch.zeros(n_ex * t, dtype=torch.int64, device=g.device).scatter_(
+        0, flat, tok.reshape(-1))                                          # unused segments: sum 0
+    out = torch.zeros(num_embeddings, m, dtype=w, device=g.device).index_add_(0, seg_tok, sums * sums)
+    return out.transpose(0, 1).mul_(alpha)
