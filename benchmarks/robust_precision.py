@@ -12,7 +12,7 @@ relative Frobenius error ||X - X64|| / ||X64||, worst block. Variants:
 * fp32 model with factors *stored* in bf16 (rounded after every running-average update, decomposed
   in fp32 since eigh has no bf16 kernel): what a bf16-factor option would give.
 
-Usage: python benchmarks/robust_precision.py [--steps 20] [--out benchmarks/results/robust_precision.md]
+Usage: python benchmarks/robust_precision.py [--steps 20] [--out FILE]
 """
 from __future__ import annotations
 

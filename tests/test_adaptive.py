@@ -1,6 +1,5 @@
 """Step control from the quadratic model: exact Gauss-Newton products, the (alpha, mu) solve,
 Levenberg-Marquardt damping, the closure API, state round trips and no host sync."""
-import copy
 import io
 import math
 

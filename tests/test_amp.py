@@ -1,6 +1,5 @@
 """Mixed precision: bf16/fp16 models, autocast, torch.amp.GradScaler (unscaled gradients and G,
 overflowed steps skipped on the device), non-finite gradients, stale captures of skipped steps."""
-import copy
 import warnings
 
 import pytest

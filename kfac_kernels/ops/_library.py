@@ -3,8 +3,9 @@
 Each op of :mod:`kfac_kernels.ops` is registered once as ``torch.ops.kfac_kernels.<name>`` with a
 fake (meta) implementation that states its output shapes and dtypes; the in-place
 ``syrk_update`` (and ``ema_factor_update``, which is built on it) declares the mutation of its
-``factor``. The real implementation is the same backend dispatch the eager wrappers use (the registry, and
-for decompositions on CUDA the size policy of :mod:`kfac_kernels.ops._decomp_policy`), so a compiled region runs exactly the kernels an eager
+``factor``. The real implementation is the same backend dispatch the eager wrappers use (the
+registry, and for decompositions on CUDA the size policy of
+:mod:`kfac_kernels.ops._decomp_policy`), so a compiled region runs exactly the kernels an eager
 call would, without dynamo tracing (and breaking on) the registry's Python.
 
 The public wrappers in :mod:`kfac_kernels.ops` check their inputs as usual and route through
