@@ -27,6 +27,17 @@ TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float3
             torch.float64: tl.float64}
 
 
+# Tests set this to fill every buffer the launchers allocate (outputs, intermediates, workspaces)
+# with NaN, so an element a kernel forgets to write shows up as NaN instead of stale memory.
+POISON = False
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def split_f64(v: float):
     """(hi, lo) fp32 pair with hi + lo == v to ~2^-48 relative: Triton passes Python floats as
     fp32 scalars, so fp64 kernels rebuild their scalars from the pair."""

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import (TL_DTYPE, Launch, cdiv, check_devices, fits_int32, hom_store, out_index,
-                      precision, row_splits, run_all, split_f64, store_partial,
+from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, fits_int32, hom_store,
+                      out_index, precision, row_splits, run_all, split_f64, store_partial,
                       sym_finalize_kernel, sym_store, upper_tile)
 
 __all__ = ["conv_input_factor"]
@@ -219,8 +219,8 @@ def plan(x, kernel_size, stride, padding, dilation, homogeneous, out, *, config=
     hom = bool(homogeneous)
     fused = S == 1 and block <= 64
     if not fused:
-        wsa = torch.empty((S, P, block, block), dtype=out.dtype, device=out.device)
-        wsc = torch.empty((S, P, block), dtype=out.dtype, device=out.device) if hom else wsa
+        wsa = empty((S, P, block, block), dtype=out.dtype, device=out.device)
+        wsc = empty((S, P, block), dtype=out.dtype, device=out.device) if hom else wsa
     else:
         wsa = wsc = out
     ah, al = split_f64(1.0 / R)
@@ -251,7 +251,7 @@ def _conv_input_factor(x, kernel_size, stride, padding, dilation, homogeneous=Fa
     D = x.shape[1] * math.prod(kernel_size) + int(bool(homogeneous))
     if out is None:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        out = torch.empty((D, D), dtype=dtype, device=x.device)
+        out = empty((D, D), dtype=dtype, device=x.device)
     run_all(plan(x, kernel_size, stride, padding, dilation, homogeneous, out, config=config,
                  splits=splits, allow_tf32=allow_tf32))
     return out

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import Launch, cdiv, check_devices, fits_int32, run_all, split_f64
+from ._common import Launch, cdiv, check_devices, empty, fits_int32, run_all, split_f64
 
 __all__ = ["kron_precondition_eigen", "ekfac_precondition", "kron_precondition_inverse"]
 
@@ -173,12 +173,12 @@ def _eig_plan(V, QG, QA, cfg, denominators, damping, return_dot, U=None):
     """Launches of U = QG [(QG^T V QA) / D] QA^T; returns (launches, U, dot partials or None)."""
     Bt, m, n = V.shape
     w = QG.dtype
-    T1 = torch.empty((Bt, m, n), dtype=w, device=V.device)
-    W = torch.empty((Bt, m, n), dtype=w, device=V.device)
-    T2 = torch.empty((Bt, m, n), dtype=w, device=V.device)
-    U = torch.empty((Bt, m, n), dtype=V.dtype, device=V.device) if U is None else U
+    T1 = empty((Bt, m, n), dtype=w, device=V.device)
+    W = empty((Bt, m, n), dtype=w, device=V.device)
+    T2 = empty((Bt, m, n), dtype=w, device=V.device)
+    U = empty((Bt, m, n), dtype=V.dtype, device=V.device) if U is None else U
     kind, e1, e2 = denominators
-    dots = (torch.empty((Bt, cdiv(m, cfg.bm) * cdiv(n, cfg.bn)), dtype=w, device=V.device)
+    dots = (empty((Bt, cdiv(m, cfg.bm) * cdiv(n, cfg.bn)), dtype=w, device=V.device)
             if return_dot else None)
     launches = [
         _mm(QG.transpose(1, 2), V, T1, cfg),
@@ -226,9 +226,9 @@ def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False
 
 def _inv_plan(V, G_inv, A_inv, cfg, return_dot):
     Bt, m, n = V.shape
-    T1 = torch.empty((Bt, m, n), dtype=G_inv.dtype, device=V.device)
-    U = torch.empty((Bt, m, n), dtype=V.dtype, device=V.device)
-    dots = (torch.empty((Bt, cdiv(m, cfg.bm) * cdiv(n, cfg.bn)), dtype=G_inv.dtype,
+    T1 = empty((Bt, m, n), dtype=G_inv.dtype, device=V.device)
+    U = empty((Bt, m, n), dtype=V.dtype, device=V.device)
+    dots = (empty((Bt, cdiv(m, cfg.bm) * cdiv(n, cfg.bn)), dtype=G_inv.dtype,
                         device=V.device) if return_dot else None)
     launches = [_mm(G_inv, V, T1, cfg),
                 _mm(T1, A_inv, U, cfg, EPI_DOT if return_dot else EPI_NONE, V=V, dot=dots)]

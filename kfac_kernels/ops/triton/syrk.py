@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import (TL_DTYPE, Launch, cdiv, check_devices, fits_int32, hom_store, precision,
-                      row_splits, run_all, scalar_pair, split_f64, store_partial,
+from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, fits_int32, hom_store,
+                      precision, row_splits, run_all, scalar_pair, split_f64, store_partial,
                       sym_finalize_kernel, sym_store, upper_tile)
 
 __all__ = ["syrk_update", "ema_factor_update"]
@@ -131,8 +131,8 @@ def plan(factor, x, alpha, beta, homogeneous, allow_tf32, *, config=None, splits
     # stores) on top of a 128 x 128 accumulator would spill registers
     fused = S == 1 and block <= 64
     if not fused:
-        wsa = torch.empty((B, S, P, block, block), dtype=factor.dtype, device=factor.device)
-        wsc = (torch.empty((B, S, P, block), dtype=factor.dtype, device=factor.device)
+        wsa = empty((B, S, P, block, block), dtype=factor.dtype, device=factor.device)
+        wsc = (empty((B, S, P, block), dtype=factor.dtype, device=factor.device)
                if hom else wsa)
     else:
         wsa = wsc = f3
