@@ -72,11 +72,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def row_splits(n: int, ctas: int, bk: int, device, splits=None):
+def row_splits(n: int, ctas: int, bk: int, device, splits=None, min_rows=0):
     """Split the n rows of a symmetric product so that about one wave of CTAs runs.
 
-    Returns (splits, rows_per_split); rows_per_split is a multiple of ``bk``. ``splits`` forces a
-    split count (tests use it to exercise both paths on small inputs).
+    Each split keeps at least ``max(4 bk, min_rows)`` rows (callers size min_rows so that a split
+    reads several times the partial tile it writes). Returns (splits, rows_per_split);
+    rows_per_split is a multiple of ``bk``. ``splits`` forces a split count (tests use it to
+    exercise both paths on small inputs).
     """
     if n <= 0:
         return 1, bk
@@ -84,7 +86,7 @@ def row_splits(n: int, ctas: int, bk: int, device, splits=None):
         target = sm_count(device)
         splits = 1
         if ctas < target:
-            splits = min(cdiv(target, ctas), max(1, n // (4 * bk)))
+            splits = min(cdiv(target, ctas), max(1, n // max(4 * bk, min_rows)))
     splits = max(1, min(int(splits), cdiv(n, bk)))
     rows = cdiv(cdiv(n, splits), bk) * bk
     return cdiv(n, rows), rows

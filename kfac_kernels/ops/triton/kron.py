@@ -109,12 +109,12 @@ class KronConfig:
 def pick_config(w_dtype: torch.dtype, allow_tf32: bool) -> KronConfig:
     """64 x 64 tiles everywhere: larger ones spill in the dot and EKFAC epilogues (which load a
     second tile), and K-FAC stacks have tiles to spare. Exact fp32 runs on the FMA units, whose
-    dot holds whole K slices in registers: short K steps there."""
+    dot holds whole K slices in registers: the shortest K step tl.dot accepts (16) there."""
     if w_dtype == torch.float64:
         return KronConfig(tl.float64, "ieee", 64, 64, 16, 4, 2)
     if allow_tf32:
         return KronConfig(tl.float32, "tf32", 64, 64, 32, 4, 3)
-    return KronConfig(tl.float32, "ieee", 64, 64, 8, 4, 3)
+    return KronConfig(tl.float32, "ieee", 64, 64, 16, 4, 3)
 
 
 def _mm(A, B, C, cfg, epi=EPI_NONE, *, e1=None, e2=None, damping=None, V=None, dot=None):

@@ -100,8 +100,8 @@ class SyrkConfig:
 
 def pick_config(x_dtype: torch.dtype, f_dtype: torch.dtype, k: int, allow_tf32: bool) -> SyrkConfig:
     """The launch configuration for these dtypes and width."""
-    if f_dtype == torch.float64:
-        return SyrkConfig(tl.float64, "ieee", 64, 16, 4, 2)
+    if f_dtype == torch.float64:   # 4 warps spill in the fused epilogue (fp64 accumulator)
+        return SyrkConfig(tl.float64, "ieee", 64, 16, 8, 2)
     if x_dtype in (torch.float16, torch.bfloat16) or allow_tf32:
         dot = TL_DTYPE[x_dtype] if x_dtype in (torch.float16, torch.bfloat16) else tl.float32
         bk = 64 if dot != tl.float32 else 32
@@ -123,7 +123,10 @@ def plan(factor, x, alpha, beta, homogeneous, allow_tf32, *, config=None, splits
     block, bk = cfg.block, cfg.bk
     t = cdiv(k, block)                   # tiles per side (the homogeneous column needs none)
     P = t * (t + 1) // 2
-    S, rows = row_splits(n, P * B, bk, factor.device, splits)
+    # a split should read (rows x block x itemsize per tile block) >= 8x the fp32 partial tile
+    # (block^2 x 4 bytes) it writes to the workspace
+    min_rows = 32 * block * block // max(1, min(k, block) * x.element_size())
+    S, rows = row_splits(n, P * B, bk, factor.device, splits, min_rows)
     ah, al = split_f64(alpha)
     bh, bl = split_f64(beta)
     hom = bool(homogeneous)
