@@ -90,3 +90,12 @@ def test_every_kernel_has_an_aot_case():
         names = {getattr(launch.kernel, "fn", launch.kernel).__name__
                  for _, _, launch in _aot.cases(core)}
         assert set(KERNELS) <= names, names
+
+
+def test_import_stays_lean():
+    """Importing kfac_kernels (and its ops) must not import triton."""
+    code = ("import sys, kfac_kernels, kfac_kernels.ops; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr

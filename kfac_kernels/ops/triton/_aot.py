@@ -8,7 +8,8 @@ is compiled with ``triton.compile`` for each ``GPUTarget`` (sm_80, sm_90 by defa
 registers, spills, stack and shared memory come from the log of the ptxas run that built the
 cubin (``TRITON_DUMP_PTXAS_LOG``), with a fresh cache so every kernel really is compiled.
 
-Run as ``python -m kfac_kernels.ops.triton._aot --report benchmarks/results/compile_report_triton.md``
+Run as ``python -m kfac_kernels.ops.triton._aot --report <file.md>`` (``--core`` for the
+register-heaviest variants only, ``--append`` to add a second triton version's results)
 (TRITON_INTERPRET must be off: the interpreter replaces the kernels by Python functions). The exit
 status is 1 when a kernel spills or needs more shared memory than the target has, 2 when ptxas is
 absent, 3 on a compile error.
@@ -106,7 +107,8 @@ def _specialise(kernel, launch, arch):
 
 def _parse_ptxas(log: str):
     m = re.search(r"Used (\d+) registers", log)
-    sp = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    sp = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                   r"(\d+) bytes spill loads", log)
     sm = re.search(r"(\d+) bytes smem", log)
     if not (m and sp):
         return None
@@ -228,7 +230,7 @@ def report(rows) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     arches = sorted({r["arch"] for r in rows})
     lines = [
-        "# Triton kernels: ahead-of-time compile report",
+        f"# Triton kernels: ahead-of-time compile report (triton {triton.__version__})",
         "",
         f"Generated {now} by `python -m kfac_kernels.ops.triton._aot` (no GPU: `triton.compile` "
         f"with `GPUTarget`); triton {triton.__version__}, torch {torch.__version__}, ptxas "
@@ -299,6 +301,8 @@ def main(argv=None):
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--only", help="regex on 'op case' to compile a subset")
+    ap.add_argument("--append", action="store_true",
+                    help="append to the report (e.g. a second triton version's results)")
     ap.add_argument("--core", action="store_true",
                     help="only the register-heaviest variant of each kernel and configuration")
     a = ap.parse_args(argv)
@@ -311,8 +315,8 @@ def main(argv=None):
     text = report(rows)
     if a.report:
         os.makedirs(os.path.dirname(os.path.abspath(a.report)), exist_ok=True)
-        with open(a.report, "w") as fh:
-            fh.write(text)
+        with open(a.report, "a" if a.append else "w") as fh:
+            fh.write(("\n" if a.append else "") + text)
     print(text)
     if any(not r.get("ok") for r in rows):
         return 3

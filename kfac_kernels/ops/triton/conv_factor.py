@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, fits_int32, hom_store,
-                      out_index, precision, row_splits, run_all, split_f64, store_partial,
-                      sym_finalize_kernel, sym_store, upper_tile)
+from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, finalize_rows, fits_int32,
+                      hom_store, out_index, precision, row_splits, run_all, split_f64,
+                      store_partial, sym_finalize_kernel, sym_store, upper_tile)
 
 __all__ = ["conv_input_factor"]
 
@@ -61,7 +61,7 @@ def _conv_cols(t, C, KK, K2, K3, CB, dl1, dl2, dl3, sxc, sx2, sx3, sx4,
 @triton.jit
 def _conv_rows(r, r1, TT, T2, T3, st1, st2, st3, pd1, pd2, pd3, sxn, sx2, sx3, sx4,
                INT64: tl.constexpr):
-    """Row part of the addresses of patch rows r (= n * T + t): offsets, window origins, validity."""
+    """Row part of the addresses of patch rows r = n T + t: offsets, window origins, validity."""
     ok = r < r1
     nn = r // TT
     t = r % TT
@@ -175,7 +175,7 @@ def pick_config(dtype: torch.dtype, C: int, KK: int, allow_tf32: bool) -> ConvCo
     if dtype == torch.float64:
         if _channel_block(C, (64,)):
             return ConvConfig(tl.float64, "ieee", True, 64, 16, 8, 2)
-        return ConvConfig(tl.float64, "ieee", False, 32, 16, 4, 2)
+        return ConvConfig(tl.float64, "ieee", False, 32, 16, 8, 2)
     if dtype in (torch.float16, torch.bfloat16) or allow_tf32:
         dot = TL_DTYPE[dtype] if dtype != torch.float32 else tl.float32
         prec = precision(dot, True)
@@ -251,7 +251,7 @@ def plan(x, kernel_size, stride, padding, dilation, homogeneous, out, *, config=
             dict(f_ptr=out, wsa_ptr=wsa, wsc_ptr=wsc, C=C, KK=KK, CB=CB, S=S, P=P, rows=R,
                  sfb=0, sfr=out.stride(0), sfc=out.stride(1), hom=C * KK,
                  alpha_hi=ah, alpha_lo=al, beta_hi=0.0, beta_lo=0.0),
-            dict(HOMOG=hom, CBLOCK=cfg.cblock, BLOCK=block, SUB=8), 4, 1))
+            dict(HOMOG=hom, CBLOCK=cfg.cblock, BLOCK=block, SUB=finalize_rows(block)), 4, 1))
     return launches
 
 

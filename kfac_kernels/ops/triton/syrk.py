@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, fits_int32, hom_store,
-                      precision, row_splits, run_all, scalar_pair, split_f64, store_partial,
-                      sym_finalize_kernel, sym_store, upper_tile)
+from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, finalize_rows, fits_int32,
+                      hom_store, precision, row_splits, run_all, scalar_pair, split_f64,
+                      store_partial, sym_finalize_kernel, sym_store, upper_tile)
 
 __all__ = ["syrk_update", "ema_factor_update"]
 
@@ -152,7 +152,7 @@ def plan(factor, x, alpha, beta, homogeneous, allow_tf32, *, config=None, splits
             sym_finalize_kernel, (P, B),
             dict(f_ptr=f3, wsa_ptr=wsa, wsc_ptr=wsc, C=k, KK=1, CB=1, S=S, P=P, rows=n, **fs,
                  hom=k, **scalars),
-            dict(HOMOG=hom, CBLOCK=False, BLOCK=block, SUB=8), 4, 1))
+            dict(HOMOG=hom, CBLOCK=False, BLOCK=block, SUB=finalize_rows(block)), 4, 1))
     return launches
 
 
@@ -160,9 +160,10 @@ def _launch(factor, x, alpha, beta, homogeneous, allow_tf32, *, config=None, spl
     check_devices(factor, x)
     if factor.numel() == 0:
         return factor
-    if not (fits_int32(x[0] if x.dim() == 3 else x) and fits_int32(factor[0] if factor.dim() == 3
-                                                                   else factor)):
-        raise NotSupported("a matrix spanning more than 2^31 elements")
+    # in-tile offsets are int32 (x is walked by pointer increments, batches by int64 offsets)
+    if not fits_int32(factor[0] if factor.dim() == 3 else factor) or \
+            max(abs(s) for s in x.stride()[-2:]) * max(x.shape[-1], 128) >= 2**31:
+        raise NotSupported("a factor spanning more than 2^31 elements, or x strides that large")
     if x.shape[-1] == 0:   # homogeneous with no columns: a 1 x 1 factor holding the row count
         new = torch.full_like(factor, alpha * x.shape[-2])
         return factor.copy_(new) if beta == 0 else factor.mul_(beta).add_(new)
