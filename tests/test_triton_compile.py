@@ -62,7 +62,7 @@ def test_core_configurations_compile_without_spills(tmp_path):
 @pytest.mark.slow
 def test_every_configuration_compiles_without_spills(tmp_path, request):
     if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("full compile sweep (~350 compiles): run with -m slow")
+        pytest.skip("full compile sweep (302 compiles, ~10 min on two cores): run with -m slow")
     _need_ptxas()
     proc, text = _run_aot(tmp_path)
     _assert_clean(proc, text)

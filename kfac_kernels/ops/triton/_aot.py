@@ -234,7 +234,7 @@ def report(rows) -> str:
         "",
         f"Generated {now} by `python -m kfac_kernels.ops.triton._aot` (no GPU: `triton.compile` "
         f"with `GPUTarget`); triton {triton.__version__}, torch {torch.__version__}, ptxas "
-        f"{_ptxas_version(arches[0] if arches else 90)}.",
+        + ", ".join(f"{_ptxas_version(a)} (sm_{a})" for a in arches) + ".",
         "Registers, spills and stack come from the ptxas log of each cubin build; shared memory "
         "is the dynamic shared memory Triton allocates (`metadata.shared`); limits checked: "
         + ", ".join(f"sm_{a} {SMEM_LIMIT[a]} B" for a in arches) + ".",
