@@ -6,15 +6,18 @@ the homogeneous column): attention c_attn 2304 x 769, attention c_proj 768 x 769
 with the <U, V> needed by KL clipping (``return_dot``).
 Providers: ``torch-loop`` (baseline: the reference formula layer by layer), ``torch-batched``
 (the reference on each stack of 12 same-shaped layers), ``triton`` (one stack per launch), and
-``triton-tf32`` (``torch.backends.cuda.matmul.allow_tf32`` on: TF32 tensor cores, ~1e-3 error).
+``triton-tf32`` (torch's fp32 matmul precision set to TF32, which the backend follows:
+TF32 tensor cores, ~1e-3 error).
 The eigen form (``kron_precondition_eigen``) is timed; "metric": relative error against fp64.
 
 GPU: ~40 s. CPU (interpreter): tiny shapes, smoke only (--benchmark-disable).
 """
+import contextlib
+
 import pytest
 import torch
 
-from _triton_bench import CUDA, DEVICE, run_benchmark, skip_unless_triton
+from _triton_bench import CUDA, DEVICE, run_benchmark, skip_unless_triton, tf32_matmul
 
 import kfac_kernels.ops as ops
 from kfac_kernels.ops import reference
@@ -39,13 +42,16 @@ def _stacks():
 
 
 @pytest.mark.parametrize("provider", ["triton", "triton-tf32", "torch-batched", "torch-loop"])
-def test_kron_gpt2_small(benchmark, provider, monkeypatch):
+def test_kron_gpt2_small(benchmark, provider):
     if provider.startswith("triton"):
         skip_unless_triton()
-    if provider == "triton-tf32":
-        if not CUDA:
-            pytest.skip("TF32 exists on CUDA devices only")
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    if provider == "triton-tf32" and not CUDA:
+        pytest.skip("TF32 exists on CUDA devices only")
+    with (tf32_matmul() if provider == "triton-tf32" else contextlib.nullcontext()):
+        _bench(benchmark, provider)
+
+
+def _bench(benchmark, provider):
     stacks = _stacks()
 
     def run():

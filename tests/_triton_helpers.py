@@ -5,6 +5,8 @@ switches it on before triton is imported); with CUDA the same tests run the comp
 the GPU. Every buffer the launchers allocate is filled with NaN first (``poison``), so an element
 a kernel fails to write cannot pass for a correct one.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -43,3 +45,23 @@ def sym(d, batch=None, dtype=torch.float32, device=DEVICE):
     shape = (d, d) if batch is None else (batch, d, d)
     a = torch.randn(shape, dtype=torch.float64)
     return (a + a.transpose(-1, -2)).to(dtype).to(device)
+
+
+@contextlib.contextmanager
+def tf32_matmul():
+    """Let fp32 matmuls use TF32 (torch's switch, which the Triton backend follows too)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _triton_helpers import (DEVICE, TOL_BF16, TOL_FP16_OUT, TOL_FP32, TOL_FP64,  # noqa: F401
-                             TOL_TF32, poison, rel_err, requires_triton)
+                             TOL_TF32, poison, rel_err, requires_triton, tf32_matmul)
 
 import kfac_kernels.ops as ops
 from kfac_kernels.ops import _registry, reference
@@ -197,16 +197,16 @@ def test_gpu_gpt2_shapes(seed, m, n):
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_gradient_and_tf32(seed, monkeypatch):
+def test_gpu_bf16_gradient_and_tf32(seed):
     t = _inputs(3, 768, 769, torch.bfloat16, torch.float32, device="cuda")
     args = (t["QG"], t["lamG"], t["QA"], t["lamA"], 1e-3)
     U = ops.kron_precondition_eigen(t["V"], *args, backend="triton")
     Ur = reference.kron_precondition_eigen(t["V"].double(), *(a.double() if torch.is_tensor(a)
                                                               else a for a in args))
     assert U.dtype == torch.bfloat16 and rel_err(U, Ur) <= TOL_BF16
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     t = _inputs(3, 768, 769, torch.float32, torch.float32, device="cuda")
-    U = ops.ekfac_precondition(t["V"], t["QG"], t["QA"], t["S"], 1e-3, backend="triton")
+    with tf32_matmul():
+        U = ops.ekfac_precondition(t["V"], t["QG"], t["QA"], t["S"], 1e-3, backend="triton")
     Ur = reference.ekfac_precondition(t["V"].double(), t["QG"].double(), t["QA"].double(),
                                       t["S"].double(), 1e-3)
     assert rel_err(U, Ur) <= TOL_TF32

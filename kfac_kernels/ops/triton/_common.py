@@ -98,6 +98,20 @@ def finalize_rows(block: int) -> int:
     return max(1, min(block, 1024 // block))
 
 
+def torch_allows_tf32() -> bool:
+    """Whether torch lets fp32 matmuls use TF32 on CUDA: the switch the plain-torch paths obey
+    (``torch.backends.cuda.matmul.fp32_precision`` where torch has it, else ``allow_tf32``;
+    torch raises when the legacy flag is read after the new API was used, hence the order)."""
+    m = torch.backends.cuda.matmul
+    prec = getattr(m, "fp32_precision", None)
+    if prec in ("tf32", "ieee"):
+        return prec == "tf32"
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def precision(dot_dtype, allow_tf32: bool) -> str:
     return "tf32" if (dot_dtype == tl.float32 and allow_tf32) else "ieee"
 

@@ -32,7 +32,8 @@ import triton.language as tl
 from .._registry import NotSupported
 from ._common import (TL_DTYPE, Launch, cdiv, check_devices, empty, finalize_rows, fits_int32,
                       hom_store, out_index, precision, row_splits, run_all, split_f64,
-                      store_partial, sym_finalize_kernel, sym_store, upper_tile)
+                      store_partial, sym_finalize_kernel, sym_store, torch_allows_tf32,
+                      upper_tile)
 
 __all__ = ["conv_input_factor"]
 
@@ -215,7 +216,7 @@ def plan(x, kernel_size, stride, padding, dilation, homogeneous, out, *, config=
     if R >= 2**31 - 2**16 or C * KK >= 2**31:
         raise NotSupported("more than 2^31 patch rows or columns")
     if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        allow_tf32 = torch_allows_tf32()
     cfg = config or pick_config(x.dtype, C, KK, allow_tf32)
     block, bk = cfg.block, cfg.bk
     CB = cdiv(C, block)
@@ -271,8 +272,9 @@ def conv_input_factor(x: torch.Tensor, kernel_size, stride, padding, dilation, *
                       homogeneous: bool = False) -> torch.Tensor:
     """Triton KFC input factor (tuples already normalised by the public wrapper).
 
-    fp32 inputs run in exact fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set (the
-    same switch the unfold + matmul path obeys).
+    fp32 inputs run in exact fp32 unless torch allows TF32 for fp32 matmuls
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy ``allow_tf32``: the
+    switch the unfold + matmul path obeys too).
     """
     return _conv_input_factor(x, tuple(kernel_size), tuple(stride), tuple(padding),
                               tuple(dilation), homogeneous)

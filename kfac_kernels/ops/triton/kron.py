@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
-from ._common import Launch, cdiv, check_devices, empty, fits_int32, run_all, split_f64
+from ._common import (Launch, cdiv, check_devices, empty, fits_int32, run_all, split_f64,
+                      torch_allows_tf32)
 
 __all__ = ["kron_precondition_eigen", "ekfac_precondition", "kron_precondition_inverse"]
 
@@ -158,7 +159,7 @@ def _prepare(V, left, right, allow_tf32):
         if not fits_int32(t):
             raise NotSupported("a stack spanning more than 2^31 elements")
     if allow_tf32 is None:
-        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        allow_tf32 = torch_allows_tf32()
     cfg = pick_config(left.dtype, allow_tf32)
     return V, left, right, cfg, squeeze
 
