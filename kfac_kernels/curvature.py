@@ -62,7 +62,11 @@ def sample_vectors(likelihood: str, out: torch.Tensor, mc_samples: int,
             p = torch.softmax(f.to(torch.float32) if f.dtype in (torch.float16, torch.bfloat16)
                               else f, dim=-1)
             flat = p.reshape(-1, p.shape[-1])
-            idx = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+            # a non-finite output must not crash the sampler: draw from a uniform row there; the
+            # vector keeps the NaN, so the step's statistics are rejected as non-finite
+            bad = ~torch.isfinite(flat).all(-1, keepdim=True)
+            idx = torch.multinomial(torch.where(bad, torch.ones_like(flat), flat), 1,
+                                    generator=generator).squeeze(-1)
             onehot = torch.zeros_like(flat).scatter_(1, idx.unsqueeze(1), 1.0)
             v = (flat - onehot).reshape(p.shape)
         elif likelihood == "gaussian":
@@ -70,7 +74,7 @@ def sample_vectors(likelihood: str, out: torch.Tensor, mc_samples: int,
             v = torch.randn(f.shape, dtype=f.dtype, device=f.device, generator=generator)
         elif likelihood == "bernoulli":
             p = torch.sigmoid(f)
-            y = torch.bernoulli(p, generator=generator)
+            y = torch.bernoulli(torch.nan_to_num(p, nan=0.5), generator=generator)
             v = p - y
         else:  # pragma: no cover - validated by the optimizer
             raise ValueError(f"unknown likelihood {likelihood!r}")

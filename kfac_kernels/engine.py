@@ -20,10 +20,12 @@ This is the machinery shared by :class:`kfac_kernels.KFAC` and
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
 import warnings
+import weakref
 from collections import OrderedDict, defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -183,6 +185,14 @@ class KFACEngine:
         # EKFAC: statistics of passes whose eigenbasis is replaced this step, kept until the new
         # basis exists (see _fold_ekfac); {block: [(inputs, grads, calls, alpha)]}
         self._ekfac_stash: Dict[Block, list] = defaultdict(list)
+        # robustness (see docs/robustness.md): a device flag that rejects this step's factor
+        # update (non-finite gradients, GradScaler overflow), a device factor for the empirical
+        # G_hat (1/S^2 under a GradScaler), and whether captured statistics have seen a backward
+        # pass since the last step (stale captures of a skipped step are discarded by zero_grad)
+        self._reject: Optional[torch.Tensor] = None
+        self._g_rescale: Optional[torch.Tensor] = None
+        self._seen_backward = False
+        self._stale = False
 
         self.blocks: "OrderedDict[str, Block]" = OrderedDict()
         self.fallback: List[Tuple[str, torch.Tensor, str]] = []
@@ -199,6 +209,9 @@ class KFACEngine:
                                            or "none"))
         self._hooks = [b.module.register_forward_hook(self._forward_hook(b))
                        for b in self.blocks.values()]
+        # the hooks hold the engine weakly: an optimiser dropped without close() frees its
+        # factors, and its hooks are removed when it is collected
+        weakref.finalize(self, _remove_hooks, self._hooks)
         self._set_capture()
         self.dist = _dist.setup(self, distributed)   # None in a single process: no collectives
         if self.dist is not None:
@@ -305,11 +318,45 @@ class KFACEngine:
         return {id(p): b for b in self.blocks.values() for p in b.params}
 
     def close(self) -> None:
-        """Remove every hook this engine registered."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        """Remove every hook this engine registered (steps after it keep the last factors)."""
+        _remove_hooks(self._hooks)
         self._clear_capture()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Capture nothing inside (extra forward/backward passes of step control)."""
+        saved = self._capturing, self._g_active
+        self._capturing = self._g_active = False
+        try:
+            yield
+        finally:
+            self._capturing, self._g_active = saved
+
+    def mark_stale(self) -> None:
+        """Called by ``zero_grad``: statistics that have already seen a backward pass belong to
+        an earlier step. If another backward pass comes before ``step()``, that step was never
+        taken (skipped by the user's loop), and they are dropped then (:meth:`_drop_stale`)
+        rather than merged into this step's factors."""
+        self._stale = self._seen_backward
+
+    def _drop_stale(self) -> None:
+        """Drop the captures of a step that was never taken; layer inputs captured after its
+        backward pass (this step's forward, run before ``zero_grad``) are kept."""
+        for b in self.blocks.values():
+            mark = getattr(b, "_inputs_at_backward", 0)
+            b.inputs = b.inputs[mark:]
+            b._call_offset = getattr(b, "_call_offset", 0) + mark   # hooks know absolute calls
+            b.A_hat = b.G_hat = None
+            b.S_hat = None
+            b._inputs_at_backward = 0
+        self._grads = defaultdict(list)
+        self._grad_calls = defaultdict(list)
+        self._ekfac_stash = defaultdict(list)
+        self._pending_passes = 0
+        self._seen_backward = self._stale = False
+        self._warn_once(("stale",), "statistics captured for a step whose step() never ran were "
+                        "dropped (a backward pass followed zero_grad() without a step() "
+                        "in between; warned once)")
 
     # ------------------------------------------------------------------ capture
     @property
@@ -322,8 +369,11 @@ class KFACEngine:
         self._g_active = self._capturing and self.curvature == "empirical"
 
     def _forward_hook(self, block: Block):
+        ref = weakref.ref(self)
+
         def hook(module, args, output):
-            if not self._capturing or not torch.is_grad_enabled() or not args:
+            self = ref()
+            if self is None or not self._capturing or not torch.is_grad_enabled() or not args:
                 return
             if module is not block.module:   # a deepcopy of the model carries the hook along
                 return
@@ -337,13 +387,24 @@ class KFACEngine:
         return hook
 
     def _grad_hook(self, block: Block, call: int = 0):
+        ref = weakref.ref(self)
+
         def hook(grad):
-            if self._g_active:
+            self = ref()
+            if self is not None and self._g_active:
+                if self._stale:
+                    self._drop_stale()
                 if self.dist is not None:
                     self.dist.backward_started()   # launch the A reduction (once per step)
                 self._grads[block].append(grad.detach())
-                self._grad_calls[block].append(call)
+                # call index among the inputs kept (stale ones dropped: see _drop_stale)
+                self._grad_calls[block].append(call - getattr(block, "_call_offset", 0))
+                self._mark_backward(block)
         return hook
+
+    def _mark_backward(self, block: Block) -> None:
+        self._seen_backward = True
+        block._inputs_at_backward = len(block.inputs)
 
     def _g_scale(self, n: int, weight: float, empirical: bool) -> float:
         """Scale turning captured output-gradients into the g_n of the metric (see DESIGN §1):
@@ -365,7 +426,10 @@ class KFACEngine:
             for job in block.pass_jobs(grads, calls, scale):
                 jobs.append((block, job))
             if self.inverse == "ekfac" and block.inputs:
-                self._fold_ekfac(block, grads, calls, scale / n)
+                alpha = scale / n
+                if self._g_rescale is not None:   # a scaled loss's gradients (1/S^2, device)
+                    alpha = self._g_rescale * alpha
+                self._fold_ekfac(block, grads, calls, alpha)
         self._grads = defaultdict(list)
         self._grad_calls = defaultdict(list)
         self._run_jobs(jobs, target="G_hat", accumulate=True)
@@ -380,6 +444,8 @@ class KFACEngine:
             raise ValueError(f"curvature={self.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
         check_likelihood_output(self.likelihood, out)
+        if self._stale:
+            self._drop_stale()
         self._out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
@@ -423,9 +489,11 @@ class KFACEngine:
             self.dist.clear()
         for b in self.blocks.values():
             b.clear_capture()
+            b._inputs_at_backward = b._call_offset = 0
         self._grads = defaultdict(list)
         self._grad_calls = defaultdict(list)
         self._pending_passes = 0
+        self._seen_backward = self._stale = False
 
     # ------------------------------------------------------------------ batched syrk
     def _run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
@@ -510,6 +578,10 @@ class KFACEngine:
             return False
         if self.curvature == "empirical" and any(self._grads.values()):
             self._fold_grads(1.0, empirical=True)
+            if self._g_rescale is not None:   # output-gradients of a scaled loss: G_hat / S^2
+                for b in self.blocks.values():
+                    if b.G_hat is not None:
+                        b.G_hat = b.G_hat * self._g_rescale.to(b.G_hat.dtype)
         captured = [b for b in self.blocks.values() if b.inputs]
         if not captured:
             self._clear_capture()
@@ -592,13 +664,20 @@ class KFACEngine:
         """Running average with the first-estimate rule, skipped on non-finite statistics.
 
         rho_k = min(1 - 1/k, ema_decay) with k counting the block's accepted updates, so the
-        first estimate is taken whole. Everything stays on the device. Returns "skipped"."""
+        first estimate is taken whole. Everything stays on the device. Returns whether the
+        statistics were not finite (warned about); a step rejected as a whole through
+        ``_reject`` (reported by the optimiser) is counted in ``skipped`` only."""
         if b.A is None:
             dev = A_hat.device
             b.A = torch.zeros_like(A_hat)
             b.G = torch.zeros_like(G_hat)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        bad_stats = ~ok
+        if self._reject is not None:      # the whole step was rejected (and reported) as such
+            reject = self._reject.to(ok.device)
+            ok = ok & ~reject
+            bad_stats = bad_stats & ~reject
         count = b.count + ok.to(b.count.dtype)
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
         keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
@@ -609,7 +688,7 @@ class KFACEngine:
             old.mul_(keep).addcmul_(hat, 1.0 - keep)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
-        return ~ok
+        return bad_stats
 
     def _check_batch_sizes(self, captured: List[Block]) -> None:
         """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
@@ -661,6 +740,8 @@ class KFACEngine:
         for b, s_hat in self.reduce_scalings(s_hats).items():
             S = b.inverse["S"]
             ok = torch.isfinite(s_hat).all()
+            if self._reject is not None:      # the whole step was rejected (see KFAC.step)
+                ok = ok & ~self._reject.to(ok.device)
             count = b.ekfac_count + ok.to(b.ekfac_count.dtype)
             rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.ema_decay)
             S.copy_(torch.where(ok, S * rho + s_hat * (1.0 - rho), S))   # in place: S is a stack view
@@ -688,7 +769,10 @@ class KFACEngine:
         self._ekfac_stash = defaultdict(list)
 
     def _defer_check(self, flags: torch.Tensor, names: List[str]) -> None:
-        """Read the skip flags on the host later, without waiting for the device now."""
+        """Read the skip flags on the host later, without waiting for the device now (not in a
+        compiled region: ``b.skipped`` still counts there, the warning is not emitted)."""
+        if torch.compiler.is_compiling():
+            return
         if flags.device.type == "cpu":
             self._deferred.append((None, flags.clone(), names))
         else:
@@ -700,6 +784,8 @@ class KFACEngine:
         self._poll_deferred()
 
     def _poll_deferred(self) -> None:
+        if torch.compiler.is_compiling():
+            return
         keep = []
         for ev, host, names in self._deferred:
             if ev is not None and not ev.query():
@@ -723,6 +809,8 @@ class KFACEngine:
                                        and self.factor_updates > 0)
 
     def _check_damping(self, damping) -> None:
+        if torch.compiler.is_compiling():   # checked eagerly by the setter; symbolic when traced
+            return
         if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0 \
                 or not math.isfinite(damping):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
@@ -798,7 +886,7 @@ class KFACEngine:
                 kw = dict(method="refresh", prev_eigenvectors=torch.stack(prev))
             lam, Q, info = ops.symeig(stack, return_info=True, backend=self.op_backend("symeig"),
                                       **kw)
-            bad = info.nonzero().flatten().tolist()      # one host sync per size bucket
+            bad = ((info != 0) | ~_finite_each(stack)).nonzero().flatten().tolist()  # 1 sync/bucket
             for i, (b, which, f) in enumerate(items):
                 if i in bad:
                     l_i, q_i = self._eigh_fallback(b, which, f)
@@ -809,11 +897,27 @@ class KFACEngine:
         for b, entries in new.items():
             b.inverse = entries if only is None else {**b.inverse, **entries}
 
+    def _restart_if_nonfinite(self, b: Block, which: str, f: torch.Tensor) -> bool:
+        """A running factor that is not finite (a corrupted checkpoint, an overflow) has no
+        decomposition, and the running average would keep it non-finite for ever: it restarts,
+        so that the block's next accepted estimate is taken whole (first-estimate rule). Read on
+        the host: the inverse update synchronises anyway. Returns whether it restarted."""
+        if bool(torch.isfinite(f).all()):
+            return False
+        if getattr(b, which) is f:
+            setattr(b, which, torch.zeros_like(f))
+            b.count = torch.zeros_like(b.count)
+        self._warn_once(("restart", b.name, which),
+                        f"block {b.name!r}: the running factor {which} is not finite; it "
+                        f"restarts from the next factor estimate")
+        return True
+
     def _eigh_fallback(self, b: Block, which: str, f: torch.Tensor):
         """Retry in float64, then with added damping, then keep the previous decomposition."""
         reasons = []
+        finite_in = not self._restart_if_nonfinite(b, which, f)
         lam, Q, info = ops.symeig(f.double().unsqueeze(0), return_info=True, backend="torch")
-        if int(info[0]) == 0:
+        if int(info[0]) == 0 and finite_in:
             self._warn_once(("eigh", b.name, which, "fp64"),
                             f"block {b.name!r}: eigendecomposition of {which} failed in "
                             f"{f.dtype}; recovered in float64")
@@ -864,7 +968,8 @@ class KFACEngine:
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
             inv, info = ops.damped_inverse(stack, damp, return_info=True, backend=self.op_backend("damped_inverse"))
-            bad = info.nonzero().flatten().tolist()
+            # a "successful" factorisation of a matrix with an inf can still give a finite inverse
+            bad = ((info != 0) | ~_finite_each(stack) | ~_finite_each(inv)).nonzero().flatten().tolist()
             for i, (b, which, f) in enumerate(items):
                 new[b][which + "_inv"] = (self._cholesky_fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
@@ -872,9 +977,10 @@ class KFACEngine:
             b.inverse = entries if only is None else {**b.inverse, **entries}
 
     def _cholesky_fallback(self, b: Block, which: str, f: torch.Tensor, damp: torch.Tensor):
+        finite_in = not self._restart_if_nonfinite(b, which, f)
         inv, info = ops.damped_inverse(f.double().unsqueeze(0), damp.double().reshape(1),
                                        return_info=True, backend="torch")
-        if int(info[0]) == 0:
+        if int(info[0]) == 0 and finite_in and bool(torch.isfinite(inv[0].to(f.dtype)).all()):
             self._warn_once(("chol", b.name, which, "fp64"),
                             f"block {b.name!r}: Cholesky of {which} failed in {f.dtype}; "
                             f"recovered in float64")
@@ -885,7 +991,7 @@ class KFACEngine:
             extra *= 10.0
             inv, info = ops.damped_inverse(finite.unsqueeze(0), float(damp) + extra,
                                            return_info=True, backend="torch")
-            if int(info[0]) == 0 and bool(torch.isfinite(f).all()):
+            if int(info[0]) == 0 and finite_in and bool(torch.isfinite(inv[0].to(f.dtype)).all()):
                 self._warn_once(("chol", b.name, which, "damped"),
                                 f"block {b.name!r}: Cholesky of {which} failed; used extra "
                                 f"damping {extra:.3g}")
@@ -1002,7 +1108,7 @@ class KFACEngine:
     def state_dict(self) -> dict:
         blocks = {}
         for name, b in self.blocks.items():
-            entry = {"shape": tuple(b.shape)}
+            entry = {"shape": tuple(b.shape), "kind": b.kind}
             if b.A is not None:
                 entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
                              skipped=b.skipped.clone(),
@@ -1031,6 +1137,9 @@ class KFACEngine:
                 f"{sorted(mine - theirs) or 'none'}")
         for name, entry in sd["blocks"].items():
             b = self.blocks[name]
+            if entry.get("kind", b.kind) != b.kind:
+                raise ValueError(f"state_dict is from a different model: block {name!r} is a "
+                                 f"{entry['kind']} block there and a {b.kind} block here")
             if tuple(entry["shape"]) != tuple(b.shape):
                 raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
                                  f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")
@@ -1104,3 +1213,15 @@ class KFACEngine:
             return ops._registry.resolve(op, self.backend, dev)
         except ops.BackendUnavailable as exc:
             return f"unavailable ({exc})"
+
+
+def _remove_hooks(handles: list) -> None:
+    """Remove hook handles in place (also the finaliser of a collected engine)."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+def _finite_each(stack: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each matrix of a [B, n, n] stack is finite (on the device)."""
+    return torch.isfinite(stack).flatten(1).all(1)

@@ -17,10 +17,20 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "soak: long leak test (10,000 steps); deselected unless "
+                            "asked for: python -m pytest -m soak")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+    if not config.getoption("markexpr"):      # soak tests run only when a -m selects them
+        soak = [item for item in items if "soak" in item.keywords]
+        if soak:
+            config.hook.pytest_deselected(items=soak)
+            items[:] = [item for item in items if "soak" not in item.keywords]
 
 
 @pytest.fixture

@@ -104,7 +104,8 @@ class ConvBlock(Block):
     def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
         mo = self.out_dim
         if self.weight_sharing == "expand":
-            return [SyrkJob(g.movedim(1, -1).reshape(-1, mo), scale / g.shape[0], False)
+            # rows as a view of the [out, N*T] column layout (one blocked copy, then a plain GEMM)
+            return [SyrkJob(g.transpose(0, 1).reshape(mo, -1).T, scale / g.shape[0], False)
                     for g in grads]
         n = grads[0].shape[0]
         total = None

@@ -15,8 +15,10 @@ from typing import Optional
 
 import torch
 
-from . import _decomp_policy, _registry, reference
+from . import _decomp_policy, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
+
+_compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
 
 __all__ = [
     "syrk_update",
@@ -95,6 +97,13 @@ def _check_damping(damping, batch_shape, device):
             raise ValueError(f"damping must be >= 0, got {damping}")
 
 
+def _split_damping(damping):
+    """(tensor or None, float) as the custom ops take a damping that is a number or a tensor."""
+    if isinstance(damping, torch.Tensor):
+        return damping, 0.0
+    return None, float(damping)
+
+
 def _check_symmetric_stack(name, f):
     _check_tensor(name, f, _FACTOR_DTYPES, (2, 3))
     if f.shape[-1] != f.shape[-2]:
@@ -125,6 +134,10 @@ def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: fl
                          f" but factor is {d} x {d}")
     if factor.dim() == 3 and x.shape[0] != factor.shape[0]:
         raise ValueError(f"batched: factor stack has {factor.shape[0]} matrices, x has {x.shape[0]}")
+    if _compiling():
+        _library.syrk_update(factor, x, float(alpha), float(beta), bool(homogeneous),
+                             bool(allow_tf32), backend)
+        return factor
     return _registry.call("syrk_update", backend, factor.device, factor, x, alpha=float(alpha),
                           beta=float(beta), homogeneous=bool(homogeneous),
                           allow_tf32=bool(allow_tf32))
@@ -177,6 +190,10 @@ def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilatio
                              f"{args['padding'][i]}) is smaller than the kernel's span {span}")
     if x.shape[0] == 0:
         raise ValueError("x has an empty batch")
+    if _compiling():
+        return _library.conv_input_factor(x, list(args["kernel_size"]), list(args["stride"]),
+                                          list(args["padding"]), list(args["dilation"]),
+                                          bool(homogeneous), backend)
     return _registry.call("conv_input_factor", backend, x.device, x, args["kernel_size"],
                           args["stride"], args["padding"], args["dilation"],
                           homogeneous=bool(homogeneous))
@@ -226,11 +243,20 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
         raise ValueError(f"unknown symeig method {method!r}; expected auto, eigh, jacobi, refresh")
     if method == "refresh" and prev_eigenvectors is None:
         raise ValueError("method='refresh' needs prev_eigenvectors")
-    kwargs = dict(prev_eigenvectors=prev_eigenvectors, return_info=return_info, **options)
+    if _compiling() and not options:
+        lam, q, info = _library.symeig(factors, prev_eigenvectors, method, backend)
+        return (lam, q, info) if return_info else (lam, q)
+    return _run_symeig(factors, method, backend, prev_eigenvectors=prev_eigenvectors,
+                       return_info=return_info, **options)
+
+
+def _run_symeig(factors, method, backend, **kwargs):
+    """symeig's dispatch after the checks (shared with its torch.library custom op)."""
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
-        plan = _decomp_policy.symeig_plan(n, batch, method, prev_eigenvectors is not None)
+        plan = _decomp_policy.symeig_plan(n, batch, method, kwargs.get("prev_eigenvectors")
+                                          is not None)
         return _decomp_policy.run("symeig", plan, factors.device, (factors,), kwargs, "method")
     return _registry.call("symeig", backend, factors.device, factors, method=method, **kwargs)
 
@@ -247,6 +273,14 @@ def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False,
     """
     _check_symmetric_stack("factors", factors)
     _check_damping(damping, factors.shape[:-2], factors.device)
+    if _compiling():
+        inv, info = _library.damped_inverse(factors, *_split_damping(damping), backend)
+        return (inv, info) if return_info else inv
+    return _run_damped_inverse(factors, damping, backend, return_info)
+
+
+def _run_damped_inverse(factors, damping, backend, return_info):
+    """damped_inverse's dispatch after the checks (shared with its torch.library custom op)."""
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
@@ -290,6 +324,10 @@ def kron_precondition_eigen(V, QG, lamG, QA, lamA, damping, *, return_dot: bool 
         if lam.shape != q.shape[:-1]:
             raise ValueError(f"{name} has shape {tuple(lam.shape)}, expected {tuple(q.shape[:-1])}")
     _check_damping(damping, V.shape[:-2], V.device)
+    if _compiling():
+        U, dot = _library.kron_precondition_eigen(V, QG, lamG, QA, lamA, *_split_damping(damping),
+                                                  bool(return_dot), backend)
+        return (U, dot) if return_dot else U
     return _registry.call("kron_precondition_eigen", backend, V.device, V, QG, lamG, QA, lamA,
                           damping, return_dot=return_dot)
 
@@ -302,6 +340,10 @@ def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False
     if scalings.shape != V.shape:
         raise ValueError(f"scalings has shape {tuple(scalings.shape)}, V {tuple(V.shape)}")
     _check_damping(damping, V.shape[:-2], V.device)
+    if _compiling():
+        U, dot = _library.ekfac_precondition(V, QG, QA, scalings, *_split_damping(damping),
+                                             bool(return_dot), backend)
+        return (U, dot) if return_dot else U
     return _registry.call("ekfac_precondition", backend, V.device, V, QG, QA, scalings, damping,
                           return_dot=return_dot)
 
@@ -309,6 +351,9 @@ def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False
 def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, backend: str = "auto"):
     """``U = G_inv V A_inv``, batched over [B, m, n] stacks; ``return_dot`` as above."""
     _check_kron(V, G_inv, A_inv, ("G_inv", "A_inv"))
+    if _compiling():
+        U, dot = _library.kron_precondition_inverse(V, G_inv, A_inv, bool(return_dot), backend)
+        return (U, dot) if return_dot else U
     return _registry.call("kron_precondition_inverse", backend, V.device, V, G_inv, A_inv,
                           return_dot=return_dot)
 

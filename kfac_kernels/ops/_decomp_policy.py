@@ -14,7 +14,7 @@ the one-block-per-matrix Jacobi kernel does ~10 sweeps of O(n^3) work, which bea
 shared-memory Cholesky kernel replaces three cuSOLVER/cuBLAS calls per matrix with one launch for
 the whole stack; the tiled Cholesky kernel needs many launches and only pays off on batches of
 moderate size). Re-tune them from ``benchmarks/bench_symeig.py`` and ``bench_inverse.py`` on the
-target GPU (see benchmarks/README_cuda.md).
+target GPU (see benchmarks/README.md).
 """
 from __future__ import annotations
 

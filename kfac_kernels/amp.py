@@ -1,0 +1,122 @@
+"""Mixed precision and non-finite gradients: the GradScaler contract and the step guard.
+
+Everything here runs on the device: the finiteness check of a step's gradients, the unscaling of
+gradients and of the empirical G factor, and the decision to skip a step are device tensors
+(``torch.where``), never read on the host inside ``step()``. Warnings about skipped steps are read
+later, when the device has finished (the same deferred scheme the engine uses for factor updates).
+
+GradScaler contract (``torch.amp.GradScaler``, see docs/robustness.md):
+
+* :class:`kfac_kernels.KFAC` sets ``_step_supports_amp_scaling``: ``scaler.step(opt)`` then always
+  calls ``opt.step()`` and hands it ``opt.grad_scale`` (the scale still in the gradients, or None
+  after ``scaler.unscale_(opt)``) and ``opt.found_inf`` (device tensors). KFAC unscales the
+  gradients itself, skips the parameter *and* factor update on the device when an inf/NaN was found,
+  and divides the empirical G estimate by S^2 (S read from the scaler's scale tensor, no sync), so
+  the statistics of a skipped step are discarded rather than merged into the next one.
+* the scaler's own ``update()`` works as for any optimiser (its found-inf record is filled).
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+
+__all__ = ["scaler_scale", "check_and_unscale", "agree", "DeferredFlags"]
+
+
+def scaler_scale(scaler) -> Optional[torch.Tensor]:
+    """The loss scale S of an enabled GradScaler as a device tensor (no host sync), else None."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)   # created lazily by the first scaler.scale(loss)
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1/S in float32, the reciprocal taken in float64 as GradScaler does."""
+    return scale.double().reciprocal().float()
+
+
+def check_and_unscale(grads: Iterable[torch.Tensor],
+                      inv_scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Multiply ``grads`` in place by ``inv_scale`` (when given) and return a 0-d float32 device
+    tensor that is > 0 when any of them holds an inf or NaN (None when there are no gradients).
+
+    One fused multi-tensor kernel per (device, dtype) (the one GradScaler uses), no host sync.
+    """
+    groups = defaultdict(list)
+    for g in grads:
+        groups[(g.device, g.dtype)].append(g)
+    if not groups:
+        return None
+    found_all = None
+    for (dev, _), gs in groups.items():
+        found = torch.zeros((), dtype=torch.float32, device=dev)
+        inv = (torch.ones((), dtype=torch.float32, device=dev) if inv_scale is None
+               else inv_scale.to(device=dev, dtype=torch.float32))
+        if any(g.is_sparse for g in gs):
+            for g in gs:
+                found = found + (~torch.isfinite(g.coalesce()._values())).any().float()
+                if inv_scale is not None:
+                    g.mul_(inv)
+        else:
+            torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)
+        found_all = found if found_all is None else found_all + found.to(found_all.device)
+    return found_all
+
+
+def agree(found: torch.Tensor, engine) -> torch.Tensor:
+    """With torch.distributed, every rank takes the same skip decision (the running factors
+    must stay identical across ranks): the found-inf flags are summed over the engine's process
+    group (a collective on one number, no host sync). In a single process: ``found`` itself."""
+    dist_state = getattr(engine, "dist", None)
+    if dist_state is None:
+        return found
+    found = found.clone()
+    torch.distributed.all_reduce(found, group=dist_state.group)
+    return found
+
+
+class DeferredFlags:
+    """0-d device flags read on the host once the device is done with them (no sync in step);
+    a set flag warns its message once per key."""
+
+    def __init__(self):
+        self._pending: List[Tuple[object, torch.Tensor, Tuple[str, str]]] = []
+        self._warned: set = set()
+
+    def push(self, flag: torch.Tensor, key: str, message: str) -> None:
+        """Queue ``flag`` (true = warn ``message``, once per ``key``); report what is ready."""
+        if key in self._warned or torch.compiler.is_compiling():
+            return    # compiled regions: the counters count, the warning is not emitted
+        if flag.device.type == "cuda":
+            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            self._pending.append((ev, host, (key, message)))
+        else:
+            self._pending.append((None, flag.detach().clone(), (key, message)))
+        self.poll()
+
+    def poll(self) -> None:
+        if torch.compiler.is_compiling():
+            return
+        keep = []
+        for ev, host, (key, message) in self._pending:
+            if ev is not None and not ev.query():
+                keep.append((ev, host, (key, message)))
+                continue
+            if host.numpy().any() and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(f"kfac_kernels: {message}", _warning_class(), stacklevel=4)
+        self._pending = keep
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+def _warning_class():
+    from .engine import KFACWarning
+    return KFACWarning

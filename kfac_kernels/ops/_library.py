@@ -1,0 +1,153 @@
+"""The kernel ops as ``torch.library`` custom ops, so ``torch.compile`` treats them as opaque.
+
+Each op of :mod:`kfac_kernels.ops` is registered once as ``torch.ops.kfac_kernels.<name>`` with a
+fake (meta) implementation that states its output shapes and dtypes; the in-place
+``syrk_update`` (and ``ema_factor_update``, which is built on it) declares the mutation of its
+``factor``. The real implementation is the same backend dispatch the eager wrappers use (the
+registry, and for decompositions on CUDA the size policy of
+:mod:`kfac_kernels.ops._decomp_policy`), so a compiled region runs exactly the kernels an eager
+call would, without dynamo tracing (and breaking on) the registry's Python.
+
+The public wrappers in :mod:`kfac_kernels.ops` check their inputs as usual and route through
+these ops only while dynamo is tracing (``torch.compiler.is_compiling()``); eager calls skip the
+custom-op dispatcher and its overhead. Registration happens at import: it costs a few
+milliseconds, initialises no device and compiles nothing (measured in docs/robustness.md).
+
+Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
+schema; a call that passes them is traced as ordinary Python.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import _registry
+
+NAMESPACE = "kfac_kernels"
+__all__ = ["NAMESPACE", "syrk_update", "conv_input_factor", "symeig", "damped_inverse",
+           "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition"]
+
+
+def _damping(damping_t: Optional[Tensor], damping_f: float):
+    return damping_t if damping_t is not None else damping_f
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """Outputs are contiguous (the fake implementations say so; eigh's eigenvectors are not)
+    and not views (custom-op outputs may not alias, e.g. the [n, n] result of a batch of one)."""
+    t = t.contiguous()
+    return t if t._base is None else t.clone()
+
+
+def _empty_dot(ref: Tensor, batch, dtype, return_dot: bool) -> Tensor:
+    shape = tuple(batch) if return_dot else (0,)
+    return ref.new_empty(shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- factor updates
+@custom_op(f"{NAMESPACE}::syrk_update", mutates_args=("factor",))
+def syrk_update(factor: Tensor, x: Tensor, alpha: float, beta: float, homogeneous: bool,
+                allow_tf32: bool, backend: str) -> None:
+    _registry.call("syrk_update", backend, factor.device, factor, x, alpha=alpha, beta=beta,
+                   homogeneous=homogeneous, allow_tf32=allow_tf32)
+
+
+@syrk_update.register_fake
+def _(factor, x, alpha, beta, homogeneous, allow_tf32, backend):
+    return None
+
+
+@custom_op(f"{NAMESPACE}::conv_input_factor", mutates_args=())
+def conv_input_factor(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
+                      dilation: List[int], homogeneous: bool, backend: str) -> Tensor:
+    out = _registry.call("conv_input_factor", backend, x.device, x, tuple(kernel_size),
+                         tuple(stride), tuple(padding), tuple(dilation), homogeneous=homogeneous)
+    return _fresh(out)
+
+
+@conv_input_factor.register_fake
+def _(x, kernel_size, stride, padding, dilation, homogeneous, backend):
+    d = x.shape[1]
+    for k in kernel_size:
+        d = d * k
+    d = d + int(homogeneous)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((d, d), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- decompositions
+@custom_op(f"{NAMESPACE}::symeig", mutates_args=())
+def symeig(factors: Tensor, prev_eigenvectors: Optional[Tensor], method: str,
+           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    from . import _run_symeig
+    lam, q, info = _run_symeig(factors, method, backend, prev_eigenvectors=prev_eigenvectors,
+                               return_info=True)
+    return _fresh(lam), _fresh(q), _fresh(info.to(torch.int32))
+
+
+@symeig.register_fake
+def _(factors, prev_eigenvectors, method, backend):
+    return (factors.new_empty(factors.shape[:-1]), factors.new_empty(factors.shape),
+            factors.new_empty(factors.shape[:-2], dtype=torch.int32))
+
+
+@custom_op(f"{NAMESPACE}::damped_inverse", mutates_args=())
+def damped_inverse(factors: Tensor, damping_t: Optional[Tensor],
+                   damping_f: float, backend: str) -> Tuple[Tensor, Tensor]:
+    from . import _run_damped_inverse
+    inv, info = _run_damped_inverse(factors, _damping(damping_t, damping_f), backend, True)
+    return _fresh(inv), _fresh(info.to(torch.int32))
+
+
+@damped_inverse.register_fake
+def _(factors, damping_t, damping_f, backend):
+    return (factors.new_empty(factors.shape),
+            factors.new_empty(factors.shape[:-2], dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- preconditioning
+@custom_op(f"{NAMESPACE}::kron_precondition_eigen", mutates_args=())
+def kron_precondition_eigen(V: Tensor, QG: Tensor, lamG: Tensor, QA: Tensor, lamA: Tensor,
+                            damping_t: Optional[Tensor], damping_f: float, return_dot: bool,
+                            backend: str) -> Tuple[Tensor, Tensor]:
+    res = _registry.call("kron_precondition_eigen", backend, V.device, V, QG, lamG, QA, lamA,
+                         _damping(damping_t, damping_f), return_dot=return_dot)
+    U, dot = res if return_dot else (res, _empty_dot(V, (), QG.dtype, False))
+    return _fresh(U), _fresh(dot)
+
+
+@kron_precondition_eigen.register_fake
+def _(V, QG, lamG, QA, lamA, damping_t, damping_f, return_dot, backend):
+    return torch.empty_like(V), _empty_dot(V, V.shape[:-2], QG.dtype, return_dot)
+
+
+@custom_op(f"{NAMESPACE}::ekfac_precondition", mutates_args=())
+def ekfac_precondition(V: Tensor, QG: Tensor, QA: Tensor, scalings: Tensor,
+                       damping_t: Optional[Tensor], damping_f: float, return_dot: bool,
+                       backend: str) -> Tuple[Tensor, Tensor]:
+    res = _registry.call("ekfac_precondition", backend, V.device, V, QG, QA, scalings,
+                         _damping(damping_t, damping_f), return_dot=return_dot)
+    U, dot = res if return_dot else (res, _empty_dot(V, (), QG.dtype, False))
+    return _fresh(U), _fresh(dot)
+
+
+@ekfac_precondition.register_fake
+def _(V, QG, QA, scalings, damping_t, damping_f, return_dot, backend):
+    return torch.empty_like(V), _empty_dot(V, V.shape[:-2], QG.dtype, return_dot)
+
+
+@custom_op(f"{NAMESPACE}::kron_precondition_inverse", mutates_args=())
+def kron_precondition_inverse(V: Tensor, G_inv: Tensor, A_inv: Tensor, return_dot: bool,
+                              backend: str) -> Tuple[Tensor, Tensor]:
+    res = _registry.call("kron_precondition_inverse", backend, V.device, V, G_inv, A_inv,
+                         return_dot=return_dot)
+    U, dot = res if return_dot else (res, _empty_dot(V, (), G_inv.dtype, False))
+    return _fresh(U), _fresh(dot)
+
+
+@kron_precondition_inverse.register_fake
+def _(V, G_inv, A_inv, return_dot, backend):
+    return torch.empty_like(V), _empty_dot(V, V.shape[:-2], G_inv.dtype, return_dot)

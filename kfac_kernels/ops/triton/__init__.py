@@ -1,0 +1,52 @@
+"""Triton backend of the kernel ops (imported only when an op is first dispatched here).
+
+One module per op, each holding its kernels and their host launcher:
+
+* :mod:`.syrk`         -- ``syrk_update`` / ``ema_factor_update``: symmetric rank-k update, upper
+  tiles only, implicit homogeneous column, split over rows for small factors;
+* :mod:`.conv_factor`  -- ``conv_input_factor``: KFC input factor with implicit im2col;
+* :mod:`.kron`         -- ``kron_precondition_eigen`` / ``ekfac_precondition`` /
+  ``kron_precondition_inverse``: batched Kronecker preconditioning with the eigenvalue division
+  and the ``sum(U * V)`` reduction fused into the GEMM epilogues.
+
+The backend runs on CUDA devices, and on CPU tensors when Triton's interpreter is switched on
+(``TRITON_INTERPRET=1`` set before triton is first imported), which is how the tests run it on
+machines without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["probe", "interpreting"]
+
+_TRUE = ("1", "true", "on", "yes")
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (kernels then run on the CPU, on CPU tensors)."""
+    try:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        if knobs is not None:
+            return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover - probe() reports the import failure
+        pass
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def probe():
+    """(ok, reason): ok when triton imports and either a CUDA device or the interpreter is there."""
+    try:
+        import triton
+    except Exception as exc:
+        return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+    version = getattr(triton, "__version__", "?")
+    if interpreting():
+        return True, f"triton {version} (interpreter: TRITON_INTERPRET=1, CPU tensors accepted)"
+    import torch
+
+    if torch.cuda.is_available():
+        return True, f"triton {version} on CUDA"
+    return False, (f"triton {version} is installed but there is no CUDA device "
+                   "(set TRITON_INTERPRET=1 before importing triton to run its kernels on CPU)")

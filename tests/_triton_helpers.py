@@ -1,0 +1,67 @@
+"""Shared pieces of the Triton backend tests (imported by tests/test_triton_*.py).
+
+On a machine without CUDA the kernels run under Triton's interpreter on CPU tensors (conftest.py
+switches it on before triton is imported); with CUDA the same tests run the compiled kernels on
+the GPU. Every buffer the launchers allocate is filled with NaN first (``poison``), so an element
+a kernel fails to write cannot pass for a correct one.
+"""
+import contextlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from kfac_kernels.ops.triton import probe  # noqa: E402
+
+OK, WHY = probe()
+requires_triton = pytest.mark.skipif(not OK, reason=f"triton backend unavailable: {WHY}")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# DESIGN.md section 4: relative Frobenius error against the float64 reference
+TOL_FP32 = 1e-5
+TOL_TF32 = 3e-3
+TOL_BF16 = 2e-2
+TOL_FP64 = 1e-12
+# an fp16 output is exact up to one rounding: unit roundoff 2^-11, plus the fp32 math
+TOL_FP16_OUT = 2.0**-11 + TOL_FP32
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    nb = b.norm().item()
+    return (a - b).norm().item() / (nb if nb > 0 else 1.0)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    from kfac_kernels.ops.triton import _common
+
+    monkeypatch.setattr(_common, "POISON", True)
+    yield
+
+
+def sym(d, batch=None, dtype=torch.float32, device=DEVICE):
+    shape = (d, d) if batch is None else (batch, d, d)
+    a = torch.randn(shape, dtype=torch.float64)
+    return (a + a.transpose(-1, -2)).to(dtype).to(device)
+
+
+@contextlib.contextmanager
+def tf32_matmul():
+    """Let fp32 matmuls use TF32 (torch's switch, which the Triton backend follows too)."""
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
