@@ -16,7 +16,7 @@ The comparators are third-party packages installed separately (never vendored he
 
     pip install "git+https://github.com/gpauloski/kfac-pytorch" asdfghjkl
 
-Usage: python benchmarks/compare_cpu.py [--steps 20] [--threads 2] [--out results.md]
+Usage: python benchmarks/compare_cpu.py [--rounds 5] [--threads 1] [--out results.md]
 """
 from __future__ import annotations
 
@@ -124,27 +124,51 @@ IMPLS = {"kfac_kernels": make_ours, "kfac-pytorch (KAISA)": make_kaisa,
          "ASDL": make_asdl, "SGD (no K-FAC)": make_sgd}
 
 
-def time_impl(make, build, shape, steps):
+def _setup(make, build, shape):
     torch.manual_seed(0)
     model = build()
     step = make(model, shape[0]) if make is make_asdl else make(model)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(*shape, generator=g) for _ in range(4)]
     ys = [torch.randint(0, 10, (shape[0],), generator=g) for _ in range(4)]
-    for i in range(INV_EVERY):            # warm-up: one whole inverse period
-        step(xs[i % 4], ys[i % 4])
-    times, losses = [], []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        loss = step(xs[i % 4], ys[i % 4])
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    return times, losses
+    return step, xs, ys
+
+
+def time_all(impls, build, shape, rounds):
+    """Interleaved timing: every round runs each implementation for one whole inverse period
+    (INV_EVERY steps, so each round's mean includes one inverse update), in turn, so that drift in
+    the machine's load hits all of them alike. Returns {name: (round means, losses)} or the
+    exception an implementation raised."""
+    state, out = {}, {}
+    for name, make in impls.items():
+        try:
+            step, xs, ys = _setup(make, build, shape)
+            for i in range(INV_EVERY):            # warm-up: one whole inverse period
+                step(xs[i % 4], ys[i % 4])
+            state[name] = (step, xs, ys, [], [])
+        except Exception as exc:   # ImportError: not installed; anything else: it crashed
+            out[name] = exc
+    for r in range(rounds):
+        for name, (step, xs, ys, means, losses) in state.items():
+            if name in out:
+                continue
+            try:
+                t0 = time.perf_counter()
+                for i in range(INV_EVERY):
+                    loss = step(xs[i % 4], ys[i % 4])
+                means.append((time.perf_counter() - t0) / INV_EVERY)
+                losses.append(float(loss.detach()))
+            except Exception as exc:
+                out[name] = exc
+    for name, (_, _, _, means, losses) in state.items():
+        out.setdefault(name, (means, losses))
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=2 * INV_EVERY)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help=f"interleaved rounds of {INV_EVERY} steps per implementation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the markdown table here")
     a = ap.parse_args(argv)
@@ -159,32 +183,28 @@ def main(argv=None):
             versions[name] = f"absent ({type(exc).__name__})"
     rows = []
     for mname, (build, shape) in MODELS.items():
-        res = {}
-        for iname, make in IMPLS.items():
-            try:
-                times, losses = time_impl(make, build, shape, a.steps)
-            except ImportError:
+        res = time_all(IMPLS, build, shape, a.rounds)
+        ours = statistics.median(res["kfac_kernels"][0])
+        for iname in IMPLS:
+            r = res[iname]
+            if isinstance(r, ImportError):
                 rows.append((mname, iname, "not installed", "", "", ""))
-                continue
-            except Exception as exc:   # a comparator that crashes is reported, not hidden
-                msg = str(exc).splitlines()[0][:90]
-                rows.append((mname, iname, "crashed", "", "", f"{type(exc).__name__}: {msg}"))
-                continue
-            mean = statistics.fmean(times)
-            res[iname] = mean
-            rows.append((mname, iname, f"{mean * 1e3:.1f}", f"{statistics.median(times) * 1e3:.1f}",
-                         "", f"{losses[0]:.3f} -> {losses[-1]:.3f}"))
-        ours = res.get("kfac_kernels")
-        rows = [(r[0], r[1], r[2], r[3],
-                 (f"{res[r[1]] / ours:.2f}x" if (r[0] == mname and r[1] in res and ours) else r[4]),
-                 r[5]) for r in rows]
-    header = ("model", "implementation", "mean ms/step", "median ms/step",
-              "time / kfac_kernels", "loss first -> last")
+            elif isinstance(r, Exception):    # a comparator that crashes is reported, not hidden
+                msg = str(r).splitlines()[0][:90]
+                rows.append((mname, iname, "crashed", "", "", f"{type(r).__name__}: {msg}"))
+            else:
+                means, losses = r
+                med = statistics.median(means)
+                rows.append((mname, iname, f"{med * 1e3:.1f}", f"{min(means) * 1e3:.1f}",
+                             f"{med / ours:.2f}x", f"{losses[0]:.3f} -> {losses[-1]:.3f}"))
+    header = ("model", "implementation", "ms/step (median of rounds)", "ms/step (best round)",
+              "time / kfac_kernels", "loss after round 1 -> last")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = (f"{when}; {platform.processor() or platform.machine()}, {a.threads} threads; "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
-            + f"; {a.steps} timed steps after a {INV_EVERY}-step warm-up, inverse every "
-              f"{INV_EVERY} steps (mean includes the amortised inverse updates)")
+            + f"; {a.rounds} interleaved rounds of {INV_EVERY} steps each after a {INV_EVERY}-step "
+              f"warm-up, inverse every {INV_EVERY} steps (each round's mean includes one inverse "
+              f"update)")
     md = [prov, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md)
