@@ -111,7 +111,8 @@ class KFACEngine:
                  mc_samples: int = 1, inverse: str = "eigh", weight_sharing: str = "expand",
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
-                 full_eigh_every: int = 1, trainable: Optional[set] = None,
+                 full_eigh_every: int = 1, inverse_warmup: bool = False,
+                 trainable: Optional[set] = None,
                  only: Optional[Iterable[str]] = None, distributed=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
@@ -156,6 +157,7 @@ class KFACEngine:
         self.factor_every = factor_every
         self.inverse_every = inverse_every
         self.full_eigh_every = full_eigh_every
+        self.inverse_warmup = bool(inverse_warmup)
         self.curvature = curvature
         self.likelihood = likelihood
         self.mc_samples = mc_samples
@@ -805,8 +807,17 @@ class KFACEngine:
 
     # ------------------------------------------------------------------ inverse update
     def inverse_due(self) -> bool:
-        return self._needs_inverse or (self.steps % self.inverse_every == 0
-                                       and self.factor_updates > 0)
+        """Whether this step's ``step()`` recomputes the decompositions: every ``inverse_every``
+        steps, and during the first ``inverse_every`` steps after every factor update when
+        ``inverse_warmup`` (the early factors move fastest: a basis from step 0 reused for
+        ``inverse_every`` steps can blow a run up without a KL clip)."""
+        if self._needs_inverse:
+            return True
+        if self.factor_updates == 0:
+            return False
+        if self.steps % self.inverse_every == 0:
+            return True
+        return self.inverse_warmup and self.steps < self.inverse_every and self._capturing
 
     def _check_damping(self, damping) -> None:
         if torch.compiler.is_compiling():   # checked eagerly by the setter; symbolic when traced

@@ -18,7 +18,8 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
-                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only")
+                "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only",
+                "inverse_warmup")
 # torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
 _DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
               "bucket_cap_mb")
@@ -77,7 +78,11 @@ class KFAC(torch.optim.Optimizer):
     is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
     ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
     eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
-    skips factors whose basis still diagonalises them; default 1 = always full). ``only``
+    skips factors whose basis still diagonalises them; default 1 = always full),
+    ``inverse_warmup`` (default False; when True, during the first ``inverse_every`` steps
+    every factor update is followed by an inverse update, since a step-0 basis reused while the
+    early factors move fast can blow a run up when no KL clip bounds the step; it delays such a
+    blow-up, it does not replace ``kl_clip``: see docs/robustness.md). ``only``
     (module names or glob patterns: precondition these modules and leave every other parameter
     to the first-order rule; a name that matches no module, or only modules K-FAC cannot
     precondition, is an error, as is a ``skip`` pattern that matches no module).
@@ -111,7 +116,7 @@ class KFAC(torch.optim.Optimizer):
                  skip: Iterable[str] = (), backend: str = "auto", *, params=None,
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, full_eigh_every: int = 1,
-                 only: Optional[Iterable[str]] = None,
+                 inverse_warmup: bool = False, only: Optional[Iterable[str]] = None,
                  distributed: Optional[bool] = None,
                  process_group=None, grad_worker_fraction: float = 1.0,
                  assignment: str = "compute", bucket_cap_mb: float = 25.0, grad_scaler=None,
@@ -158,7 +163,7 @@ class KFAC(torch.optim.Optimizer):
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
                                  seed=seed, full_eigh_every=full_eigh_every,
-                                 trainable=trainable, only=only,
+                                 inverse_warmup=inverse_warmup, trainable=trainable, only=only,
                                  distributed=_dist_options(distributed, process_group,
                                                            grad_worker_fraction, assignment,
                                                            bucket_cap_mb))

@@ -418,3 +418,18 @@ def test_refresh_between_full_decompositions_tracks_the_factors(monkeypatch):
     assert opt.engine.inverse_updates == 5
     per_update = len(methods) // 5       # one call per size bucket
     assert methods[::per_update] == ["full", "refresh", "refresh", "full", "refresh"]
+
+
+@pytest.mark.parametrize("warmup,expected", [(True, [1, 2, 3, 4, 5, 5, 5, 5]),
+                                             (False, [1, 1, 1, 1, 2, 2, 2, 2])])
+def test_inverse_warmup_decomposes_after_every_early_factor_update(warmup, expected):
+    """inverse_every=4, factor_every=1: with the warm-up, steps 0-3 each recompute the
+    decompositions, then every 4th step; without it only steps 0, 4, ... do."""
+    model = small_mlp()
+    opt = kk.KFAC(model, lr=0.05, curvature="ggn", likelihood="categorical", inverse_every=4,
+                  inverse_warmup=warmup)
+    seen = []
+    for s in range(8):
+        run_steps(model, opt, 1, start=s)
+        seen.append(opt.engine.inverse_updates)
+    assert seen == expected
