@@ -4,10 +4,10 @@ GPU sizes when CUDA is present; tiny sizes on CPU, where Triton runs under its i
 files still run as smoke tests (``--benchmark-disable``). Timed functions synchronise the device;
 every provider is called before timing so compilation and autotuning are never timed.
 """
-import contextlib
-
 import pytest
 import torch
+
+from kfac_kernels.ops.triton import tf32_matmul  # noqa: F401  (re-exported for bench_kron)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -99,21 +99,3 @@ def mm_fp32_out(a, b):
     return a.float() @ b.float()
 
 
-@contextlib.contextmanager
-def tf32_matmul():
-    """Let fp32 matmuls use TF32 (torch's switch, which the Triton backend follows too)."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        old = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = old
-    else:
-        old = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = old

@@ -5,14 +5,12 @@ switches it on before triton is imported); with CUDA the same tests run the comp
 the GPU. Every buffer the launchers allocate is filled with NaN first (``poison``), so an element
 a kernel fails to write cannot pass for a correct one.
 """
-import contextlib
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from kfac_kernels.ops.triton import probe  # noqa: E402
+from kfac_kernels.ops.triton import probe, tf32_matmul  # noqa: E402,F401
 
 OK, WHY = probe()
 requires_triton = pytest.mark.skipif(not OK, reason=f"triton backend unavailable: {WHY}")
@@ -47,21 +45,3 @@ def sym(d, batch=None, dtype=torch.float32, device=DEVICE):
     return (a + a.transpose(-1, -2)).to(dtype).to(device)
 
 
-@contextlib.contextmanager
-def tf32_matmul():
-    """Let fp32 matmuls use TF32 (torch's switch, which the Triton backend follows too)."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        old = m.fp32_precision
-        m.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = old
-    else:
-        old = m.allow_tf32
-        m.allow_tf32 = True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = old

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cext_build as cb
+from _decomp_helpers import check_eigh, rel, spd
 from kfac_kernels import _cext, ops
 from kfac_kernels.ops import _registry, reference
 from kfac_kernels.ops._registry import BackendUnavailable, NotSupported
@@ -72,25 +73,6 @@ def emulated(C, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def spd(bsz, n, dtype, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(bsz, n, 2 * n + 1, generator=g, dtype=torch.float64)
-    f = x @ x.transpose(-1, -2) / (2 * n + 1) + shift * torch.eye(n, dtype=torch.float64)
-    return f.to(dtype)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def check_eigh(f, lam, q, bound):
-    fd, qd, ld = f.double(), q.double(), lam.double()
-    norm = fd.flatten(-2).norm(dim=-1).clamp_min(1e-300)
-    res = ((fd @ qd - qd * ld.unsqueeze(-2)).flatten(-2).norm(dim=-1) / norm).max().item()
-    orth = (qd.transpose(-1, -2) @ qd - torch.eye(f.shape[-1], dtype=torch.float64)).abs().max()
-    assert res <= bound and orth <= bound, (res, orth)
 
 
 def test_inverse_through_the_public_wrapper(emulated):

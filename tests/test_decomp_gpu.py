@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _decomp_helpers import check_eigh as _check_eigh
+from _decomp_helpers import rel, spd as _spd
 from kfac_kernels import _cext, ops
 from kfac_kernels.ops import reference
 from kfac_kernels.ops._registry import BackendUnavailable
@@ -41,26 +43,12 @@ def cupy_backend():
 
 
 def spd(bsz, n, dtype, seed=0, shift=0.0, device="cuda"):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(bsz, n, 2 * n + 1, generator=g, dtype=torch.float64)
-    f = x @ x.transpose(-1, -2) / (2 * n + 1) + shift * torch.eye(n, dtype=torch.float64)
-    return f.to(device=device, dtype=dtype)
+    return _spd(bsz, n, dtype, seed=seed, shift=shift, device=device)
 
 
 def check_eigh(f, lam, q, dtype):
-    fd, qd, ld = f.double(), q.double(), lam.double()
-    norm = fd.flatten(-2).norm(dim=-1).clamp_min(1e-300)
-    res = ((fd @ qd - qd * ld.unsqueeze(-2)).flatten(-2).norm(dim=-1) / norm).max().item()
-    eye = torch.eye(f.shape[-1], dtype=torch.float64, device=f.device)
-    orth = (qd.transpose(-1, -2) @ qd - eye).abs().max().item()
-    ev = ((ld - torch.linalg.eigvalsh(fd)).abs().amax(-1) / norm).max().item()
+    res = _check_eigh(f, lam, q, RES[dtype])
     assert res <= 1e-4, f"eigenvector residual {res:.2e} above the 1e-4 target"
-    assert res <= RES[dtype] and orth <= RES[dtype] and ev <= RES[dtype], (res, orth, ev)
-    assert bool((ld[..., 1:] >= ld[..., :-1]).all()), "eigenvalues not ascending"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ----------------------------------------------------------------------------- Jacobi kernel

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 
+from _decomp_helpers import check_eigh, rel, spd
 from kfac_kernels.ops.cuda import twins
 
 SIZES = [1, 2, 7, 33, 129]
@@ -22,27 +23,6 @@ def _one_thread():
     torch.set_num_threads(1)  # the twins loop over small tensors: threads only add overhead
     yield
     torch.set_num_threads(n)
-
-
-def spd(bsz, n, dtype, seed=0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(bsz, n, 2 * n + 1, generator=g, dtype=torch.float64)
-    f = x @ x.transpose(-1, -2) / (2 * n + 1) + shift * torch.eye(n, dtype=torch.float64)
-    return f.to(dtype)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def check_eigh(f, lam, vec, bound):
-    fd, vd, ld = f.double(), vec.double(), lam.double()
-    norm = fd.flatten(-2).norm(dim=-1).clamp_min(1e-300)
-    res = (fd @ vd - vd * ld.unsqueeze(-2)).flatten(-2).norm(dim=-1) / norm
-    orth = (vd.transpose(-1, -2) @ vd - torch.eye(f.shape[-1], dtype=torch.float64)).abs().amax()
-    ev = ((ld - torch.linalg.eigvalsh(fd)).abs().amax(-1) / norm).max()
-    assert res.max() <= bound and orth <= bound and ev <= bound, (res.max(), orth, ev)
-    assert (ld[..., 1:] >= ld[..., :-1]).all(), "eigenvalues not ascending"
 
 
 # ----------------------------------------------------------------------------- Jacobi ordering

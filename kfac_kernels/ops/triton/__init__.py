@@ -15,9 +15,10 @@ machines without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
-__all__ = ["probe", "interpreting"]
+__all__ = ["probe", "interpreting", "tf32_matmul"]
 
 _TRUE = ("1", "true", "on", "yes")
 
@@ -50,3 +51,26 @@ def probe():
         return True, f"triton {version} on CUDA"
     return False, (f"triton {version} is installed but there is no CUDA device "
                    "(set TRITON_INTERPRET=1 before importing triton to run its kernels on CPU)")
+
+
+@contextlib.contextmanager
+def tf32_matmul():
+    """Let torch's fp32 matmuls use TF32 inside the block (the baseline that the Triton kernels'
+    ``allow_tf32`` mode is compared with in tests and benchmarks); restores the old setting."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):          # torch >= 2.9
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
