@@ -57,7 +57,26 @@ def _check_kl_clip(kl_clip):
         raise ValueError(f"kl_clip must be None or a number > 0, got {kl_clip!r}")
 
 
-class KFAC(torch.optim.Optimizer):
+class _EngineViews:
+    """What KFAC and KFACPreconditioner both expose of their engine."""
+    engine: KFACEngine
+
+    @property
+    def blocks(self):
+        """{module name: block}; ``block.A``/``block.G`` are the running factors."""
+        return self.engine.blocks
+
+    @property
+    def damping(self) -> float:
+        return self.engine.damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.engine._check_damping(value)
+        self.engine.damping = value
+
+
+class KFAC(_EngineViews, torch.optim.Optimizer):
     """K-FAC: natural-gradient descent with a Kronecker-factored metric (Luk & Grosse).
 
     Layers K-FAC supports (nn.Linear, nn.Conv1d/2d/3d including grouped, nn.Embedding,
@@ -168,21 +187,6 @@ class KFAC(torch.optim.Optimizer):
                                                            grad_worker_fraction, assignment,
                                                            bucket_cap_mb))
         self._check_groups()
-
-    # -------------------------------------------------------------- convenience views
-    @property
-    def blocks(self):
-        """{module name: block}; ``block.A``/``block.G`` are the running factors."""
-        return self.engine.blocks
-
-    @property
-    def damping(self) -> float:
-        return self.engine.damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        self.engine._check_damping(value)
-        self.engine.damping = value
 
     def _check_groups(self) -> None:
         where = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -446,7 +450,7 @@ class KFAC(torch.optim.Optimizer):
                 self.control.load_state_dict(extra["control"])
 
 
-class KFACPreconditioner:
+class KFACPreconditioner(_EngineViews):
     """K-FAC as a gradient preconditioner in front of any torch optimiser.
 
     ``step()`` rewrites each block parameter's ``.grad`` with its preconditioned direction (times
@@ -477,19 +481,6 @@ class KFACPreconditioner:
         self._flags = amp.DeferredFlags()
         dist_kw = {k: engine_kwargs.pop(k) for k in _DIST_ARGS if k in engine_kwargs}
         self.engine = KFACEngine(model, distributed=_dist_options(**dist_kw), **engine_kwargs)
-
-    @property
-    def blocks(self):
-        return self.engine.blocks
-
-    @property
-    def damping(self) -> float:
-        return self.engine.damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        self.engine._check_damping(value)
-        self.engine.damping = value
 
     def describe(self) -> str:
         return self.engine.describe()

@@ -164,16 +164,9 @@ def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
                        homogeneous=homogeneous, allow_tf32=allow_tf32, backend=backend)
 
 
-def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
-                      homogeneous: bool = False, backend: str = "auto") -> torch.Tensor:
-    """KFC input factor ``(1/(N T)) sum_{n,t} pbar pbar^T`` of a Conv1d/2d/3d input ``x``.
-
-    ``x`` is [N, C, *spatial] (1 to 3 spatial dims); patches are ordered like
-    ``weight.flatten(1)``; ``padding`` is symmetric zero padding (pad the input yourself for other
-    modes). Fast backends never materialise the unfolded patch matrix. Returns a new fp32 matrix
-    (fp64 for fp64 input) of size ``C * prod(kernel_size) + homogeneous``.
-    """
-    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
+def _conv_args(x, kernel_size, stride, padding, dilation) -> dict:
+    """The convolution geometry as per-dimension tuples, checked against ``x`` ([N, C, *spatial]):
+    sizes in range, the padded input at least as large as the kernel's span, a non-empty batch."""
     nd = x.dim() - 2
     args = {}
     for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
@@ -190,6 +183,20 @@ def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilatio
                              f"{args['padding'][i]}) is smaller than the kernel's span {span}")
     if x.shape[0] == 0:
         raise ValueError("x has an empty batch")
+    return args
+
+
+def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
+                      homogeneous: bool = False, backend: str = "auto") -> torch.Tensor:
+    """KFC input factor ``(1/(N T)) sum_{n,t} pbar pbar^T`` of a Conv1d/2d/3d input ``x``.
+
+    ``x`` is [N, C, *spatial] (1 to 3 spatial dims); patches are ordered like
+    ``weight.flatten(1)``; ``padding`` is symmetric zero padding (pad the input yourself for other
+    modes). Fast backends never materialise the unfolded patch matrix. Returns a new fp32 matrix
+    (fp64 for fp64 input) of size ``C * prod(kernel_size) + homogeneous``.
+    """
+    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
+    args = _conv_args(x, kernel_size, stride, padding, dilation)
     if _compiling():
         return _library.conv_input_factor(x, list(args["kernel_size"]), list(args["stride"]),
                                           list(args["padding"]), list(args["dilation"]),
@@ -370,22 +377,7 @@ def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0,
         raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
     if x.shape[1] % groups:
         raise ValueError(f"x has {x.shape[1]} channels, not divisible by groups={groups}")
-    nd = x.dim() - 2
-    args = {}
-    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
-                    ("dilation", dilation)):
-        t = reference._tuple(v, nd, name)
-        lo = 0 if name == "padding" else 1
-        if any(i < lo for i in t):
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
-        args[name] = t
-    for i in range(nd):
-        span = args["dilation"][i] * (args["kernel_size"][i] - 1) + 1
-        if x.shape[2 + i] + 2 * args["padding"][i] < span:
-            raise ValueError(f"spatial dim {i} of size {x.shape[2 + i]} (padded by "
-                             f"{args['padding'][i]}) is smaller than the kernel's span {span}")
-    if x.shape[0] == 0:
-        raise ValueError("x has an empty batch")
+    args = _conv_args(x, kernel_size, stride, padding, dilation)
     return _registry.call("conv_input_factor_grouped", backend, x.device, x, args["kernel_size"],
                           args["stride"], args["padding"], args["dilation"], groups,
                           homogeneous=bool(homogeneous))
