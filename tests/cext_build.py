@@ -33,14 +33,8 @@ class BuildFailed(Exception):
 
 
 def find_nvcc() -> Optional[str]:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return None
+    from kfac_kernels._cext import _find_nvcc     # the same search the package reports with
+    return _find_nvcc()
 
 
 def _source_hash(nvcc: str) -> str:
