@@ -7,12 +7,14 @@ Convention for every benchmark in benchmarks/: the test calls ``benchmark(...)``
 achieved bandwidth). For each (op, case) the ratio is baseline median / provider median, so > 1 means
 faster than the baseline.
 
-Usage: python benchmarks/summarize.py results.json [--markdown out.md]
+Usage: python benchmarks/summarize.py results.json [more.json ...] [--markdown out.md]
+(several files: their rows in one table, the provenance line from the first file that exists)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import defaultdict
 
 
@@ -64,10 +66,15 @@ def render(header, body, markdown=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+")
     ap.add_argument("--markdown", help="also write a markdown table with provenance here")
     a = ap.parse_args(argv)
-    machine, commit, when, rows = rows_from(a.json)
+    found = [p for p in a.json if os.path.exists(p)]
+    if not found:
+        raise SystemExit(f"none of {a.json} exists")
+    machine, commit, when, rows = rows_from(found[0])
+    for p in found[1:]:
+        rows += rows_from(p)[3]
     header = ["op", "case", "provider", "median ms", "speed-up", "target", "met", "metric"]
     body = table(rows)
     print(render(header, body))
