@@ -9,8 +9,8 @@ relative Frobenius error ||X - X64|| / ||X64||, worst block. Variants:
 * bf16 autocast (fp32 weights, bf16 matmuls), fp32 factors;
 * bf16 model (bf16 weights and activations), fp32 factors;
 * fp16 model, fp32 factors;
-* fp32 model with factors *stored* in bf16 (rounded after every running-average update, decomposed
-  in fp32 since eigh has no bf16 kernel): what a bf16-factor option would give.
+* fp32 model with factors *stored* in bf16 (``factor_storage_dtype=torch.bfloat16``: averaged in
+  fp32 and rounded once per running-average update, decomposed in fp32).
 
 Usage: python benchmarks/robust_precision.py [--steps 20] [--out FILE]
 """
@@ -52,19 +52,9 @@ def run(variant, steps, damping):
     dtype = {"bf16 model": torch.bfloat16, "fp16 model": torch.float16,
              "fp64": torch.float64}.get(variant, torch.float32)
     net = model(dtype)
+    storage = torch.bfloat16 if variant == "bf16 factor storage" else None
     opt = kk.KFAC(net, lr=0.0, momentum=0.0, damping=damping, curvature="empirical",
-                  inverse_every=1, skip_nonfinite=False)
-    eng = opt.engine
-    if variant == "bf16 factor storage":
-        merge = eng.merge_statistics
-
-        def merge_then_round(stats):
-            res = merge(stats)
-            for b in eng.blocks.values():
-                b.A.copy_(b.A.bfloat16())
-                b.G.copy_(b.G.bfloat16())
-            return res
-        eng.merge_statistics = merge_then_round
+                  inverse_every=1, skip_nonfinite=False, factor_storage_dtype=storage)
     for x, y in batches(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast"):
             out = net(x.to(dtype))

@@ -57,7 +57,9 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
 def _select(b: Block, only: Optional[set]) -> Dict[str, torch.Tensor]:
     """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
     diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
-    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
+    mats = ({"G": b.G} if b.diag_A else {"A": b.A, "G": b.G})
+    # factors stored in a narrower dtype (factor_storage_dtype) are decomposed in factor_dtype
+    mats = {w: f.to(b.factor_dtype) for w, f in mats.items()}
     return mats if only is None else {w: f for w, f in mats.items() if (b, w) in only}
 
 
@@ -99,6 +101,7 @@ class _Slice:
         self.block, self.i = block, i
         self.name = f"{block.name}[{i}]"
         self.A, self.G = block.A[i], block.G[i]
+        self.factor_dtype = block.factor_dtype
         self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
 
 
@@ -112,6 +115,7 @@ class KFACEngine:
                  skip: Iterable[str] = (), backend: str = "auto", loss_reduction: str = "mean",
                  factor_dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
                  full_eigh_every: int = 1, inverse_warmup: bool = False,
+                 factor_storage_dtype: Optional[torch.dtype] = None,
                  trainable: Optional[set] = None,
                  only: Optional[Iterable[str]] = None, distributed=None):
         if not isinstance(model, nn.Module):
@@ -150,6 +154,10 @@ class KFACEngine:
         if factor_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"factor_dtype must be None, torch.float32 or torch.float64, got "
                              f"{factor_dtype}")
+        if factor_storage_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"factor_storage_dtype must be None (store the running factors in "
+                             f"factor_dtype) or torch.bfloat16, got {factor_storage_dtype}")
+        self.factor_storage_dtype = factor_storage_dtype
         self.damping = damping            # validated on use: schedulers may change it
         self._check_damping(damping)
         self.damping_mode = damping_mode
@@ -671,8 +679,8 @@ class KFACEngine:
         ``_reject`` (reported by the optimiser) is counted in ``skipped`` only."""
         if b.A is None:
             dev = A_hat.device
-            b.A = torch.zeros_like(A_hat)
-            b.G = torch.zeros_like(G_hat)
+            b.A = torch.zeros_like(A_hat, dtype=self.factor_storage_dtype or A_hat.dtype)
+            b.G = torch.zeros_like(G_hat, dtype=self.factor_storage_dtype or G_hat.dtype)
             b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
             b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
         bad_stats = ~ok
@@ -687,7 +695,10 @@ class KFACEngine:
             old = getattr(b, name)
             # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
             torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
-            old.mul_(keep).addcmul_(hat, 1.0 - keep)
+            if old.dtype == hat.dtype:
+                old.mul_(keep).addcmul_(hat, 1.0 - keep)
+            else:       # narrower storage: average in the statistics' dtype, round once
+                old.copy_(torch.addcmul(old.to(hat.dtype) * keep, hat, 1.0 - keep))
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats
@@ -876,7 +887,7 @@ class KFACEngine:
             b.inverse = new if only is None else {**b.inverse, **new}
         for b in blocks:
             if b.diag_A and (only is None or (b, "A") in only):
-                b.inverse["lamA"] = b.A.clone()
+                b.inverse["lamA"] = b.A.to(b.factor_dtype, copy=True)
 
     def _buckets(self, blocks: List[Block], mats: Callable[[Block], Dict[str, torch.Tensor]]):
         buckets: Dict[tuple, List[Tuple[Block, str, torch.Tensor]]] = OrderedDict()
@@ -915,8 +926,9 @@ class KFACEngine:
         the host: the inverse update synchronises anyway. Returns whether it restarted."""
         if bool(torch.isfinite(f).all()):
             return False
-        if getattr(b, which) is f:
-            setattr(b, which, torch.zeros_like(f))
+        src = getattr(b, which)
+        if src is f or (src.dtype != f.dtype and src.shape == f.shape):  # f: a widened copy
+            setattr(b, which, torch.zeros_like(src))
             b.count = torch.zeros_like(b.count)
         self._warn_once(("restart", b.name, which),
                         f"block {b.name!r}: the running factor {which} is not finite; it "
@@ -962,8 +974,8 @@ class KFACEngine:
         """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined); one per
         member of a stacked block, and a diagonal A's trace is its sum."""
         diagA = b.A if b.diag_A else b.A.diagonal(dim1=-2, dim2=-1)
-        ta = diagA.sum(-1) / b.A.shape[-1]
-        tg = b.G.diagonal(dim1=-2, dim2=-1).sum(-1) / b.G.shape[-1]
+        ta = diagA.to(b.factor_dtype).sum(-1) / b.A.shape[-1]
+        tg = b.G.diagonal(dim1=-2, dim2=-1).to(b.factor_dtype).sum(-1) / b.G.shape[-1]
         pi = torch.sqrt(ta / tg)
         return torch.where(torch.isfinite(pi) & (pi > 0), pi, torch.ones_like(pi))
 

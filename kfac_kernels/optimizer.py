@@ -19,7 +19,7 @@ __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 _ENGINE_ARGS = ("damping", "damping_mode", "ema_decay", "factor_every", "inverse_every",
                 "curvature", "likelihood", "mc_samples", "inverse", "weight_sharing", "skip",
                 "backend", "loss_reduction", "factor_dtype", "seed", "full_eigh_every", "only",
-                "inverse_warmup")
+                "inverse_warmup", "factor_storage_dtype")
 # torch.distributed options (kfac_kernels.distributed.DistributedOptions; docs/distributed.md)
 _DIST_ARGS = ("distributed", "process_group", "grad_worker_fraction", "assignment",
               "bucket_cap_mb")
@@ -94,7 +94,10 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
     Args beyond DESIGN.md §2: ``params`` (param groups over the model's parameters, like any torch
     optimiser; each block's weight and bias must share a group), ``loss_reduction`` ("mean": the
     loss is a mean over the batch, the default; "sum"), ``factor_dtype`` (float32 unless the model
-    is float64), ``seed`` (of the sampling generator used by curvature="fisher"),
+    is float64; the dtype factors are accumulated, decomposed and applied in),
+    ``factor_storage_dtype`` (None: the running factors are kept in ``factor_dtype``;
+    torch.bfloat16: kept in bf16, half the memory, averaged and decomposed in ``factor_dtype`` —
+    measurably less accurate, see docs/robustness.md), ``seed`` (of the sampling generator used by curvature="fisher"),
     ``full_eigh_every`` (inverse="eigh"/"ekfac": every k-th inverse update is a full
     eigendecomposition, the others a warm-started refresh from the previous eigenvectors, which
     skips factors whose basis still diagonalises them; default 1 = always full),
@@ -136,6 +139,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                  loss_reduction: str = "mean", factor_dtype: Optional[torch.dtype] = None,
                  seed: Optional[int] = None, full_eigh_every: int = 1,
                  inverse_warmup: bool = False, only: Optional[Iterable[str]] = None,
+                 factor_storage_dtype: Optional[torch.dtype] = None,
                  distributed: Optional[bool] = None,
                  process_group=None, grad_worker_fraction: float = 1.0,
                  assignment: str = "compute", bucket_cap_mb: float = 25.0, grad_scaler=None,
@@ -182,6 +186,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                                  weight_sharing=weight_sharing, skip=skip, backend=backend,
                                  loss_reduction=loss_reduction, factor_dtype=factor_dtype,
                                  seed=seed, full_eigh_every=full_eigh_every,
+                                 factor_storage_dtype=factor_storage_dtype,
                                  inverse_warmup=inverse_warmup, trainable=trainable, only=only,
                                  distributed=_dist_options(distributed, process_group,
                                                            grad_worker_fraction, assignment,

@@ -1,5 +1,6 @@
 """Mixed precision: bf16/fp16 models, autocast, torch.amp.GradScaler (unscaled gradients and G,
 overflowed steps skipped on the device), non-finite gradients, stale captures of skipped steps."""
+import copy
 import warnings
 
 import pytest
@@ -306,3 +307,72 @@ def test_cuda_fp16_autocast_with_grad_scaler_trains_without_sync(curvature):
         losses.append(float(loss))
     assert all(b.A.dtype == torch.float32 for b in opt.blocks.values())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------- bf16 factor storage
+def _storage_run(storage, steps, model_fn=mlp, **kw):
+    model = model_fn()
+    opt = kk.KFAC(model, factor_storage_dtype=storage, **{**KW, **kw})
+    for s in range(steps):
+        plain_step(model, opt, s)
+    return model, opt
+
+
+def test_bf16_factor_storage_rounds_the_running_average_once_per_update():
+    """The running factors are bf16 (half the memory); each update averages in fp32 and rounds
+    once, so the first factors are exactly the fp32 run's rounded, and the decompositions stay
+    fp32."""
+    _, ref = _storage_run(None, 1)
+    _, opt = _storage_run(torch.bfloat16, 1)
+    for name, b in opt.blocks.items():
+        assert b.A.dtype == b.G.dtype == torch.bfloat16 and b.A.element_size() == 2
+        assert torch.equal(b.A, ref.blocks[name].A.bfloat16())
+        assert torch.equal(b.G, ref.blocks[name].G.bfloat16())
+        assert all(v.dtype == torch.float32 for v in b.inverse.values())
+    # fixed weights (lr 0): the factors differ by the accumulated rounding only
+    _, ref = _storage_run(None, 12, lr=0.0)
+    _, opt = _storage_run(torch.bfloat16, 12, lr=0.0)
+    for name, b in opt.blocks.items():
+        for which in "AG":
+            err = rel_err(getattr(b, which).float(), getattr(ref.blocks[name], which))
+            assert 1e-5 < err < 1e-2, (name, which, err)    # rounded, and only by bf16's 2^-9
+    model_ref, _ = _storage_run(None, 12)
+    model, _ = _storage_run(torch.bfloat16, 12)
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert rel_err(p.detach(), q.detach()) < 5e-2
+
+
+@pytest.mark.parametrize("inverse", ["eigh", "cholesky", "ekfac"])
+def test_bf16_factor_storage_with_embedding_norm_and_stacked_blocks(inverse):
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4))
+    model, opt = _storage_run(torch.bfloat16, 5, net, inverse=inverse)
+    assert {b.A.dtype for b in opt.blocks.values()} == {torch.bfloat16}
+    assert opt.engine.inverse_updates == 3
+    model_ref, _ = _storage_run(None, 5, net, inverse=inverse)
+    for p, q in zip(model.parameters(), model_ref.parameters()):
+        assert torch.isfinite(p).all() and rel_err(p.detach(), q.detach()) < 5e-2
+
+
+def test_bf16_factor_storage_checkpoint_resumes_bit_identically():
+    model, opt = _storage_run(torch.bfloat16, 3)
+    sd_model = {k: v.clone() for k, v in model.state_dict().items()}
+    sd_opt = copy.deepcopy(opt.state_dict())     # state_dict() holds live buffers
+    for s in range(3, 6):
+        plain_step(model, opt, s)
+    model2 = mlp()
+    model2.load_state_dict(sd_model)
+    opt2 = kk.KFAC(model2, factor_storage_dtype=torch.bfloat16, **KW)
+    opt2.load_state_dict(sd_opt)
+    assert {b.A.dtype for b in opt2.blocks.values()} == {torch.bfloat16}
+    for s in range(3, 6):
+        plain_step(model2, opt2, s)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("bad", [torch.float16, torch.float32, "bf16"])
+def test_factor_storage_dtype_rejects_other_values(bad):
+    with pytest.raises(ValueError, match="factor_storage_dtype must be None"):
+        kk.KFAC(mlp(), factor_storage_dtype=bad)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -158,8 +159,9 @@ def test_tune_keeps_the_best_value_and_runs_the_demo_with_it(monkeypatch, tmp_pa
 
 def test_set_overrides_are_parsed():
     got = demo.parse_overrides(["kfac.damping=0.1", "kfac.kl_clip=none", "kfac.curvature=ggn",
-                                "kfac.inverse_every=1", "adam.lr=1e-3", "adam.amsgrad=true"])
+                                "kfac.inverse_every=1", "adam.lr=1e-3", "adam.amsgrad=true",
+                                "kfac.factor_storage_dtype=bfloat16"])
     assert got == {"kfac": {"damping": 0.1, "kl_clip": None, "curvature": "ggn",
-                            "inverse_every": 1},
+                            "inverse_every": 1, "factor_storage_dtype": torch.bfloat16},
                    "adam": {"lr": 1e-3, "amsgrad": True}}
     assert isinstance(got["kfac"]["inverse_every"], int)

@@ -183,10 +183,10 @@ class Block:
         block, the block-diagonal of its members' A_j ⊗ G_j, member after member)."""
         if self.A is None:
             raise RuntimeError(f"block {self.name!r} has no factors yet")
+        A, G = self.A.to(self.factor_dtype), self.G.to(self.factor_dtype)
         if self.stacked:
-            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(self.A, self.G)])
-        A = self.A if self.A.dim() == 2 else torch.diag(self.A)
-        return torch.kron(A, self.G)
+            return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
+        return torch.kron(A if A.dim() == 2 else torch.diag(A), G)
 
     def clear_capture(self) -> None:
         self.inputs = []

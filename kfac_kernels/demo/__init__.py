@@ -109,6 +109,9 @@ def _value(text: str):
         return None
     if low in ("true", "false"):
         return low == "true"
+    if low.removeprefix("torch.") in ("float32", "float64", "bfloat16", "float16"):
+        import torch
+        return getattr(torch, low.removeprefix("torch."))
     for cast in (int, float):
         try:
             return cast(text)
@@ -119,7 +122,7 @@ def _value(text: str):
 
 def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
     """``["kfac.damping=0.1", ...]`` -> ``{"kfac": {"damping": 0.1}}`` (numbers, none, true/false
-    are parsed; anything else stays a string)."""
+    and torch dtypes such as bfloat16 are parsed; anything else stays a string)."""
     from .settings import OPTIMIZERS
     out: Dict[str, Dict[str, object]] = {}
     for item in items:
