@@ -840,7 +840,7 @@ class KFACEngine:
     def has_inverse(self, b: Block) -> bool:
         """Whether block ``b`` can be preconditioned (with torch.distributed, its decomposition
         may live on another rank: see kfac_kernels.distributed)."""
-        return bool(b.inverse) if self.dist is None else self.dist.has_inverse(b)
+        return len(b.inverse) > 0 if self.dist is None else self.dist.has_inverse(b)
 
     def update_inverses(self) -> None:
         """Decompose every factor, batched by size; the fallback chain handles failures."""
