@@ -204,6 +204,22 @@ def unpack_triu(v: torch.Tensor, n: int) -> torch.Tensor:
     return full.reshape(*v.shape[:-1], n, n)
 
 
+def _slot_numel(shape, sym: bool) -> int:
+    """Elements a slot takes in a flat buffer: symmetric [..., n, n] slots go as upper triangles."""
+    if sym:
+        return math.prod(shape[:-2]) * (shape[-1] * (shape[-1] + 1) // 2)
+    return math.prod(shape)
+
+
+def factor_slot(b, which: str) -> Tuple[Tuple[int, ...], bool]:
+    """(shape, symmetric) of block ``b``'s factor ``which`` ("A" or "G") as the engine computes
+    it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal A."""
+    n = b.in_dim if which == "A" else b.out_dim
+    if which == "A" and b.diag_A:
+        return (n,), False
+    return ((b.num_stack, n, n) if b.stacked else (n, n)), True
+
+
 def _nbytes(numel: int, dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
@@ -235,7 +251,7 @@ class _Bucket:
         self.slots = []           # (key, shape, sym, offset, numel)
         off = 0
         for key, shape, sym in slots:
-            numel = shape[-1] * (shape[-1] + 1) // 2 if sym else math.prod(shape)
+            numel = _slot_numel(shape, sym)
             self.slots.append((key, tuple(shape), sym, off, numel))
             off += numel
         self.data_numel = off
@@ -266,8 +282,8 @@ class _Bucket:
                 stack.append(v.to(self.dtype))
             elif v is None:
                 seg.zero_()
-            elif sym:
-                pack_triu(v.to(self.dtype), out=seg)
+            elif sym:      # [..., n, n] -> upper triangles, leading (stack) dims kept
+                pack_triu(v.to(self.dtype), out=seg.view(*shape[:-2], -1))
             else:
                 seg.view(shape).copy_(v)
         if stack:
@@ -295,7 +311,8 @@ class _Bucket:
             seg = flat[off:off + numel]
             if divisors is not None and key in divisors:
                 seg.div_(divisors[key])
-            out[key] = unpack_triu(seg, shape[-1]) if sym else seg.view(shape)
+            out[key] = (unpack_triu(seg.view(*shape[:-2], -1), shape[-1]) if sym
+                        else seg.view(shape))
         return out
 
     def scalar(self, flat: torch.Tensor, key) -> torch.Tensor:
@@ -314,7 +331,7 @@ def _split_buckets(slots, cap_bytes: int, scalars_of=None) -> List[_Bucket]:
             out.append(_Bucket(cur_key[0], cur_key[1], [(k, sh, sy) for k, sh, sy, *_ in cur], sc))
 
     for key, shape, sym, dtype, device in slots:
-        numel = shape[-1] * (shape[-1] + 1) // 2 if sym else math.prod(shape)
+        numel = _slot_numel(shape, sym)
         nb = _nbytes(numel, dtype)
         bk = (dtype, torch.device(device))
         if cur and (bk != cur_key or cur_bytes + nb > cap_bytes):
@@ -396,11 +413,11 @@ class DistributedKFAC:
         sum_g = engine.loss_reduction == "sum"
         self.g_divided = not sum_g
         self.a_buckets = _split_buckets(
-            [((b, "A"), (b.in_dim, b.in_dim), True, b.factor_dtype, self.device) for b in blocks],
+            [((b, "A"), *factor_slot(b, "A"), b.factor_dtype, self.device) for b in blocks],
             self.cap, lambda key: [("w", key[0])])
         self.g_buckets = _split_buckets(
-            [((b, "G"), (b.out_dim, b.out_dim), True, b.factor_dtype, self.device)
-             for b in blocks], self.cap, lambda key: [("w", key[0]), ("p", key[0])])
+            [((b, "G"), *factor_slot(b, "G"), b.factor_dtype, self.device) for b in blocks],
+            self.cap, lambda key: [("w", key[0]), ("p", key[0])])
         self._a: Optional[_Pending] = None
         self._g: Optional[_Pending] = None
         self._mismatch: List[Tuple[_Bucket, torch.Tensor]] = []
@@ -421,17 +438,16 @@ class DistributedKFAC:
         units = []
         for b in self.blocks:
             if per_block:
-                units.append((b, ("A", "G"), (b.in_dim, b.out_dim)))
+                units.append((b, ("A", "G")))
             else:
-                units += [(b, ("A",), (b.in_dim,)), (b, ("G",), (b.out_dim,))]
+                units += [(b, ("A",)), (b, ("G",))]
         a = self.opts.assignment
         if a == "round_robin":
             owners = [i % self.world for i in range(len(units))]
         else:
             p = 3 if a == "compute" else 2
-            owners = greedy_assignment([float(sum(n ** p for n in dims)) for *_, dims in units],
-                                       self.world)
-        return [(b, w, o) for (b, w, _), o in zip(units, owners)]
+            owners = greedy_assignment([_cost(b, whichs, p) for b, whichs in units], self.world)
+        return [(b, w, o) for (b, w), o in zip(units, owners)]
 
     def _signature(self) -> List[str]:
         e, o = self.eng, self.opts
@@ -631,14 +647,19 @@ class DistributedKFAC:
         return self.k == self.world or self.owner_col[b] == self.col
 
     def _entries(self, b, whichs) -> List[tuple]:
-        """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``."""
+        """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``
+        (with a leading ``num_stack`` dim for a stacked block). A diagonal A has its entries as
+        eigenvalues; a block with one decomposes its G by eigh under "cholesky" too."""
         out = []
+        lead = (b.num_stack,) if b.stacked else ()
         for w in whichs:
             n = b.in_dim if w == "A" else b.out_dim
-            if self.eng.inverse == "cholesky":
-                out.append((w + "_inv", (n, n), True))
+            if w == "A" and b.diag_A:
+                out.append(("lamA", (n,), False))
+            elif self.eng.inverse == "cholesky" and not b.diag_A:
+                out.append((w + "_inv", lead + (n, n), True))
             else:
-                out += [("Q" + w, (n, n), False), ("lam" + w, (n,), False)]
+                out += [("Q" + w, lead + (n, n), False), ("lam" + w, lead + (n,), False)]
         return out
 
     def _check_entries(self, units) -> None:
@@ -793,8 +814,7 @@ class DistributedKFAC:
     # ------------------------------------------------------------------ description
     def describe(self) -> str:
         mine = [u for u in self.units if u[2] == self.rank]
-        p = 3
-        cost = lambda u: sum((u[0].in_dim if w == "A" else u[0].out_dim) ** p for w in u[1])  # noqa
+        cost = lambda u: _cost(u[0], u[1], 3)   # noqa: E731
         total = sum(cost(u) for u in self.units) or 1
         how = ("decompositions broadcast to every rank" if self.k == self.world else
                "each decomposition on one rank, preconditioned gradients broadcast"
@@ -807,6 +827,16 @@ class DistributedKFAC:
                 f"({100.0 * sum(cost(u) for u in mine) / total:.0f}% of the n^3 cost); factor "
                 f"buckets: {len(self.a_buckets)} A + {len(self.g_buckets)} G "
                 f"({sum(b.nbytes for b in self.a_buckets + self.g_buckets) / _MB:.2f} MB)")
+
+
+def _cost(b, whichs, p: int) -> float:
+    """Cost model of decomposing ``whichs`` of block ``b``: n^p per matrix (p = 3: compute,
+    2: memory), times the stack of a stacked block; a diagonal A costs n (nothing to decompose)."""
+    total = 0.0
+    for w in whichs:
+        n = b.in_dim if w == "A" else b.out_dim
+        total += float(n) if (w == "A" and b.diag_A) else float(b.num_stack) * float(n) ** p
+    return total
 
 
 def _describe_mismatch(sigs: List[List[str]]) -> str:

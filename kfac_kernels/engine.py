@@ -232,18 +232,12 @@ class KFACEngine:
                 raise
 
     def _check_distributed_support(self) -> None:
-        """The distributed strategy reduces and shares plain [d, d] factors and the eigh/cholesky
-        entries: stacked blocks (grouped convolutions, normalisation layers), a diagonal A
-        (embeddings) and EKFAC's scalings are not supported there yet. Every rank raises alike."""
-        odd = [f"{n} ({type(b).__name__})" for n, b in self.blocks.items()
-               if b.stacked or b.diag_A]
-        if odd or self.inverse == "ekfac":
-            what = (f"the blocks {', '.join(odd)}" if odd else "") + (
-                " and " if odd and self.inverse == "ekfac" else "") + (
-                "EKFAC's scalings (inverse='ekfac')" if self.inverse == "ekfac" else "")
+        """The distributed strategy reduces and shares every block kind's factors and the
+        eigh/cholesky entries, but not EKFAC's scalings yet. Every rank raises alike."""
+        if self.inverse == "ekfac":
             raise NotImplementedError(
-                f"distributed K-FAC does not reduce or share {what} yet: leave those modules to the "
-                f"first-order rule with skip=/only=, use inverse='eigh', or pass distributed=False")
+                "distributed K-FAC does not reduce or share EKFAC's scalings (inverse='ekfac') "
+                "yet: use inverse='eigh' or 'cholesky', or pass distributed=False")
 
     # ------------------------------------------------------------------ discovery
     @staticmethod

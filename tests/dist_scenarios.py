@@ -21,11 +21,35 @@ from kfac_kernels.distributed import MismatchError, sampling_seed
 CLASSES = 4
 
 
-def make_model(width=6, seed=0):
+def make_model(width=6, seed=0, kind="mlp"):
     torch.manual_seed(seed)
+    if kind == "mixed":
+        return MixedNet(width).double()
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
                          nn.Linear(3 * 4 * 4, width), nn.Tanh(),
                          nn.Linear(width, CLASSES)).double()
+
+
+class MixedNet(nn.Module):
+    """Every block kind the distributed strategy must reduce and share: a grouped convolution
+    and a GroupNorm (stacked blocks), an embedding (diagonal A) of tokens read off the input's
+    signs, a LayerNorm (stacked 2x2 blocks) and plain Linears."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.emb = nn.Embedding(16, 3)
+        self.fc = nn.Linear(4 * 16 + 8 * 3, width)
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, CLASSES)
+
+    def forward(self, x):
+        n = x.shape[0]
+        tokens = (x[:, 0].reshape(n, -1)[:, :8] > 0).long() + 2 * torch.arange(8)
+        h = torch.cat([torch.tanh(self.gn(self.conv(x))).flatten(1),
+                       self.emb(tokens).flatten(1)], 1)
+        return self.out(torch.tanh(self.ln(self.fc(h))))
 
 
 def global_batch(step, n, seed=1000):
@@ -126,13 +150,14 @@ def equivalence(rank, world, configs, group=None):
                        assignment=cfg.get("assign", "compute"))
         if group is not None:
             dist_kw["process_group"] = group
-        model = make_model()
+        kind = cfg.get("model", "mlp")
+        model = make_model(kind=kind)
         net = DDP(model, process_group=group) if cfg.get("ddp") else model
         opt, base = _build(net, cfg, None, **dist_kw)
         assert opt.engine.dist is not None and opt.engine.dist.world == world
         _train(net, list(model.parameters()), opt, base, cfg, steps, sizes, rank,
                plain_allreduce=not cfg.get("ddp"), group=group)
-        ref_model = make_model()
+        ref_model = make_model(kind=kind)
         ref, ref_base = _build(ref_model, cfg, False)
         assert ref.engine.dist is None
         _train(ref_model, None, ref, ref_base, cfg, steps, sizes, None)
@@ -140,8 +165,10 @@ def equivalence(rank, world, configs, group=None):
                   for p, q in zip(model.parameters(), ref_model.parameters()))
         ferr = max(max(_rel(b.A, ref.blocks[n].A), _rel(b.G, ref.blocks[n].G))
                    for n, b in opt.blocks.items())
-        moved = max(_rel(p.detach(), q.detach())
-                    for p, q in zip(model.parameters(), make_model().parameters()))
+        # how far the whole parameter vector moved (per tensor, a zero-initialised bias would
+        # make any move look infinite)
+        moved = _rel(torch.cat([p.detach().flatten() for p in model.parameters()]),
+                     torch.cat([q.detach().flatten() for q in make_model(kind=kind).parameters()]))
         out[cfg["name"]] = dict(err=err, factor_err=ferr, moved=moved,
                                 blocks=sorted(opt.blocks),
                                 params=[p.detach().clone() for p in model.parameters()],
@@ -180,12 +207,13 @@ def checkpoint(rank, world, cfg, path):
     sizes = cfg.get("sizes") or [5] * world
     dist_kw = dict(grad_worker_fraction=cfg.get("frac", 1.0), assignment=cfg.get("assign",
                                                                                  "compute"))
-    straight = make_model()
+    kind = cfg.get("model", "mlp")
+    straight = make_model(kind=kind)
     opt, base = _build(straight, cfg, None, **dist_kw)
     _train(straight, list(straight.parameters()), opt, base, cfg, 6, sizes, rank,
            plain_allreduce=True)
 
-    part = make_model()
+    part = make_model(kind=kind)
     opt, base = _build(part, cfg, None, **dist_kw)
     _train(part, list(part.parameters()), opt, base, cfg, 3, sizes, rank, plain_allreduce=True)
     refused = None
@@ -199,7 +227,7 @@ def checkpoint(rank, world, cfg, path):
         torch.save({"model": part.state_dict(), "opt": opt.state_dict()}, path)
     dist.barrier()
     ckpt = torch.load(path, weights_only=False)
-    resumed = make_model(seed=99)
+    resumed = make_model(seed=99, kind=kind)
     resumed.load_state_dict(ckpt["model"])
     opt2, base2 = _build(resumed, cfg, None, **dist_kw)
     opt2.load_state_dict(ckpt["opt"])
@@ -209,7 +237,7 @@ def checkpoint(rank, world, cfg, path):
     same = all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
     # the consolidated checkpoint is complete: a single process (another world size) loads it
     # with every decomposition and trains on from it
-    single = make_model(seed=98)
+    single = make_model(seed=98, kind=kind)
     single.load_state_dict(ckpt["model"])
     opt1, base1 = _build(single, cfg, False)
     opt1.load_state_dict(ckpt["opt"])
@@ -223,10 +251,10 @@ def checkpoint(rank, world, cfg, path):
 _SYNC = ("item", "__bool__", "__float__", "__int__", "tolist", "nonzero", "__index__")
 
 
-def no_host_sync(rank, world, frac):
+def no_host_sync(rank, world, frac, kind="mlp"):
     """A factor step between inverse updates reads no tensor on the host (collectives included)."""
     cfg = dict(curvature="fisher", inverse="eigh", kl=1e-3, seed=3, inv=100)
-    model = make_model().float()
+    model = make_model(kind=kind).float()
     opt = kk.KFAC(model, grad_worker_fraction=frac, **{**_opt_kwargs(cfg), "lr": 0.1})
     x, y = global_batch(0, 8)
     x = x.float()

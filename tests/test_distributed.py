@@ -41,6 +41,8 @@ def _matrix(world):
 
 SPECIAL = {
     2: [dict(name="ddp-empirical-eigh-f1", curvature="empirical", inverse="eigh", ddp=True),
+        dict(name="mixed-ggn-cholesky-f0.5", curvature="ggn", inverse="cholesky", frac=0.5,
+             model="mixed"),
         dict(name="ddp-ggn-cholesky-f0.5", curvature="ggn", inverse="cholesky", frac=0.5,
              assign="memory", ddp=True),
         dict(name="pre-empirical-eigh-f1", curvature="empirical", inverse="eigh", kind="pre"),
@@ -68,6 +70,13 @@ SPECIAL = {
              frac=0.5, accum=2)],
     3: [dict(name="unequal-empirical-eigh-f1", curvature="empirical", inverse="eigh",
              sizes=[2, 5, 4]),
+        # every block kind: stacked (grouped conv, GroupNorm, LayerNorm), diagonal A (embedding)
+        dict(name="mixed-empirical-eigh-f1", curvature="empirical", inverse="eigh",
+             model="mixed"),
+        dict(name="mixed-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky", frac=1 / 3,
+             model="mixed", assign="memory"),
+        dict(name="mixed-empirical-eigh-f0.33-ddp", curvature="empirical", inverse="eigh",
+             frac=1 / 3, model="mixed", ddp=True),
         dict(name="unequal-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky",
              frac=1 / 3, sizes=[4, 1, 6], assign="memory"),
         dict(name="ddp-ggn-eigh-f0.33", curvature="ggn", inverse="eigh", frac=1 / 3, ddp=True)],
@@ -97,6 +106,7 @@ def results(world):
 
 
 CASES = [(w, c["name"]) for w in (2, 3, 4) for c in configs(w)]
+BLOCKS = {"mlp": ["0", "3", "5"], "mixed": ["conv", "emb", "fc", "gn", "ln", "out"]}
 
 
 @pytest.mark.timeout(200)
@@ -107,7 +117,8 @@ def test_matches_single_process_on_concatenated_batch(world, name):
         assert res["err"] <= TOL, (r, res["err"])
         assert res["factor_err"] <= TOL, (r, res["factor_err"])
         assert res["moved"] > 1e-3, "the run must actually train for the comparison to mean much"
-        assert res["blocks"] == ["0", "3", "5"]          # DDP: no "module." prefix
+        cfg = next(c for c in configs(world) if c["name"] == name)
+        assert res["blocks"] == BLOCKS[cfg.get("model", "mlp")]   # DDP: no "module." prefix
     for res in per_rank[1:]:                                # ranks hold bit-identical parameters
         assert all(torch.equal(a, b) for a, b in zip(res["params"], per_rank[0]["params"]))
 
@@ -160,10 +171,13 @@ def test_fisher_factors_are_the_weighted_average_of_per_rank_draws(frac):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("world,frac,inverse", [(2, 1.0, "eigh"), (2, 0.5, "cholesky"),
-                                                (3, 1 / 3, "eigh")])
-def test_checkpoint_saved_on_rank0_resumes_every_rank_identically(tmp_path, world, frac, inverse):
-    cfg = dict(curvature="fisher", inverse=inverse, frac=frac, seed=11, kl=1e-3, inv=2)
+@pytest.mark.parametrize("world,frac,inverse,model", [
+    (2, 1.0, "eigh", "mlp"), (2, 0.5, "cholesky", "mlp"), (3, 1 / 3, "eigh", "mlp"),
+    (2, 0.5, "eigh", "mixed")])
+def test_checkpoint_saved_on_rank0_resumes_every_rank_identically(tmp_path, world, frac, inverse,
+                                                                   model):
+    cfg = dict(curvature="fisher", inverse=inverse, frac=frac, seed=11, kl=1e-3, inv=2,
+               model=model)
     res = run_ranks(S.checkpoint, world, cfg, str(tmp_path / "ckpt.pt"), timeout=90)
     for r, out in enumerate(res):
         assert out["same"], f"rank {r}: resumed run differs from the uninterrupted one"
@@ -176,9 +190,9 @@ def test_checkpoint_saved_on_rank0_resumes_every_rank_identically(tmp_path, worl
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("frac", [1.0, 0.5])
-def test_factor_step_has_no_host_sync(frac):
-    assert run_ranks(S.no_host_sync, 2, frac, timeout=60) == [2, 2]
+@pytest.mark.parametrize("frac,kind", [(1.0, "mlp"), (0.5, "mlp"), (0.5, "mixed")])
+def test_factor_step_has_no_host_sync(frac, kind):
+    assert run_ranks(S.no_host_sync, 2, frac, kind, timeout=60) == [2, 2]
 
 
 @pytest.mark.timeout(60)

@@ -2,6 +2,7 @@
 block (describe() shows no surprises), the layers K-FAC cannot see are reported with the reason,
 explicit requests that cannot be honoured are errors, and the factor/preconditioning phases of all
 new blocks stay free of host synchronisation."""
+import copy
 import math
 import warnings
 
@@ -333,9 +334,9 @@ def test_new_blocks_on_cuda_step_without_sync(inverse):
     assert torch.isfinite(loss)
 
 
-def test_distributed_refuses_what_it_cannot_share_yet(tmp_path):
-    """The distributed strategy reduces plain [d, d] factors: stacked blocks, a diagonal A and
-    EKFAC's scalings are refused with a clear error (a one-rank gloo group suffices)."""
+def test_distributed_takes_every_block_kind_but_refuses_ekfac(tmp_path):
+    """The distributed strategy reduces stacked blocks (norms) and a diagonal A (embeddings) like
+    any factor; EKFAC's scalings are refused with a clear error (a one-rank gloo group)."""
     import torch.distributed as dist
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build of torch")
@@ -344,13 +345,22 @@ def test_distributed_refuses_what_it_cannot_share_yet(tmp_path):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        with pytest.raises(NotImplementedError, match=r"does not reduce or share the blocks 0 "
-                                                      r"\(EmbeddingBlock\), 1 \(NormBlock\) yet"):
-            kk.KFAC(model, distributed=True)
         with pytest.raises(NotImplementedError, match=r"EKFAC's scalings \(inverse='ekfac'\)"):
-            kk.KFAC(model, distributed=True, inverse="ekfac", only=["2"])
+            kk.KFAC(model, distributed=True, inverse="ekfac")
         assert not any(m._forward_hooks for m in model.modules())      # nothing left behind
-        opt = kk.KFAC(model, distributed=True, only=["2"])
-        assert opt.engine.dist is not None and set(opt.blocks) == {"2"}
+        opt = kk.KFAC(model, distributed=True, inverse="cholesky", inverse_every=1)
+        assert opt.engine.dist is not None and set(opt.blocks) == {"0", "1", "2"}
+        ref_model = copy.deepcopy(model)
+        ref = kk.KFAC(ref_model, inverse="cholesky", inverse_every=1)
+        t = torch.randint(0, 9, (5, 3))
+        y = torch.randint(0, 3, (5, 3))
+        for m, o in ((model, opt), (ref_model, ref)):
+            for _ in range(3):
+                loss = F.cross_entropy(m(t).flatten(0, 1), y.flatten())
+                o.zero_grad()
+                loss.backward()
+                o.step()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
     finally:
         dist.destroy_process_group()
