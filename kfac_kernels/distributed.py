@@ -418,6 +418,11 @@ class DistributedKFAC:
         self.g_buckets = _split_buckets(
             [((b, "G"), *factor_slot(b, "G"), b.factor_dtype, self.device) for b in blocks],
             self.cap, lambda key: [("w", key[0]), ("p", key[0])])
+        # EKFAC's scalings (grad_worker_fraction 1 only): reduced like G, one [out, in] per block
+        self.s_buckets = (_split_buckets(
+            [((b, "S"), tuple(b.shape), False, b.factor_dtype, self.device) for b in blocks],
+            self.cap, lambda key: [("w", key[0]), ("p", key[0])])
+            if engine.inverse == "ekfac" else [])
         self._a: Optional[_Pending] = None
         self._g: Optional[_Pending] = None
         self._mismatch: List[Tuple[_Bucket, torch.Tensor]] = []
@@ -614,6 +619,20 @@ class DistributedKFAC:
                 stats[b] = (a_vals[(b, "A")], g_vals[(b, "G")])
         return stats
 
+    def reduce_scalings(self, s_hats: "OrderedDict", counts: Dict) -> "OrderedDict":
+        """EKFAC's per-block estimates {block: S_hat} combined like G: weighted by each rank's
+        example count and divided by their sum (a mean loss), or summed (a summed loss)."""
+        weights = {b: float(counts[b]) for b in s_hats}
+        pend = self._reduce(self.s_buckets, {(b, "S"): s for b, s in s_hats.items()}, weights,
+                            scale=self.g_divided)
+        pend.wait()
+        vals: Dict = {}
+        for bk, flat in zip(pend.buckets, pend.flats):
+            div = ({key: bk.scalar(flat, ("w", key[0])) for key, *_ in bk.slots
+                    if key[0] in weights} if self.g_divided else None)
+            vals.update(bk.unpack(flat, div))
+        return OrderedDict((b, vals[(b, "S")]) for b in s_hats)
+
     def _fold_mismatch(self) -> None:
         acc: Dict[_Bucket, torch.Tensor] = {}
         for bk, bad in self._mismatch:
@@ -664,7 +683,8 @@ class DistributedKFAC:
 
     def _check_entries(self, units) -> None:
         for b, whichs, _ in units:
-            known = {k for k, *_ in self._entries(b, ("A", "G"))}
+            # EKFAC's S is computed on every rank from the shared basis (reduce_scalings)
+            known = {k for k, *_ in self._entries(b, ("A", "G"))} | {"S"}
             extra = set(b.inverse) - known
             if extra:
                 raise NotImplementedError(

@@ -195,6 +195,7 @@ class KFACEngine:
         # EKFAC: statistics of passes whose eigenbasis is replaced this step, kept until the new
         # basis exists (see _fold_ekfac); {block: [(inputs, grads, calls, alpha)]}
         self._ekfac_stash: Dict[Block, list] = defaultdict(list)
+        self._ekfac_n: Dict[Block, int] = {}   # local examples behind each block's estimate
         # robustness (see docs/robustness.md): a device flag that rejects this step's factor
         # update (non-finite gradients, GradScaler overflow), a device factor for the empirical
         # G_hat (1/S^2 under a GradScaler), and whether captured statistics have seen a backward
@@ -233,11 +234,14 @@ class KFACEngine:
 
     def _check_distributed_support(self) -> None:
         """The distributed strategy reduces and shares every block kind's factors and the
-        eigh/cholesky entries, but not EKFAC's scalings yet. Every rank raises alike."""
-        if self.inverse == "ekfac":
+        eigh/cholesky entries; EKFAC's scalings are reduced when every rank holds every
+        eigenbasis (grad_worker_fraction 1), since each rank projects its own examples' gradients
+        into it. Every rank raises alike."""
+        if self.inverse == "ekfac" and self.dist.k < self.dist.world:
             raise NotImplementedError(
-                "distributed K-FAC does not reduce or share EKFAC's scalings (inverse='ekfac') "
-                "yet: use inverse='eigh' or 'cholesky', or pass distributed=False")
+                f"inverse='ekfac' under torch.distributed needs grad_worker_fraction=1 (every "
+                f"rank projects its examples into every eigenbasis), got "
+                f"{self.dist.opts.grad_worker_fraction}")
 
     # ------------------------------------------------------------------ discovery
     @staticmethod
@@ -430,6 +434,7 @@ class KFACEngine:
             for job in block.pass_jobs(grads, calls, scale):
                 jobs.append((block, job))
             if self.inverse == "ekfac" and block.inputs:
+                self._ekfac_n[block] = n
                 alpha = scale / n
                 if self._g_rescale is not None:   # a scaled loss's gradients (1/S^2, device)
                     alpha = self._g_rescale * alpha
@@ -734,9 +739,12 @@ class KFACEngine:
         b.S_hat = part if getattr(b, "S_hat", None) is None else b.S_hat + part
 
     def reduce_scalings(self, s_hats: "OrderedDict[Block, torch.Tensor]"):
-        """Combine EKFAC estimates across processes (identity in one process; the distributed
-        strategy averages them over ranks here, like ``reduce_statistics``)."""
-        return s_hats
+        """Combine EKFAC estimates across processes: identity in one process; with
+        torch.distributed, weighted by each rank's example count like G (every rank passes the
+        same blocks, in the same order)."""
+        if self.dist is None or not s_hats:
+            return s_hats
+        return self.dist.reduce_scalings(s_hats, {b: self._ekfac_n.get(b, 0) for b in s_hats})
 
     def _merge_scalings(self, blocks: List[Block]) -> None:
         """S <- rho S + (1 - rho) S_hat, rho = min(1 - 1/k, ema_decay), k counting accepted
@@ -757,15 +765,19 @@ class KFACEngine:
     def _scalings_after_decomposition(self, blocks: List[Block]) -> None:
         """EKFAC after a new eigenbasis: S restarts in it, from this step's statistics (kept by
         ``_fold_ekfac``) when there are any, else from the K-FAC eigenvalues lamG lamA^T."""
+        ests: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
+        for b in blocks:
+            inv = b.inverse
+            for inputs, grads, calls, alpha in self._ekfac_stash.pop(b, []):
+                part = b.ekfac_sums(inputs, grads, calls, inv["QG"], inv.get("QA"))
+                part = part.to(b.factor_dtype) * alpha
+                ests[b] = part if b not in ests else ests[b] + part
+        ests = self.reduce_scalings(ests)      # over ranks (identity in one process)
         for b in blocks:
             inv = b.inverse
             lamA = inv["lamA"].clamp_min(0)
             init = inv["lamG"].clamp_min(0).unsqueeze(-1) * lamA.unsqueeze(-2)
-            stash = self._ekfac_stash.pop(b, [])
-            est = None
-            for inputs, grads, calls, alpha in stash:
-                part = b.ekfac_sums(inputs, grads, calls, inv["QG"], inv.get("QA")).to(init.dtype)
-                est = part * alpha if est is None else est + part * alpha
+            est = ests.get(b)
             dev = init.device
             if est is None:
                 inv["S"], b.ekfac_count = init, torch.zeros((), dtype=b.factor_dtype, device=dev)
@@ -846,7 +858,7 @@ class KFACEngine:
             self.dist.update_inverses(ready)
         else:
             self.decompose(ready)
-        if self.inverse == "ekfac" and self.dist is None:
+        if self.inverse == "ekfac":       # distributed: every rank holds every basis here
             self._scalings_after_decomposition(ready)
         self._needs_inverse = False
         self.inverse_updates += 1

@@ -33,20 +33,22 @@ def make_model(width=6, seed=0, kind="mlp"):
 class MixedNet(nn.Module):
     """Every block kind the distributed strategy must reduce and share: a grouped convolution
     and a GroupNorm (stacked blocks), an embedding (diagonal A) of tokens read off the input's
-    signs, a LayerNorm (stacked 2x2 blocks) and plain Linears."""
+    signs (two slots of 4 bits: every token occurs, so the Linear after it sees full-rank
+    inputs given enough examples), a LayerNorm (stacked 2x2 blocks) and plain Linears."""
 
     def __init__(self, width=6):
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, padding=1, groups=2)
         self.gn = nn.GroupNorm(2, 4)
         self.emb = nn.Embedding(16, 3)
-        self.fc = nn.Linear(4 * 16 + 8 * 3, width)
+        self.fc = nn.Linear(4 * 16 + 2 * 3, width)
         self.ln = nn.LayerNorm(width)
         self.out = nn.Linear(width, CLASSES)
 
     def forward(self, x):
         n = x.shape[0]
-        tokens = (x[:, 0].reshape(n, -1)[:, :8] > 0).long() + 2 * torch.arange(8)
+        bits = (x[:, 0].reshape(n, -1)[:, :8] > 0).long().reshape(n, 2, 4)
+        tokens = (bits * torch.tensor([1, 2, 4, 8])).sum(-1)          # [n, 2], 16 values
         h = torch.cat([torch.tanh(self.gn(self.conv(x))).flatten(1),
                        self.emb(tokens).flatten(1)], 1)
         return self.out(torch.tanh(self.ln(self.fc(h))))
@@ -321,8 +323,8 @@ def mismatched_options(rank, world):
     kk.KFAC(make_model(), curvature="empirical", inverse_every=10 + (rank == 1))
 
 
-def bad_fraction(rank, world, frac):
-    kk.KFAC(make_model(), curvature="empirical", grad_worker_fraction=frac)
+def bad_fraction(rank, world, frac, inverse="eigh"):
+    kk.KFAC(make_model(), curvature="empirical", grad_worker_fraction=frac, inverse=inverse)
 
 
 class TwoHeads(nn.Module):

@@ -43,6 +43,14 @@ SPECIAL = {
     2: [dict(name="ddp-empirical-eigh-f1", curvature="empirical", inverse="eigh", ddp=True),
         dict(name="mixed-ggn-cholesky-f0.5", curvature="ggn", inverse="cholesky", frac=0.5,
              model="mixed"),
+        # EKFAC: scalings reduced per step and restarted from this step's passes in a new basis.
+        # More examples than any factor's dimension: in a rank-deficient factor's null space
+        # the eigenbasis is arbitrary, and EKFAC's scalings (unlike K-FAC's) depend on it, so
+        # runs whose sums round differently would legitimately differ there.
+        dict(name="mixed-ggn-ekfac-f1", curvature="ggn", inverse="ekfac", model="mixed",
+             sizes=[48, 48]),
+        dict(name="ekfac-empirical-f1-sum", curvature="empirical", inverse="ekfac", red="sum",
+             lr=0.001, sizes=[23, 34]),
         dict(name="ddp-ggn-cholesky-f0.5", curvature="ggn", inverse="cholesky", frac=0.5,
              assign="memory", ddp=True),
         dict(name="pre-empirical-eigh-f1", curvature="empirical", inverse="eigh", kind="pre"),
@@ -77,6 +85,8 @@ SPECIAL = {
              model="mixed", assign="memory"),
         dict(name="mixed-empirical-eigh-f0.33-ddp", curvature="empirical", inverse="eigh",
              frac=1 / 3, model="mixed", ddp=True),
+        dict(name="mixed-empirical-ekfac-f1-ddp", curvature="empirical", inverse="ekfac",
+             model="mixed", ddp=True, inv=3, steps=5, sizes=[32, 32, 32]),
         dict(name="unequal-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky",
              frac=1 / 3, sizes=[4, 1, 6], assign="memory"),
         dict(name="ddp-ggn-eigh-f0.33", curvature="ggn", inverse="eigh", frac=1 / 3, ddp=True)],
@@ -232,6 +242,12 @@ def test_layers_used_on_some_ranks_only_raise_at_the_next_inverse_update():
 def test_gradient_worker_count_must_divide_the_world():
     for t, msg in _errors(run_ranks_raw(S.bad_fraction, 3, 0.5, timeout=60)):
         assert t == "ValueError" and "does not divide the world size 3" in msg
+
+
+@pytest.mark.timeout(60)
+def test_ekfac_needs_every_eigenbasis_on_every_rank():
+    for t, msg in _errors(run_ranks_raw(S.bad_fraction, 2, 0.5, "ekfac", timeout=60)):
+        assert t == "NotImplementedError" and "needs grad_worker_fraction=1" in msg
 
 
 @pytest.mark.timeout(120)
