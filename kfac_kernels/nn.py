@@ -1,4 +1,5 @@
-"""Recurrent layers K-FAC can see: the maths of torch's RNN/GRU/LSTM, built from nn.Linear.
+"""Recurrent and attention layers K-FAC can see: the maths of torch's RNN/GRU/LSTM and
+MultiheadAttention, built from nn.Linear (``convert(model)`` swaps them into a model in place).
 
 torch's fused ``nn.RNN/GRU/LSTM`` and ``nn.*Cell`` compute their gate pre-activations inside one op,
 so forward hooks never see the layer input/gate pairs K-FAC needs (``describe()`` lists their
@@ -25,6 +26,12 @@ The sequence modules (``RNN``, ``GRU``, ``LSTM``) apply ``ih`` to the whole inpu
 call and ``hh`` once per step: under both weight-sharing modes this gives the same factors as T
 separate calls (a Linear on [N, T, k] treats T as positions, and repeated calls accumulate the
 same way).
+
+``MultiheadAttention`` computes what ``nn.MultiheadAttention`` computes (same masks, dropout and
+returned weights) with four ``nn.Linear`` projections, ``q_proj``, ``k_proj``, ``v_proj`` and
+``out_proj``, each a K-FAC block over the sequence. It keeps torch's argument conventions
+(``batch_first=False`` means [L, N, E] inputs) but always projects batch-first, so the Linears see
+the examples in dim 0 as K-FAC requires. ``add_bias_kv`` and ``add_zero_attn`` are not supported.
 """
 from __future__ import annotations
 
@@ -33,8 +40,9 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["RNNCell", "GRUCell", "LSTMCell", "RNN", "GRU", "LSTM"]
+__all__ = ["RNNCell", "GRUCell", "LSTMCell", "RNN", "GRU", "LSTM", "MultiheadAttention", "convert"]
 
 
 class _CellBase(nn.Module):
@@ -224,3 +232,170 @@ class LSTM(_SeqBase):
 
     def _finals(self, finals):
         return (torch.stack([h for h, _ in finals], 0), torch.stack([c for _, c in finals], 0))
+
+
+# ----------------------------------------------------------------------------- attention
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` from four ``nn.Linear`` projections (see the module docstring).
+
+    ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+    average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)`` with
+    torch's shapes and mask semantics: a boolean mask marks positions that may NOT be attended
+    to, a float mask is added to the scores; ``attn_mask`` is [L, S] or [N * num_heads, L, S],
+    ``key_padding_mask`` is [N, S]; ``is_causal`` without an ``attn_mask`` applies a causal mask.
+    """
+
+    # attributes torch's Transformer layers read before deciding against their fused fast path
+    _qkv_same_embed_dim = False
+    in_proj_weight = None
+    in_proj_bias = None
+    bias_k = bias_v = None
+    add_zero_attn = False
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads "
+                             f"({num_heads})")
+        kw = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = float(dropout), batch_first
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        for lin in (self.q_proj, self.k_proj, self.v_proj):     # torch's initialisation
+            nn.init.xavier_uniform_(lin.weight)
+        if bias:
+            for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+                nn.init.zeros_(lin.bias)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+                f"batch_first={self.batch_first}")
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
+        """A module with the parameters (copies) and settings of torch's ``mha``."""
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("MultiheadAttention.from_torch does not support add_bias_kv=True or "
+                             "add_zero_attn=True")
+        w = mha.out_proj.weight
+        out = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout,
+                  bias=mha.in_proj_bias is not None, batch_first=mha.batch_first,
+                  kdim=mha.kdim, vdim=mha.vdim, device=w.device, dtype=w.dtype)
+        E = mha.embed_dim
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                ws = mha.in_proj_weight.split(E)
+            else:
+                ws = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            for lin, wt in zip((out.q_proj, out.k_proj, out.v_proj), ws):
+                lin.weight.copy_(wt)
+            if mha.in_proj_bias is not None:
+                for lin, bt in zip((out.q_proj, out.k_proj, out.v_proj),
+                                   mha.in_proj_bias.split(E)):
+                    lin.bias.copy_(bt)
+                out.out_proj.bias.copy_(mha.out_proj.bias)
+            out.out_proj.weight.copy_(mha.out_proj.weight)
+        out.train(mha.training)
+        return out
+
+    def _mask(self, attn_mask, key_padding_mask, N: int, L: int, S: int, dtype, device):
+        """One additive float mask broadcastable to [N, H, L, S] (None if there is none)."""
+        def additive(m):
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(
+                    m, float("-inf"))
+            return m.to(dtype)
+        out = None
+        if attn_mask is not None:
+            m = additive(attn_mask)
+            if m.dim() == 2:
+                if m.shape != (L, S):
+                    raise ValueError(f"attn_mask of shape {tuple(m.shape)}: expected ({L}, {S})")
+                m = m.view(1, 1, L, S)
+            elif m.dim() == 3:
+                if m.shape != (N * self.num_heads, L, S):
+                    raise ValueError(f"attn_mask of shape {tuple(m.shape)}: expected "
+                                     f"({N * self.num_heads}, {L}, {S})")
+                m = m.view(N, self.num_heads, L, S)
+            else:
+                raise ValueError(f"attn_mask must be 2-D or 3-D, got {m.dim()}-D")
+            out = m
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (N, S):
+                raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)}: "
+                                 f"expected ({N}, {S})")
+            m = additive(key_padding_mask).view(N, 1, 1, S)
+            out = m if out is None else out + m
+        return out
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        batched = query.dim() == 3
+        if not batched:                    # [L, E]: one example
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:         # [L, N, E] -> batch first: examples in dim 0
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        N, L, _ = query.shape
+        S = key.shape[1]
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(N, L, H, d).transpose(1, 2)
+        k = self.k_proj(key).view(N, S, H, d).transpose(1, 2)
+        v = self.v_proj(value).view(N, S, H, d).transpose(1, 2)
+        if is_causal and attn_mask is None:
+            attn_mask = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+        mask = self._mask(attn_mask, key_padding_mask, N, L, S, q.dtype, q.device)
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            out = F.dropout(weights, p, training=p > 0) @ v
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).reshape(N, L, self.embed_dim))
+        if not batched:
+            return out.squeeze(0), (weights.squeeze(0) if weights is not None else None)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+_CONVERT = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM, nn.RNNCell: RNNCell, nn.GRUCell: GRUCell,
+            nn.LSTMCell: LSTMCell, nn.MultiheadAttention: MultiheadAttention}
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace, in place, every torch module K-FAC cannot see into by its counterpart here:
+    ``nn.MultiheadAttention`` (also inside ``nn.Transformer*Layer``), ``nn.RNN``, ``nn.GRU``,
+    ``nn.LSTM`` and their cells (``from_torch`` copies the parameters, so the model computes the
+    same function; training mode is kept). Returns ``model``; convert before creating the optimiser. A module the counterpart
+    cannot represent (``add_bias_kv``, a bidirectional LSTM, ...) raises ``ValueError`` naming it."""
+    if type(model) in _CONVERT:
+        raise ValueError(f"convert() replaces submodules in place; wrap the {type(model).__name__} "
+                         f"in a container, or call {_CONVERT[type(model)].__name__}.from_torch")
+    for name, child in list(model.named_children()):
+        target = _CONVERT.get(type(child))
+        if target is None:
+            convert(child)
+            continue
+        try:
+            new = target.from_torch(child)
+        except ValueError as exc:
+            raise ValueError(f"cannot convert {name!r} ({type(child).__name__}): {exc}") from None
+        setattr(model, name, new)
+    return model

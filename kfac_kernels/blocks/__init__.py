@@ -25,7 +25,8 @@ def block_type_for(module: nn.Module) -> Tuple[Optional[Type[Block]], str]:
     if isinstance(module, nn.Linear):
         if type(module).__name__ == "NonDynamicallyQuantizableLinear":
             return None, ("the out_proj of nn.MultiheadAttention is applied functionally, so its "
-                          "forward hooks never run")
+                          "forward hooks never run; kfac_kernels.nn.convert(model) swaps in "
+                          "kfac_kernels.nn.MultiheadAttention")
         return LinearBlock, ""
     if isinstance(module, nn.Embedding):
         if module.sparse:
@@ -40,8 +41,9 @@ def block_type_for(module: nn.Module) -> Tuple[Optional[Type[Block]], str]:
         if type(module) is cls:
             return None, (f"torch's nn.{name} computes its gate pre-activations inside one fused "
                           f"op, hidden from hooks; use kfac_kernels.nn.{name} (same maths, built "
-                          f"from nn.Linear)")
+                          f"from nn.Linear; kfac_kernels.nn.convert(model) swaps it in)")
     if isinstance(module, nn.MultiheadAttention):
         return None, ("nn.MultiheadAttention applies its input projections functionally (hooks "
-                      "never see them); build attention from nn.Linear projections")
+                      "never see them); kfac_kernels.nn.convert(model) swaps in "
+                      "kfac_kernels.nn.MultiheadAttention (same maths, nn.Linear projections)")
     return None, f"no block for {type(module).__name__}"
