@@ -19,7 +19,7 @@ them, e.g. over the positions of a sequence).
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 

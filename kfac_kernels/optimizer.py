@@ -5,8 +5,7 @@ curvature blocks and the factor/inverse/preconditioning phases; these classes ow
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn

@@ -3,12 +3,34 @@ with the library's capture, scaling or batching (Jacobians and Hessians by autog
 patches by F.unfold)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from kfac_kernels.curvature import per_example_loss, sample_vectors
+
+
+HOST_SYNC = ("item", "__bool__", "__float__", "__int__", "tolist", "nonzero", "__index__")
+
+
+@contextlib.contextmanager
+def host_sync_forbidden():
+    """Inside the block every Tensor method that reads a value on the host raises (so a test
+    fails on a hidden .item() or data-dependent branch in the step)."""
+    saved = {n: getattr(torch.Tensor, n) for n in HOST_SYNC}
+
+    def boom(self, *a, **k):
+        raise AssertionError("host sync inside step()")
+
+    for n in HOST_SYNC:
+        setattr(torch.Tensor, n, boom)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
 
 
 def rel_err(a, b):

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import kfac_kernels as kk
 from kfac_kernels import distributed as kd

@@ -28,6 +28,16 @@ def conv_padding(module) -> Tuple[List[Tuple[int, int]], str]:
     return pads, module.padding_mode
 
 
+
+def _weighted_mean(mats: List[torch.Tensor], weights: List[int], dtype) -> torch.Tensor:
+    """The input factors of several calls of one convolution, averaged with each call's number
+    of (example, position) rows as its weight, in ``dtype``."""
+    total = float(sum(weights))
+    out = mats[0].to(dtype) * (weights[0] / total)
+    for w, mat in zip(weights[1:], mats[1:]):
+        out = out + mat.to(dtype) * (w / total)
+    return out
+
 class ConvBlock(Block):
     kind = "conv"
 
@@ -95,11 +105,7 @@ class ConvBlock(Block):
             mats.append(ops.conv_input_factor(xp, m.kernel_size, m.stride, pad, m.dilation,
                                               homogeneous=self.has_bias, backend=self.backend))
             weights.append(x.shape[0] * math.prod(self._out_spatial(xp, pad)))
-        total = float(sum(weights))
-        A = mats[0].to(self.factor_dtype) * (weights[0] / total)
-        for w, mat in zip(weights[1:], mats[1:]):
-            A = A + mat.to(self.factor_dtype) * (w / total)
-        return [], A
+        return [], _weighted_mean(mats, weights, self.factor_dtype)
 
     def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
         mo = self.out_dim
@@ -194,11 +200,7 @@ class GroupedConvBlock(ConvBlock):
                 xp, m.kernel_size, m.stride, pad, m.dilation, g, homogeneous=self.has_bias,
                 backend=self.backend_for("conv_input_factor_grouped")))
             weights.append(x.shape[0] * math.prod(self._out_spatial(xp, pad)))
-        total = float(sum(weights))
-        A = mats[0].to(self.factor_dtype) * (weights[0] / total)
-        for w, mat in zip(weights[1:], mats[1:]):
-            A = A + mat.to(self.factor_dtype) * (w / total)
-        return [], A
+        return [], _weighted_mean(mats, weights, self.factor_dtype)
 
     def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
         g, mo = self.groups, self.out_dim

@@ -18,7 +18,7 @@ A is stored as a vector [V]; no V x V matrix is ever formed, and preconditioning
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 

@@ -8,7 +8,6 @@ sequence (weight_sharing="expand"). ``describe()`` is printed first. See docs/la
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
