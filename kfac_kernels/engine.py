@@ -389,7 +389,7 @@ class KFACEngine:
             if not isinstance(x, torch.Tensor):
                 return
             block.check_input(x)
-            block.inputs.append(x.detach())
+            block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
         return hook

@@ -6,12 +6,13 @@ from typing import Optional, Tuple, Type
 import torch.nn as nn
 
 from .base import Block, BlockInputError, SyrkJob, WEIGHT_SHARING
-from .conv import ConvBlock, GroupedConvBlock
+from .conv import ConvBlock, ConvTransposeBlock, GroupedConvBlock
 from .embedding import EmbeddingBlock
 from .linear import LinearBlock
 from .norm import NORM_TYPES, NormBlock
 
 __all__ = ["Block", "BlockInputError", "LinearBlock", "ConvBlock", "GroupedConvBlock",
+           "ConvTransposeBlock",
            "EmbeddingBlock", "NormBlock", "SyrkJob", "block_type_for", "WEIGHT_SHARING"]
 
 _FUSED_RNN = {nn.RNN: "RNN", nn.LSTM: "LSTM", nn.GRU: "GRU", nn.RNNCell: "RNNCell",
@@ -22,6 +23,10 @@ def block_type_for(module: nn.Module) -> Tuple[Optional[Type[Block]], str]:
     """(block class, "") for a supported module, else (None, reason it is left to the fallback)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return (GroupedConvBlock if module.groups != 1 else ConvBlock), ""
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if module.groups != 1:
+            return None, "grouped transposed convolutions have no block yet (groups != 1)"
+        return ConvTransposeBlock, ""
     if isinstance(module, nn.Linear):
         if type(module).__name__ == "NonDynamicallyQuantizableLinear":
             return None, ("the out_proj of nn.MultiheadAttention is applied functionally, so its "

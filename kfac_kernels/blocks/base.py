@@ -117,6 +117,11 @@ class Block:
     def batch_size(self, x: torch.Tensor) -> int:
         return x.shape[0]
 
+    def prepare_input(self, x: torch.Tensor, output) -> torch.Tensor:
+        """What the capture keeps of one call's input ``x`` (detached); ``output`` is the call's
+        output (a transposed convolution needs its size)."""
+        return x
+
     def check_input(self, x: torch.Tensor) -> None:
         """Raise BlockInputError for inputs the block cannot interpret."""
 

@@ -28,7 +28,6 @@ def conv_padding(module) -> Tuple[List[Tuple[int, int]], str]:
     return pads, module.padding_mode
 
 
-
 def _weighted_mean(mats: List[torch.Tensor], weights: List[int], dtype) -> torch.Tensor:
     """The input factors of several calls of one convolution, averaged with each call's number
     of (example, position) rows as its weight, in ``dtype``."""
@@ -38,12 +37,17 @@ def _weighted_mean(mats: List[torch.Tensor], weights: List[int], dtype) -> torch
         out = out + mat.to(dtype) * (w / total)
     return out
 
+
 class ConvBlock(Block):
     kind = "conv"
 
     def __init__(self, name, module, **kw):
         super().__init__(name, module, **kw)
         self.nd = len(module.kernel_size)
+        # the convolution whose patches the factors are built from (a transposed convolution
+        # substitutes the equivalent stride-1 convolution: see ConvTransposeBlock)
+        self.ks, self.st, self.dil = (tuple(module.kernel_size), tuple(module.stride),
+                                      tuple(module.dilation))
         self.pads, self.pad_mode = conv_padding(module)
         self.symmetric_zero = self.pad_mode == "zeros" and all(l == r for l, r in self.pads)
 
@@ -69,14 +73,12 @@ class ConvBlock(Block):
         return F.pad(x, flat, mode=mode), (0,) * self.nd
 
     def _out_spatial(self, xp: torch.Tensor, pad) -> List[int]:
-        m = self.module
-        return [(xp.shape[2 + i] + 2 * pad[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1)
-                // m.stride[i] + 1 for i in range(self.nd)]
+        return [(xp.shape[2 + i] + 2 * pad[i] - self.dil[i] * (self.ks[i] - 1) - 1)
+                // self.st[i] + 1 for i in range(self.nd)]
 
     def mean_patch_sum(self, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """(sum over output positions of each example's patch [N, C*K], T) without unfolding:
         for each kernel offset, the sum over a strided sub-grid of the padded input."""
-        m = self.module
         xp, pad = self._padded(x)
         if any(pad):
             flat = []
@@ -85,24 +87,23 @@ class ConvBlock(Block):
             xp = F.pad(xp, flat)
         out = self._out_spatial(xp, (0,) * self.nd)
         cols = []
-        for offs in itertools.product(*[range(k) for k in m.kernel_size]):
+        for offs in itertools.product(*[range(k) for k in self.ks]):
             idx = [slice(None), slice(None)]
             for i, o in enumerate(offs):
-                start = o * m.dilation[i]
-                idx.append(slice(start, start + m.stride[i] * (out[i] - 1) + 1, m.stride[i]))
+                start = o * self.dil[i]
+                idx.append(slice(start, start + self.st[i] * (out[i] - 1) + 1, self.st[i]))
             cols.append(xp[tuple(idx)].sum(dim=tuple(range(2, 2 + self.nd))))
         s = torch.stack(cols, dim=-1)                           # [N, C, K] in (c, k...) order
         return s.reshape(x.shape[0], -1), math.prod(out)
 
     def a_jobs(self, inputs: List[torch.Tensor]):
-        m = self.module
         if self.weight_sharing == "reduce":
             a = mean_over_calls([self.mean_patch_sum(x) for x in inputs], self.name)
             return [SyrkJob(a, 1.0 / a.shape[0], self.has_bias)], None
         mats, weights = [], []
         for x in inputs:
             xp, pad = self._padded(x)
-            mats.append(ops.conv_input_factor(xp, m.kernel_size, m.stride, pad, m.dilation,
+            mats.append(ops.conv_input_factor(xp, self.ks, self.st, pad, self.dil,
                                               homogeneous=self.has_bias, backend=self.backend))
             weights.append(x.shape[0] * math.prod(self._out_spatial(xp, pad)))
         return [], _weighted_mean(mats, weights, self.factor_dtype)
@@ -129,9 +130,8 @@ class ConvBlock(Block):
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """[N, T, C*K] patches of one call (materialised: EKFAC's per-example gradients need them,
         and the engine hands them over in chunks of examples)."""
-        m = self.module
         xp, pad = self._padded(x)
-        return ops.reference.conv_patches(xp, m.kernel_size, m.stride, pad, m.dilation)
+        return ops.reference.conv_patches(xp, self.ks, self.st, pad, self.dil)
 
     def _ekfac_terms(self, chunk_pairs):
         """g [N, T, O] and patches [N, T, C*K] of a chunk of examples, calls concatenated along T."""
@@ -149,7 +149,7 @@ class ConvBlock(Block):
 
     def ekfac_sums(self, inputs, grads, calls, QG, QA):
         pairs = self.paired(inputs, grads, calls)
-        per_example = sum(x[0:1].numel() * math.prod(self.module.kernel_size) for x, _ in pairs)
+        per_example = sum(x[0:1].numel() * math.prod(self.ks) for x, _ in pairs)
         out = None
         for chunk in self._chunks(pairs, per_example):
             g, a = self._ekfac_terms(chunk)
@@ -188,7 +188,7 @@ class GroupedConvBlock(ConvBlock):
         return row
 
     def a_jobs(self, inputs: List[torch.Tensor]):
-        m, g = self.module, self.groups
+        g = self.groups
         if self.weight_sharing == "reduce":
             a = mean_over_calls([self.mean_patch_sum(x) for x in inputs], self.name)   # [N, C*K]
             a = a.reshape(a.shape[0], g, -1).transpose(0, 1)                           # [g, N, CgK]
@@ -197,7 +197,7 @@ class GroupedConvBlock(ConvBlock):
         for x in inputs:
             xp, pad = self._padded(x)
             mats.append(ops.conv_input_factor_grouped(
-                xp, m.kernel_size, m.stride, pad, m.dilation, g, homogeneous=self.has_bias,
+                xp, self.ks, self.st, pad, self.dil, g, homogeneous=self.has_bias,
                 backend=self.backend_for("conv_input_factor_grouped")))
             weights.append(x.shape[0] * math.prod(self._out_spatial(xp, pad)))
         return [], _weighted_mean(mats, weights, self.factor_dtype)
@@ -244,7 +244,7 @@ class GroupedConvBlock(ConvBlock):
     def ekfac_sums(self, inputs, grads, calls, QG, QA):
         g = self.groups
         pairs = self.paired(inputs, grads, calls)
-        per_example = sum(x[0:1].numel() * math.prod(self.module.kernel_size) for x, _ in pairs)
+        per_example = sum(x[0:1].numel() * math.prod(self.ks) for x, _ in pairs)
         out = None
         for chunk in self._chunks(pairs, per_example):
             gr, a = self._ekfac_terms(chunk)                      # [c, T, O], [c, T, C*K]
@@ -255,3 +255,75 @@ class GroupedConvBlock(ConvBlock):
                                       backend=self.backend_for("ekfac_scalings"))
             out = part if out is None else out + part
         return out
+
+
+class ConvTransposeBlock(ConvBlock):
+    """A transposed convolution (``nn.ConvTranspose1d/2d/3d``, ``groups=1``) as the convolution it
+    equals: stride 1 and the same dilation over the input with ``stride - 1`` zeros inserted
+    between its elements and padded by ``dilation (kernel - 1) - padding`` on each side (plus
+    what the output size asks for on the far side: ``output_padding`` or ``output_size``), with
+    the kernel flipped and its in/out channels swapped. The KFC factors are that convolution's:
+    A over its patches (``C_in * prod(kernel) + 1``), G over the output channels. The capture
+    stores the zero-inserted, padded input (``stride^d`` times the input's size), which every
+    factor and EKFAC computation then treats as a plain stride-1 convolution's input."""
+
+    kind = "conv-transpose"
+
+    def __init__(self, name, module, **kw):
+        super().__init__(name, module, **kw)
+        if module.groups != 1:
+            raise ValueError("ConvTransposeBlock needs groups=1")
+        self.out_dim = module.out_channels
+        self.in_dim = module.in_channels * math.prod(module.kernel_size) + int(self.has_bias)
+        self.up = tuple(module.stride)                # zero insertion of the input
+        self.st = (1,) * self.nd
+        self.pads, self.symmetric_zero = [(0, 0)] * self.nd, True   # applied at capture
+        self._spatial = tuple(range(2, 2 + self.nd))
+
+    def describe_row(self) -> dict:
+        row = super().describe_row()
+        row["module"] = (f"{type(self.module).__name__}(k={tuple(self.module.kernel_size)}, "
+                         f"s={tuple(self.module.stride)})")
+        return row
+
+    def prepare_input(self, x: torch.Tensor, output) -> torch.Tensor:
+        """The equivalent convolution's input: ``x`` zero-inserted and padded (or cropped) so
+        that a stride-1 convolution with the flipped kernel yields ``output``'s spatial size."""
+        n, c = x.shape[:2]
+        sizes = [(s - 1) * u + 1 for s, u in zip(x.shape[2:], self.up)]
+        up = x.new_zeros((n, c, *sizes))
+        up[(slice(None), slice(None)) + tuple(slice(None, None, u) for u in self.up)] = x
+        flat = []
+        for i in reversed(range(self.nd)):
+            reach = self.dil[i] * (self.ks[i] - 1)
+            left = reach - self.module.padding[i]
+            right = output.shape[2 + i] + reach - sizes[i] - left
+            flat += [left, right]
+        return F.pad(up, flat)
+
+    def grad_matrix(self) -> Optional[torch.Tensor]:
+        if self.weight.grad is None:
+            return None
+        gw = self._as_conv(self.weight.grad)
+        if not self.has_bias:
+            return gw
+        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+
+    def param_matrix(self) -> torch.Tensor:
+        w = self._as_conv(self.weight.detach())
+        if not self.has_bias:
+            return w
+        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+
+    def _as_conv(self, w: torch.Tensor) -> torch.Tensor:
+        """[C_in, C_out, k...] transposed-conv weight -> [C_out, C_in * prod(k)] conv layout."""
+        return w.flip(self._spatial).transpose(0, 1).reshape(self.out_dim, -1)
+
+    def split(self, U: torch.Tensor) -> List[torch.Tensor]:
+        co, ci = self.module.out_channels, self.module.in_channels
+        W = U[:, :-1] if self.has_bias else U
+        W = W.reshape(co, ci, *self.ks).transpose(0, 1).flip(self._spatial)
+        if not self.has_bias:
+            return [W]
+        return [W, U[:, -1].reshape(self.bias.shape)]
