@@ -8,11 +8,11 @@ import torch.nn as nn
 from .base import Block, BlockInputError, SyrkJob, WEIGHT_SHARING
 from .conv import ConvBlock, ConvTransposeBlock, GroupedConvBlock
 from .embedding import EmbeddingBlock
-from .linear import LinearBlock
+from .linear import LinearBlock, TransposedLinearBlock, is_transposed_linear
 from .norm import NORM_TYPES, NormBlock
 
 __all__ = ["Block", "BlockInputError", "LinearBlock", "ConvBlock", "GroupedConvBlock",
-           "ConvTransposeBlock",
+           "ConvTransposeBlock", "TransposedLinearBlock",
            "EmbeddingBlock", "NormBlock", "SyrkJob", "block_type_for", "WEIGHT_SHARING"]
 
 _FUSED_RNN = {nn.RNN: "RNN", nn.LSTM: "LSTM", nn.GRU: "GRU", nn.RNNCell: "RNNCell",
@@ -27,6 +27,8 @@ def block_type_for(module: nn.Module) -> Tuple[Optional[Type[Block]], str]:
         if module.groups != 1:
             return None, "grouped transposed convolutions have no block yet (groups != 1)"
         return ConvTransposeBlock, ""
+    if is_transposed_linear(module):
+        return TransposedLinearBlock, ""
     if isinstance(module, nn.Linear):
         if type(module).__name__ == "NonDynamicallyQuantizableLinear":
             return None, ("the out_proj of nn.MultiheadAttention is applied functionally, so its "

@@ -1,7 +1,7 @@
 """nn.Linear block, also for inputs [N, ..., features] (sequence positions are the T positions)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -12,8 +12,12 @@ from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_ex
 class LinearBlock(Block):
     kind = "linear"
 
+    @property
+    def in_features(self) -> int:
+        return self.in_dim - int(self.has_bias)
+
     def check_input(self, x: torch.Tensor) -> None:
-        k = self.weight.shape[1]
+        k = self.in_features
         if x.dim() < 1 or x.shape[-1] != k:
             raise BlockInputError(f"module {self.name!r} expects inputs [..., {k}], got shape "
                                   f"{tuple(x.shape)}")
@@ -25,7 +29,7 @@ class LinearBlock(Block):
         return x.shape[0] if x.dim() > 1 else 1
 
     def a_jobs(self, inputs: List[torch.Tensor]):
-        k = self.weight.shape[1]
+        k = self.in_features
         if self.weight_sharing == "expand":
             return rows_jobs_expand(inputs, k, self.has_bias), None
         parts = [(x.reshape(x.shape[0], -1, k).sum(1), x[0].numel() // k) for x in inputs]
@@ -53,10 +57,50 @@ class LinearBlock(Block):
     def ekfac_sums(self, inputs, grads, calls, QG, QA):
         """Per-example gradient D_n = sum over calls and positions of g abar^T; with one call and
         no positions (T = 1) the op needs no per-example gradient at all."""
-        k, m = self.weight.shape[1], self.out_dim
+        k, m = self.in_features, self.out_dim
         pairs = self.paired(inputs, grads, calls)
         n = self.batch_size(pairs[0][0])
         g = torch.cat([gr.reshape(n, -1, m) for _, gr in pairs], 1)
         a = torch.cat([x.reshape(n, -1, k) for x, _ in pairs], 1)
         return ops.ekfac_scalings(g, a, QG, QA, homogeneous=self.has_bias,
                                   backend=self.backend_for("ekfac_scalings"))
+
+
+class TransposedLinearBlock(LinearBlock):
+    """A linear layer that stores its weight as ``[in, out]`` and computes ``x @ W + b``: the
+    ``Conv1D`` of Hugging Face's GPT-2 family (recognised by its class name and its ``nf`` out
+    size). The same block as ``nn.Linear`` with the weight seen transposed."""
+
+    kind = "linear-t"
+
+    def __init__(self, name, module, **kw):
+        super().__init__(name, module, **kw)
+        self.out_dim = self.weight.shape[1]
+        self.in_dim = self.weight.shape[0] + int(self.has_bias)
+
+    def grad_matrix(self) -> Optional[torch.Tensor]:
+        if self.weight.grad is None:
+            return None
+        gw = self.weight.grad.T
+        if not self.has_bias:
+            return gw
+        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+
+    def param_matrix(self) -> torch.Tensor:
+        w = self.weight.detach().T
+        if not self.has_bias:
+            return w
+        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+
+    def split(self, U: torch.Tensor) -> List[torch.Tensor]:
+        if not self.has_bias:
+            return [U.T]
+        return [U[:, :-1].T, U[:, -1].reshape(self.bias.shape)]
+
+
+def is_transposed_linear(module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2, and models copied from it), without importing it."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
