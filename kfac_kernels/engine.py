@@ -57,10 +57,9 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
 def _select(b: Block, only: Optional[set]) -> Dict[str, torch.Tensor]:
     """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
     diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
-    mats = ({"G": b.G} if b.diag_A else {"A": b.A, "G": b.G})
+    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
     # factors stored in a narrower dtype (factor_storage_dtype) are decomposed in factor_dtype
-    mats = {w: f.to(b.factor_dtype) for w, f in mats.items()}
-    return mats if only is None else {w: f for w, f in mats.items() if (b, w) in only}
+    return {w: f.to(b.factor_dtype) for w, f in mats.items() if only is None or (b, w) in only}
 
 
 class _Group:
