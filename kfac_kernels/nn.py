@@ -146,29 +146,43 @@ class _SeqBase(nn.Module):
     cell_type = RNNCell
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, device=None, dtype=None, **cell_kw):
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, **cell_kw):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.num_layers, self.batch_first = num_layers, batch_first
-        self.layers = nn.ModuleList(
-            self.cell_type(input_size if i == 0 else hidden_size, hidden_size, bias=bias,
-                           device=device, dtype=dtype, **cell_kw) for i in range(num_layers))
+        self.dropout, self.bidirectional = float(dropout), bool(bidirectional)
+        D = 2 if bidirectional else 1
+
+        def cells():
+            return nn.ModuleList(
+                self.cell_type(input_size if i == 0 else D * hidden_size, hidden_size, bias=bias,
+                               device=device, dtype=dtype, **cell_kw) for i in range(num_layers))
+        self.layers = cells()
+        # the reverse direction's cells (torch's *_reverse parameters), run on the flipped sequence
+        self.layers_reverse = cells() if bidirectional else None
 
     @classmethod
     def from_torch(cls, rnn: nn.RNNBase) -> "_SeqBase":
-        """A module with the parameters of torch's fused RNN/GRU/LSTM (unidirectional, no
-        projection, no dropout between layers)."""
-        if rnn.bidirectional or getattr(rnn, "proj_size", 0) or rnn.dropout:
-            raise ValueError("from_torch supports unidirectional modules without proj_size or "
-                             "dropout")
+        """A module with the parameters of torch's fused RNN/GRU/LSTM (copied; any number of
+        layers, bidirectional, dropout between layers; not LSTM's ``proj_size``)."""
+        if getattr(rnn, "proj_size", 0):
+            raise ValueError("from_torch does not support LSTM(proj_size > 0)")
         kw = {"nonlinearity": rnn.nonlinearity} if cls is RNN else {}
         out = cls(rnn.input_size, rnn.hidden_size, rnn.num_layers, bias=rnn.bias,
-                  batch_first=rnn.batch_first, device=rnn.weight_ih_l0.device,
+                  batch_first=rnn.batch_first, dropout=rnn.dropout,
+                  bidirectional=rnn.bidirectional, device=rnn.weight_ih_l0.device,
                   dtype=rnn.weight_ih_l0.dtype, **kw)
         for i, cell in enumerate(out.layers):
             cell._copy_from(rnn, f"_l{i}")
+        if out.layers_reverse is not None:
+            for i, cell in enumerate(out.layers_reverse):
+                cell._copy_from(rnn, f"_l{i}_reverse")
+        out.train(rnn.training)
         return out
 
     def _run_layer(self, cell, x: torch.Tensor, state):
@@ -188,11 +202,19 @@ class _SeqBase(nn.Module):
                 hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
         else:
             x = input if self.batch_first else input.transpose(0, 1)  # [N, T, k]
+        D = 2 if self.bidirectional else 1
         finals = []
         for i, cell in enumerate(self.layers):
-            state = self._initial(hx, i, x)
-            x, state = self._run_layer(cell, x, state)
+            if i > 0 and self.dropout > 0:          # torch: between layers, not after the last
+                x = F.dropout(x, self.dropout, self.training)
+            out, state = self._run_layer(cell, x, self._initial(hx, D * i, x))
             finals.append(state)
+            if D == 2:
+                back, state = self._run_layer(self.layers_reverse[i], x.flip(1),
+                                              self._initial(hx, D * i + 1, x))
+                finals.append(state)
+                out = torch.cat([out, back.flip(1)], -1)
+            x = out
         out = x if self.batch_first else x.transpose(0, 1)
         h_n = self._finals(finals)
         if unbatched:
@@ -210,17 +232,17 @@ class _SeqBase(nn.Module):
 
 
 class RNN(_SeqBase):
-    """torch.nn.RNN's maths (unidirectional), built from :class:`RNNCell`s."""
+    """torch.nn.RNN's maths, built from :class:`RNNCell`s."""
     cell_type = RNNCell
 
 
 class GRU(_SeqBase):
-    """torch.nn.GRU's maths (unidirectional), built from :class:`GRUCell`s."""
+    """torch.nn.GRU's maths, built from :class:`GRUCell`s."""
     cell_type = GRUCell
 
 
 class LSTM(_SeqBase):
-    """torch.nn.LSTM's maths (unidirectional, no projection), built from :class:`LSTMCell`s;
+    """torch.nn.LSTM's maths (no projection), built from :class:`LSTMCell`s;
     ``forward`` returns ``(output, (h_n, c_n))``."""
     cell_type = LSTMCell
 
@@ -384,7 +406,7 @@ def convert(model: nn.Module) -> nn.Module:
     ``nn.MultiheadAttention`` (also inside ``nn.Transformer*Layer``), ``nn.RNN``, ``nn.GRU``,
     ``nn.LSTM`` and their cells (``from_torch`` copies the parameters, so the model computes the
     same function; training mode is kept). Returns ``model``; convert before creating the optimiser. A module the counterpart
-    cannot represent (``add_bias_kv``, a bidirectional LSTM, ...) raises ``ValueError`` naming it."""
+    cannot represent (``add_bias_kv``, ``LSTM(proj_size=...)``, ...) raises ``ValueError`` naming it."""
     if type(model) in _CONVERT:
         raise ValueError(f"convert() replaces submodules in place; wrap the {type(model).__name__} "
                          f"in a container, or call {_CONVERT[type(model)].__name__}.from_torch")

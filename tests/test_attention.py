@@ -189,8 +189,8 @@ def test_convert_keeps_the_function_and_leaves_nothing_to_the_fallback(batch_fir
 
 
 def test_convert_names_what_it_cannot_represent():
-    model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8, bidirectional=True))
-    with pytest.raises(ValueError, match=r"cannot convert '1' \(LSTM\): from_torch supports"):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LSTM(8, 8, proj_size=4))
+    with pytest.raises(ValueError, match=r"cannot convert '1' \(LSTM\): from_torch does not"):
         convert(model)
     with pytest.raises(ValueError, match="replaces submodules in place"):
         convert(nn.MultiheadAttention(8, 2))
