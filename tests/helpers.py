@@ -33,6 +33,16 @@ def host_sync_forbidden():
             setattr(torch.Tensor, n, f)
 
 
+@contextlib.contextmanager
+def cuda_sync_forbidden():
+    """Inside the block a CUDA call that synchronises the host raises (torch's sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def rel_err(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 

@@ -1,5 +1,6 @@
 """Behaviour of KFAC / KFACPreconditioner: the update rule against dense formulas, exact
 identities, training-state round trips, param groups, and the no-host-sync guarantee."""
+import contextlib
 import copy
 import io
 
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kfac_kernels as kk
-from helpers import host_sync_forbidden, rel_err
+from helpers import cuda_sync_forbidden, host_sync_forbidden, rel_err
 
 
 def colvec(M):
@@ -375,12 +376,8 @@ def test_cuda_model_trains_without_sync_in_step():
         loss = F.cross_entropy(out, y)
         opt.zero_grad()
         opt.backward(loss, out)
-        if i > 0:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with (cuda_sync_forbidden() if i > 0 else contextlib.nullcontext()):
             opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
 
 

@@ -2,6 +2,7 @@
 block (describe() shows no surprises), the layers K-FAC cannot see are reported with the reason,
 explicit requests that cannot be honoured are errors, and the factor/preconditioning phases of all
 new blocks stay free of host synchronisation."""
+import contextlib
 import copy
 import math
 import warnings
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import kfac_kernels as kk
 from kfac_kernels.blocks import BlockInputError
 from kfac_kernels.engine import KFACWarning
-from helpers import host_sync_forbidden
+from helpers import cuda_sync_forbidden, host_sync_forbidden
 
 
 # ---------------------------------------------------------------------------- models
@@ -318,12 +319,8 @@ def test_new_blocks_on_cuda_step_without_sync(inverse):
         loss = F.cross_entropy(out, y)
         opt.zero_grad()
         opt.backward(loss, out)
-        if i > 0:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
+        with (cuda_sync_forbidden() if i > 0 else contextlib.nullcontext()):
             opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
 
 
