@@ -22,11 +22,14 @@ def _inputs(batch, m, n, vdtype, wdtype, device=DEVICE):
     B = batch or 1
     V = torch.randn(B, m, n).to(vdtype).to(device)
     QG, QA = _orth(B, m, wdtype, device), _orth(B, n, wdtype, device)
-    lamG = torch.rand(B, m, dtype=torch.float64)
-    lamA = torch.rand(B, n, dtype=torch.float64)
+    # the other values at least 1e-2: far above the pseudo-inverse cut-off of damping 0
+    # (size * eps * max, docs/math.md), which differs between fp32 and the fp64 reference
+    lamG = torch.rand(B, m, dtype=torch.float64) + 1e-2
+    lamA = torch.rand(B, n, dtype=torch.float64) + 1e-2
     lamG[:, 0] = 0.0                 # a zero eigenvalue ...
     lamA[:, -1] = -1e-3              # ... and a negative one (clamped to 0)
     scal = torch.randn(B, m, n, dtype=torch.float64)
+    scal = scal + scal.sign() * 1e-2
     scal[:, 0, :] = 0.0
     t = dict(V=V, QG=QG, QA=QA, lamG=lamG.to(wdtype).to(device), lamA=lamA.to(wdtype).to(device),
              S=scal.to(wdtype).to(device),

@@ -322,8 +322,10 @@ def kron_precondition_eigen(V, QG, lamG, QA, lamA, damping, *, return_dot: bool 
                             backend: str = "auto"):
     """``U = QG [(QG^T V QA) / (lamG lamA^T + damping)] QA^T``, batched over [B, m, n] stacks.
 
-    Eigenvalues are clamped at 0; an entry whose denominator is 0 (damping 0 on a singular
-    factor) is set to 0. With ``return_dot`` returns ``(U, sum(U * V) per matrix)``.
+    Eigenvalues are clamped at 0; an entry whose denominator is 0 is set to 0. Where the damping
+    is 0, each factor's eigenvalues at most ``size * eps * max`` count as 0 (``torch.linalg.pinv``'s
+    cut-off, eps of the eigenvectors' dtype), so ``U = pinv(G) V pinv(A)`` (docs/math.md); a
+    positive damping cuts nothing. With ``return_dot`` returns ``(U, sum(U * V) per matrix)``.
     """
     _check_kron(V, QG, QA, ("QG", "QA"))
     for name, lam, q in (("lamG", lamG, QG), ("lamA", lamA, QA)):
@@ -341,7 +343,10 @@ def kron_precondition_eigen(V, QG, lamG, QA, lamA, damping, *, return_dot: bool 
 
 def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False,
                        backend: str = "auto"):
-    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` with scalings [B, m, n]."""
+    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` with scalings [B, m, n].
+
+    Scalings are clamped at 0; where the damping is 0 those at most ``max(m, n) * eps * max``
+    count as 0 and give 0 (the pseudo-inverse, docs/math.md)."""
     _check_kron(V, QG, QA, ("QG", "QA"))
     _check_tensor("scalings", scalings, _FACTOR_DTYPES)
     if scalings.shape != V.shape:
@@ -387,7 +392,8 @@ def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False
                            backend: str = "auto"):
     """``U = QG [(QG^T V) / (scalings + damping)]`` for blocks whose right factor is diagonal
     (an embedding's A): its eigenbasis is the identity and is never formed. ``scalings`` [.., m, n]
-    is ``lamG lamA^T`` for K-FAC, the corrected eigenvalues for EKFAC. Batched over [B, m, n]."""
+    is ``lamG lamA^T`` for K-FAC, the corrected eigenvalues for EKFAC. Batched over [B, m, n].
+    Scalings are clamped at 0 and, where the damping is 0, cut as in :func:`ekfac_precondition`."""
     _check_tensor("V", V, _INPUT_DTYPES, (2, 3))
     _check_tensor("QG", QG, _FACTOR_DTYPES, (V.dim(),))
     _check_tensor("scalings", scalings, _FACTOR_DTYPES, (V.dim(),))

@@ -360,6 +360,27 @@ def _eig_divide(Vt: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(denom <= 0, 0.0)
 
 
+def pinv_cut(x: torch.Tensor, damping, dims: int) -> torch.Tensor:
+    """``x`` clamped at 0, and where the damping is 0 also every entry ``<= k eps max(x)`` set to
+    exactly 0: ``max`` over the last ``dims`` dims (one matrix's eigenvalues, ``dims=1``, or
+    scalings [m, n], ``dims=2``), ``k`` the largest of their sizes, ``eps`` that of ``x``'s dtype.
+    For eigenvalues this is ``torch.linalg.pinv``'s default cut-off; docs/math.md ("The undamped
+    update") gives the rule for scalings. Where the damping is positive nothing is cut and the
+    values are exactly ``x.clamp_min(0)``. A number damping costs nothing when positive; a tensor
+    one (0-d or one value per matrix) is compared on the device, without a sync."""
+    x = x.clamp_min(0)
+    if not isinstance(damping, torch.Tensor) and damping != 0:
+        return x
+    red = tuple(range(-dims, 0))
+    k = max(x.shape[-dims:])
+    tol = x.amax(dim=red, keepdim=True) * (k * torch.finfo(x.dtype).eps)
+    cut = x.masked_fill(x <= tol, 0.0)
+    if not isinstance(damping, torch.Tensor):
+        return cut
+    d = damping.reshape(damping.shape + (1,) * dims) if damping.dim() else damping
+    return torch.where(d == 0, cut, x)
+
+
 def _finish(U: torch.Tensor, V: torch.Tensor, out_dtype, return_dot: bool):
     if return_dot:
         dot = torch.linalg.vecdot(U.flatten(-2), V.to(U.dtype).flatten(-2))
@@ -373,14 +394,16 @@ def kron_precondition_eigen(V: torch.Tensor, QG: torch.Tensor, lamG: torch.Tenso
     """``U = QG [(QG^T V QA) / (lamG lamA^T + damping)] QA^T`` (eigenvalues clamped at 0).
 
     Batched over a leading dim; computed in the eigenvectors' dtype and returned in ``V``'s.
-    Entries whose denominator is not positive (damping 0 on a singular factor) are set to 0,
-    i.e. the pseudo-inverse. With ``return_dot`` also returns ``sum(U * V)`` per matrix ([B]),
+    Entries whose denominator is not positive are set to 0. With damping 0 each factor's
+    eigenvalues at most ``size eps max`` count as 0 (:func:`pinv_cut`), so the result is
+    ``pinv(G) V pinv(A)`` as ``torch.linalg.pinv`` computes it. With ``return_dot`` also returns ``sum(U * V)`` per matrix ([B]),
     in the eigenvectors' dtype, as KL clipping needs.
     """
     w = QG.dtype
     Vw = V.to(w)
     Vt = QG.transpose(-1, -2) @ Vw @ QA
-    denom = lamG.to(w).clamp_min(0).unsqueeze(-1) * lamA.to(w).clamp_min(0).unsqueeze(-2)
+    denom = (pinv_cut(lamG.to(w), damping, 1).unsqueeze(-1)
+             * pinv_cut(lamA.to(w), damping, 1).unsqueeze(-2))
     denom = denom + _damping_tensor(damping, Vt)
     U = QG @ _eig_divide(Vt, denom) @ QA.transpose(-1, -2)
     return _finish(U, Vw, V.dtype, return_dot)
@@ -388,11 +411,14 @@ def kron_precondition_eigen(V: torch.Tensor, QG: torch.Tensor, lamG: torch.Tenso
 
 def ekfac_precondition(V: torch.Tensor, QG: torch.Tensor, QA: torch.Tensor,
                        scalings: torch.Tensor, damping, *, return_dot: bool = False):
-    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` (George et al. 2018)."""
+    """EKFAC: ``U = QG [(QG^T V QA) / (scalings + damping)] QA^T`` (George et al. 2018).
+
+    Scalings are clamped at 0; with damping 0 those at most ``max(m, n) eps max(scalings)`` count
+    as 0 (:func:`pinv_cut`): the pseudo-inverse of the EKFAC matrix, 0 on its null space."""
     w = QG.dtype
     Vw = V.to(w)
     Vt = QG.transpose(-1, -2) @ Vw @ QA
-    denom = scalings.to(w).clamp_min(0) + _damping_tensor(damping, Vt)
+    denom = pinv_cut(scalings.to(w), damping, 2) + _damping_tensor(damping, Vt)
     U = QG @ _eig_divide(Vt, denom) @ QA.transpose(-1, -2)
     return _finish(U, Vw, V.dtype, return_dot)
 
@@ -432,12 +458,13 @@ def kron_precondition_diag(V: torch.Tensor, QG: torch.Tensor, scalings: torch.Te
     right factor is diagonal, so its eigenbasis is the identity and never materialised.
 
     For K-FAC ``scalings = lamG lamA^T`` (``lamA`` the diagonal of A); for EKFAC the corrected
-    eigenvalues. Scalings are clamped at 0; zero denominators give 0 (pseudo-inverse).
+    eigenvalues. Scalings are clamped at 0; with damping 0 those at most ``max(m, n) eps max``
+    count as 0 (:func:`pinv_cut`) and zero denominators give 0 (the pseudo-inverse).
     """
     w = QG.dtype
     Vw = V.to(w)
     Vt = QG.transpose(-1, -2) @ Vw
-    denom = scalings.to(w).clamp_min(0) + _damping_tensor(damping, Vt)
+    denom = pinv_cut(scalings.to(w), damping, 2) + _damping_tensor(damping, Vt)
     U = QG @ _eig_divide(Vt, denom)
     return _finish(U, Vw, V.dtype, return_dot)
 

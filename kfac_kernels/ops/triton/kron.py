@@ -6,7 +6,9 @@ to the working precision (the factors' dtype) on load:
 
 * eigen / EKFAC:  T1 = QG^T V;  W = (T1 QA) / D;  T2 = QG W;  U = T2 QA^T
   where the division by D = clamp(lamG, 0) clamp(lamA, 0)^T + damping (EKFAC: clamp(scalings, 0)
-  + damping) is fused into the second GEMM's epilogue (D <= 0 gives 0, as the reference);
+  + damping) is fused into the second GEMM's epilogue (D <= 0 gives 0, as the reference); with
+  damping 0 the eigenvalues (scalings) below the pseudo-inverse cut-off are zeroed first, by
+  ``reference.pinv_cut`` on the host side (no sync; skipped for a positive number damping);
 * inverse:        T1 = G_inv V;  U = T1 A_inv.
 
 With ``return_dot`` the last GEMM's epilogue also reduces sum(U * V) over its tile; the per-tile
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._registry import NotSupported
+from ..reference import pinv_cut
 from ._common import (Launch, cdiv, check_devices, empty, fits_int32, run_all, split_f64,
                       torch_allows_tf32)
 
@@ -170,6 +173,14 @@ def _damping_arg(damping, squeeze):
     return float(damping)
 
 
+def _cut(x, w, damping, dims):
+    """The reference's pseudo-inverse cut-off (``pinv_cut``) in the working dtype ``w``, where the
+    damping is 0; a positive number damping leaves ``x`` as it is (the kernel clamps at 0)."""
+    if not isinstance(damping, torch.Tensor) and damping != 0:
+        return x
+    return pinv_cut(x.to(w), damping, dims)
+
+
 def _eig_plan(V, QG, QA, cfg, denominators, damping, return_dot, U=None):
     """Launches of U = QG [(QG^T V QA) / D] QA^T; returns (launches, U, dot partials or None)."""
     Bt, m, n = V.shape
@@ -206,8 +217,9 @@ def kron_precondition_eigen(V, QG, lamG, QA, lamA, damping, *, return_dot: bool 
     V, QG, QA, cfg, _ = _prepare(V, QG, QA, allow_tf32)
     if squeeze:
         lamG, lamA = lamG.unsqueeze(0), lamA.unsqueeze(0)
-    launches, U, dots = _eig_plan(V, QG, QA, cfg, (EPI_EIGEN, lamG, lamA),
-                                  _damping_arg(damping, squeeze), return_dot)
+    damping = _damping_arg(damping, squeeze)
+    lamG, lamA = _cut(lamG, QG.dtype, damping, 1), _cut(lamA, QG.dtype, damping, 1)
+    launches, U, dots = _eig_plan(V, QG, QA, cfg, (EPI_EIGEN, lamG, lamA), damping, return_dot)
     run_all(launches)
     return _finish(U, dots, squeeze, return_dot)
 
@@ -219,8 +231,10 @@ def ekfac_precondition(V, QG, QA, scalings, damping, *, return_dot: bool = False
     V, QG, QA, cfg, _ = _prepare(V, QG, QA, allow_tf32)
     if squeeze:
         scalings = scalings.unsqueeze(0)
-    launches, U, dots = _eig_plan(V, QG, QA, cfg, (EPI_EKFAC, scalings, None),
-                                  _damping_arg(damping, squeeze), return_dot)
+    damping = _damping_arg(damping, squeeze)
+    scalings = _cut(scalings, QG.dtype, damping, 2)
+    launches, U, dots = _eig_plan(V, QG, QA, cfg, (EPI_EKFAC, scalings, None), damping,
+                                  return_dot)
     run_all(launches)
     return _finish(U, dots, squeeze, return_dot)
 
