@@ -38,13 +38,24 @@ def op_cases():
         "ekfac_precondition": (V, QG, QA, torch.rand(B, m, n, generator=g), None, 1e-3, False,
                                "auto"),
         "kron_precondition_inverse": (V, torch.linalg.inv(G), torch.linalg.inv(A), True, "auto"),
+        "conv_input_factor_grouped": (torch.randn(2, 4, 6, 5, generator=g), [3, 2], [2, 1],
+                                      [1, 0], [1, 2], 2, True, "auto"),
+        "kron_precondition_diag": (V, QG, torch.rand(B, m, n, generator=g),
+                                   torch.tensor([1e-2, 0.0]), 0.0, True, "auto"),
+        "ekfac_scalings": (torch.randn(B, 4, 3, m, generator=g),
+                           torch.randn(B, 4, 3, n - 1, generator=g), QG, QA, True, 0.5, "auto"),
+        "ekfac_scalings_embedding": (torch.randn(4, 3, m, generator=g),
+                                     torch.randint(0, 6, (4, 3), generator=g), QG[0], 6, 2, 0.5,
+                                     "auto"),
         "_x": x,
     }
 
 
 @pytest.mark.parametrize("name", ["syrk_update", "conv_input_factor", "symeig", "damped_inverse",
                                   "kron_precondition_eigen", "ekfac_precondition",
-                                  "kron_precondition_inverse"])
+                                  "kron_precondition_inverse", "conv_input_factor_grouped",
+                                  "kron_precondition_diag", "ekfac_scalings",
+                                  "ekfac_scalings_embedding"])
 def test_custom_op_schema_fake_and_mutation(name):
     """opcheck: the schema's mutation annotations match what the op does, the fake
     implementation matches the real one's shapes/dtypes/strides, and AOT dispatch works."""
@@ -88,6 +99,46 @@ def test_every_op_compiles_in_one_graph_and_matches_eager():
     for got, want in zip(compiled(*args), fn(*args)):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.allclose(got.float(), want.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_specific_ops_compile_in_one_graph_and_match_eager():
+    """The four layer-specific ops (grouped conv factor, diagonal-A preconditioning, EKFAC
+    scalings of a layer and of an embedding) trace as custom ops too: fullgraph, eager's
+    results, and each is in the graph as its own op."""
+    c = op_cases()
+    V, QG = c["kron_precondition_diag"][:2]
+    QA = c["kron_precondition_eigen"][3]
+    conv_x = c["conv_input_factor_grouped"][0]
+    g, a = c["ekfac_scalings"][:2]
+    ge, tok = c["ekfac_scalings_embedding"][:2]
+
+    def fn(V, QG, QA, conv_x, g, a, ge, tok):
+        C = ops.conv_input_factor_grouped(conv_x, (3, 2), stride=(2, 1), padding=(1, 0),
+                                          dilation=(1, 2), groups=2, homogeneous=True)
+        S = ops.ekfac_scalings(g, a, QG, QA, homogeneous=True, alpha=0.5)
+        U, dot = ops.kron_precondition_diag(V, QG, S + 1, 1e-2, return_dot=True)
+        U0 = ops.kron_precondition_diag(V, QG, S, torch.zeros(2))
+        E = ops.ekfac_scalings_embedding(ge, tok, QG[0], 6, padding_idx=2, alpha=0.5)
+        return C + 1, S, U, dot, U0, E * 2
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    args = (V, QG, QA, conv_x, g, a, ge, tok)
+    want = fn(*args)
+    got = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    for name in ("conv_input_factor_grouped", "ekfac_scalings", "kron_precondition_diag",
+                 "ekfac_scalings_embedding"):
+        assert any(f"kfac_kernels.{name}" in t for t in seen), (name, seen)
+    got_aot = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    for outs in (got, got_aot):
+        for x, w in zip(outs, want):
+            assert x.shape == w.shape and x.dtype == w.dtype
+            assert torch.allclose(x, w, rtol=1e-5, atol=1e-6)
 
 
 def mlp(seed=0):

@@ -383,6 +383,10 @@ def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0,
     if x.shape[1] % groups:
         raise ValueError(f"x has {x.shape[1]} channels, not divisible by groups={groups}")
     args = _conv_args(x, kernel_size, stride, padding, dilation)
+    if _compiling():
+        return _library.conv_input_factor_grouped(
+            x, list(args["kernel_size"]), list(args["stride"]), list(args["padding"]),
+            list(args["dilation"]), groups, bool(homogeneous), backend)
     return _registry.call("conv_input_factor_grouped", backend, x.device, x, args["kernel_size"],
                           args["stride"], args["padding"], args["dilation"], groups,
                           homogeneous=bool(homogeneous))
@@ -407,6 +411,10 @@ def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False
         raise ValueError(f"batch sizes differ: V {V.shape[0]}, QG {QG.shape[0]}")
     _check_same_device(V=V, QG=QG, scalings=scalings)
     _check_damping(damping, V.shape[:-2], V.device)
+    if _compiling():
+        U, dot = _library.kron_precondition_diag(V, QG, scalings, *_split_damping(damping),
+                                                 bool(return_dot), backend)
+        return (U, dot) if return_dot else U
     return _registry.call("kron_precondition_diag", backend, V.device, V, QG, scalings, damping,
                           return_dot=return_dot)
 
@@ -438,6 +446,8 @@ def ekfac_scalings(g, a, QG, QA, *, homogeneous: bool = False, alpha: float = 1.
                          f"{tuple(QG.shape[:-2])}, QA {tuple(QA.shape[:-2])}")
     _check_number("alpha", alpha)
     _check_same_device(g=g, a=a, QG=QG, QA=QA)
+    if _compiling():
+        return _library.ekfac_scalings(g, a, QG, QA, bool(homogeneous), float(alpha), backend)
     return _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
                           homogeneous=bool(homogeneous), alpha=float(alpha))
 
@@ -459,6 +469,10 @@ def ekfac_scalings_embedding(g, tokens, QG, num_embeddings: int, *,
         raise ValueError(f"QG must be {m} x {m}, got {tuple(QG.shape)}")
     _check_number("alpha", alpha)
     _check_same_device(g=g, tokens=tokens, QG=QG)
+    if _compiling():
+        return _library.ekfac_scalings_embedding(
+            g, tokens.to(torch.int64), QG, int(num_embeddings),
+            None if padding_idx is None else int(padding_idx), float(alpha), backend)
     return _registry.call("ekfac_scalings_embedding", backend, g.device, g,
                           tokens.to(torch.int64), QG, int(num_embeddings),
                           padding_idx=padding_idx, alpha=float(alpha))

@@ -28,7 +28,9 @@ from . import _registry
 
 NAMESPACE = "kfac_kernels"
 __all__ = ["NAMESPACE", "syrk_update", "conv_input_factor", "symeig", "damped_inverse",
-           "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition"]
+           "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
+           "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
+           "ekfac_scalings_embedding"]
 
 
 def _damping(damping_t: Optional[Tensor], damping_f: float):
@@ -151,3 +153,68 @@ def kron_precondition_inverse(V: Tensor, G_inv: Tensor, A_inv: Tensor, return_do
 @kron_precondition_inverse.register_fake
 def _(V, G_inv, A_inv, return_dot, backend):
     return torch.empty_like(V), _empty_dot(V, V.shape[:-2], G_inv.dtype, return_dot)
+
+
+# ----------------------------------------------------------------------------- layer-specific ops
+def _factor_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@custom_op(f"{NAMESPACE}::conv_input_factor_grouped", mutates_args=())
+def conv_input_factor_grouped(x: Tensor, kernel_size: List[int], stride: List[int],
+                              padding: List[int], dilation: List[int], groups: int,
+                              homogeneous: bool, backend: str) -> Tensor:
+    out = _registry.call("conv_input_factor_grouped", backend, x.device, x, tuple(kernel_size),
+                         tuple(stride), tuple(padding), tuple(dilation), groups,
+                         homogeneous=homogeneous)
+    return _fresh(out)
+
+
+@conv_input_factor_grouped.register_fake
+def _(x, kernel_size, stride, padding, dilation, groups, homogeneous, backend):
+    d = x.shape[1] // groups
+    for k in kernel_size:
+        d = d * k
+    d = d + int(homogeneous)
+    return x.new_empty((groups, d, d), dtype=_factor_dtype(x))
+
+
+@custom_op(f"{NAMESPACE}::kron_precondition_diag", mutates_args=())
+def kron_precondition_diag(V: Tensor, QG: Tensor, scalings: Tensor, damping_t: Optional[Tensor],
+                           damping_f: float, return_dot: bool, backend: str
+                           ) -> Tuple[Tensor, Tensor]:
+    res = _registry.call("kron_precondition_diag", backend, V.device, V, QG, scalings,
+                         _damping(damping_t, damping_f), return_dot=return_dot)
+    U, dot = res if return_dot else (res, _empty_dot(V, (), QG.dtype, False))
+    return _fresh(U), _fresh(dot)
+
+
+@kron_precondition_diag.register_fake
+def _(V, QG, scalings, damping_t, damping_f, return_dot, backend):
+    return torch.empty_like(V), _empty_dot(V, V.shape[:-2], QG.dtype, return_dot)
+
+
+@custom_op(f"{NAMESPACE}::ekfac_scalings", mutates_args=())
+def ekfac_scalings(g: Tensor, a: Tensor, QG: Tensor, QA: Tensor, homogeneous: bool,
+                   alpha: float, backend: str) -> Tensor:
+    out = _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
+                         homogeneous=homogeneous, alpha=alpha)
+    return _fresh(out)
+
+
+@ekfac_scalings.register_fake
+def _(g, a, QG, QA, homogeneous, alpha, backend):
+    return g.new_empty(tuple(g.shape[:-3]) + (g.shape[-1], QA.shape[-1]), dtype=QG.dtype)
+
+
+@custom_op(f"{NAMESPACE}::ekfac_scalings_embedding", mutates_args=())
+def ekfac_scalings_embedding(g: Tensor, tokens: Tensor, QG: Tensor, num_embeddings: int,
+                             padding_idx: Optional[int], alpha: float, backend: str) -> Tensor:
+    out = _registry.call("ekfac_scalings_embedding", backend, g.device, g, tokens, QG,
+                         num_embeddings, padding_idx=padding_idx, alpha=alpha)
+    return _fresh(out)
+
+
+@ekfac_scalings_embedding.register_fake
+def _(g, tokens, QG, num_embeddings, padding_idx, alpha, backend):
+    return g.new_empty((g.shape[-1], num_embeddings), dtype=QG.dtype)
