@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import _cuda_twins as twins
 import cext_build as cb
 from kfac_kernels.ops import reference
-from kfac_kernels.ops.cuda import twins
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "results" / "compile_report_cuda.md"

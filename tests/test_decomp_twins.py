@@ -1,4 +1,4 @@
-"""Torch twins of the CUDA kernels (kfac_kernels.ops.cuda.twins) against torch.linalg on the CPU:
+"""Torch twins of the CUDA kernels (tests/_cuda_twins.py) against torch.linalg on the CPU:
 same Jacobi round-robin ordering and convergence test, same left-looking and blocked Cholesky
 structure, float64 and float32, odd sizes, batches, non-PD and non-finite inputs."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
+import _cuda_twins as twins
 from _decomp_helpers import check_eigh, rel, spd
-from kfac_kernels.ops.cuda import twins
 
 SIZES = [1, 2, 7, 33, 129]
 DTYPES = [torch.float64, torch.float32]
