@@ -1,6 +1,6 @@
 """conv_input_factor on the Triton backend (implicit im2col) against unfold + matmul.
 
-DESIGN.md section 5: >= 2x over unfold + matmul for the 3x3 convolutions of ResNet-50, with peak
+Target (benchmarks/README.md, "Performance targets"): >= 2x over unfold + matmul for the 3x3 convolutions of ResNet-50, with peak
 extra memory no larger than the input. Cases: the four 3x3 stages of ResNet-50 (batch 32, bf16,
 stride 1, padding 1; C = 64/128/256/512 at 56/28/14/7), input in NCHW and channels_last.
 Baseline ``torch-unfold``: ``F.unfold`` -> patch rows -> one GEMM with fp32 output (bf16 inputs,

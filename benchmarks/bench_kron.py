@@ -1,6 +1,6 @@
 """Kronecker preconditioning over a 12-layer GPT-2 small on the Triton backend.
 
-DESIGN.md section 5: >= 2x over a per-layer torch loop. The layers (V = [out, in + 1], bias as
+Target (benchmarks/README.md, "Performance targets"): >= 2x over a per-layer torch loop. The layers (V = [out, in + 1], bias as
 the homogeneous column): attention c_attn 2304 x 769, attention c_proj 768 x 769, MLP c_fc
 3072 x 769, MLP c_proj 768 x 3073, twelve of each, fp32 gradients and eigenbases, damping 1e-3,
 with the <U, V> needed by KL clipping (``return_dot``).

@@ -1,6 +1,6 @@
 """One full training step, K-FAC against AdamW, on a GPT-2-small-sized model.
 
-DESIGN.md section 5: one K-FAC step with factor_every=10 and inverse_every=100 costs <= 1.1x an
+Target (benchmarks/README.md, "Performance targets"): one K-FAC step with factor_every=10 and inverse_every=100 costs <= 1.1x an
 AdamW step. A step is everything a training loop does: forward, backward (and K-FAC's sampled
 Fisher pass on factor steps), the factor update on factor steps, the eigendecompositions on
 inverse steps, the preconditioning, KL clip and update. Each timed round is one whole period of

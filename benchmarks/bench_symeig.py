@@ -6,8 +6,9 @@ Providers: ``torch-loop`` (the baseline: torch.linalg.eigh on each factor in tur
 per bucket: the dispatch policy's choice), ``refresh-skip`` / ``refresh-moved`` (method "refresh"
 from the previous eigenvectors, when the factors did not / did move), and on single buckets
 ``cuda-jacobi`` (cold), ``cuda-jacobi-warm`` (warm start from the previous eigenvectors after a
-5% move), ``cupy-syevj`` (n <= 32). The DESIGN.md target: >= 10x over torch-loop for all factors
-of a model, eigenvector residual ||FQ - QL|| / ||F|| <= 1e-4 (reported in "metric").
+5% move), ``cupy-syevj`` (n <= 32). The target (benchmarks/README.md, "Performance targets"):
+>= 10x over torch-loop for all factors of a model, eigenvector residual ||FQ - QL|| / ||F|| <= 1e-4
+(reported in "metric").
 
 GPU: ~1.5 min on an H100 (KK_BENCH_MODELS=resnet50 to halve it). CPU: sizes / 64, smoke only.
 """

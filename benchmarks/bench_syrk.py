@@ -1,6 +1,6 @@
 """ema_factor_update (syrk) on the Triton backend against the best plain-torch ways.
 
-DESIGN.md section 5: >= 1.8x over ``factor.mul_(decay).addmm_(x.T, x, alpha=...)`` for n = 65536
+Target (benchmarks/README.md, "Performance targets"): >= 1.8x over ``factor.mul_(decay).addmm_(x.T, x, alpha=...)`` for n = 65536
 rows, d in {1024, 4096}, bf16 x (fp32 factor); >= 70% of peak HBM bandwidth for d <= 256.
 
 ``addmm_`` needs x in the factor's dtype, so the torch baselines are the two ways plain torch

@@ -1,6 +1,6 @@
 """Step time of kfac_kernels against the established PyTorch K-FAC implementations, on CPU.
 
-DESIGN.md §5: "On CPU, the reference path must beat the established PyTorch K-FAC implementations
+Target (benchmarks/README.md, "Performance targets"): "On CPU, the reference path must beat the established PyTorch K-FAC implementations
 on step time for the same model and settings." This script times one full training step
 (forward, backward, factor update, amortised inverse update, preconditioning, SGD step) of:
 

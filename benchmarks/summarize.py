@@ -3,7 +3,7 @@
 Convention for every benchmark in benchmarks/: the test calls ``benchmark(...)`` after setting
 ``benchmark.extra_info`` to ``{"op": <op name>, "case": <shape/config string>,
 "provider": <"triton", "cuda", "cupy", "torch", "torch-loop", ...>, "baseline": <bool>}``
-(and optionally ``"target"``: the DESIGN.md ratio to reach, and ``"metric"``: extra figures such as
+(and optionally ``"target"``: the ratio to reach, from the README's targets, and ``"metric"``: extra figures such as
 achieved bandwidth). For each (op, case) the ratio is baseline median / provider median, so > 1 means
 faster than the baseline.
 

@@ -2,7 +2,7 @@
 
 A K-FAC block needs g_n, the gradient of example n's own loss term with respect to the layer's
 output. The three curvature types differ only in which vectors are back-propagated from the model
-output ``f`` to produce those g_n (DESIGN.md §1):
+output ``f`` to produce those g_n (docs/math.md, "The metric"):
 
 * ``"empirical"``: the training loss at the true target; g_n come from the user's own
   ``loss.backward()`` and are rescaled by N when the loss is a batch mean.

@@ -16,7 +16,7 @@ OK, WHY = probe()
 requires_triton = pytest.mark.skipif(not OK, reason=f"triton backend unavailable: {WHY}")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-# DESIGN.md section 4: relative Frobenius error against the float64 reference
+# docs/math.md, "Accuracy of the kernel ops": relative Frobenius error against the float64 reference
 TOL_FP32 = 1e-5
 TOL_TF32 = 3e-3
 TOL_BF16 = 2e-2

@@ -81,7 +81,7 @@ def sampled_targets(likelihood, out, mc_samples, seed):
 
 def brute_factors(model, name, x, y, curvature, likelihood, weight_sharing,
                   fisher_targets=None):
-    """A and G of block ``name`` by per-example loops (DESIGN.md §1 formulas, float64)."""
+    """A and G of block ``name`` by per-example loops (docs/math.md formulas, float64)."""
     module = dict(model.named_modules())[name]
     n_ex = x.shape[0]
     A = G = 0.0

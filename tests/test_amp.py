@@ -80,7 +80,7 @@ def test_autocast_bf16_keeps_fp32_factors_close_to_the_fp32_run():
     for name in o_ref.blocks:
         a, b = o_ref.blocks[name], o_low.blocks[name]
         assert b.A.dtype == b.G.dtype == torch.float32
-        # DESIGN §4: bf16 inputs to fp32 accumulation are within 2e-2 of the fp32 truth
+        # docs/math.md (accuracy of the kernel ops): bf16 inputs to fp32 accumulation are within 2e-2 of the fp32 truth
         assert rel_err(b.A, a.A) <= 2e-2 and rel_err(b.G, a.G) <= 2e-2
     for p, q in zip(ref.parameters(), low.parameters()):
         assert rel_err(q.detach(), p.detach()) <= 2e-2

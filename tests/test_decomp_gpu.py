@@ -1,6 +1,6 @@
 """symeig / damped_inverse on a CUDA device: the CUDA kernels (kfac_kernels._C), cuSOLVER's batched
 Jacobi through CuPy and the automatic choice, each against the reference: eigenvector residual
-||FQ - QL|| / ||F|| <= 1e-4 (DESIGN.md; fp32 reaches ~1e-5), orthogonality, eigenvalues, inverse
+||FQ - QL|| / ||F|| <= 1e-4 (docs/math.md, "Accuracy of the kernel ops"; fp32 reaches ~1e-5), orthogonality, eigenvalues, inverse
 error, failed-matrix reporting, layouts and streams. Skipped without a CUDA device; a backend that
 should be there (nvcc present, CuPy importable) but fails to load is a failure, not a skip.
 """

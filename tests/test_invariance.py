@@ -1,4 +1,4 @@
-"""Invariance (DESIGN.md §4): a network and its affine reparameterisation, trained by K-FAC with
+"""Invariance (docs/math.md, introduction): a network and its affine reparameterisation, trained by K-FAC with
 damping 0 in float64 from equivalent initial points on identical batches, compute the same
 function step after step; SGD and Adam on the same pair do not.
 

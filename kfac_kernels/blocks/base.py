@@ -6,7 +6,7 @@ parameters as one [out, in(+1)] matrix and write an update back. Everything that
 steps (when factors update, when inverses are recomputed, batching across blocks) lives in
 :mod:`kfac_kernels.engine`; the arithmetic goes through :mod:`kfac_kernels.ops`.
 
-Conventions (DESIGN.md §1): the layer computes s = W abar with abar = [a; 1] when it has a bias
+Conventions (docs/math.md, "One block per layer" and "Layers used at T positions"): the layer computes s = W abar with abar = [a; 1] when it has a bias
 (homogeneous coordinate LAST), W = [weight.flatten(1) | bias]. With N examples and T positions per
 example (sequence positions, conv patches, repeated calls):
 

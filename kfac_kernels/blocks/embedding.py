@@ -1,6 +1,6 @@
 """nn.Embedding: a linear layer on one-hot inputs, so A is DIAGONAL (token frequencies).
 
-The layer computes s = W^T e_v for token v, W = weight [V, d]. In the DESIGN's s = W abar form the
+The layer computes s = W^T e_v for token v, W = weight [V, d]. In docs/math.md's s = W abar form the
 block's matrix is ``weight^T`` [d, V] (out = d, in = V, no bias), the input is the one-hot e_v and
 
 * expand: A = (1/P) sum_{n,t} e_{v_nt} e_{v_nt}^T = diag(token counts / P), G = (1/N) sum_{n,t} g g^T;
