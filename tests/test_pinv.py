@@ -215,17 +215,19 @@ def test_issue_reproduction_linear_ggn_categorical(seed):
     assert err <= 1e-10
 
 
+@pytest.mark.parametrize("mode", ["eigen", "pi"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seed", range(4))
-def test_deep_linear_net_fewer_examples_than_inputs(dtype, seed):
+def test_deep_linear_net_fewer_examples_than_inputs(mode, dtype, seed):
     """A deep linear net on 6 examples of 12 inputs: the first A has rank 6 of 13, every G the
     categorical null direction, and the deeper layers' factors are rank-deficient as well
-    (errors up to 1e13 before the cut-off)."""
+    (errors up to 1e13 before the cut-off). Eigen damping and pi damping (which at damping 0
+    passes the clamped eigenvalues with damping 0) alike."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(12, 9), nn.Linear(9, 7), nn.Linear(7, 4)).to(dtype)
     x = torch.randn(6, 12, dtype=dtype)
     y = torch.randint(0, 4, (6,))
-    errs = _pinv_errors(model, x, y, dtype)
+    errs = _pinv_errors(model, x, y, dtype, damping_mode=mode)
     assert len(errs) == 3
     bound = 1e-10 if dtype == torch.float64 else 1e-4
     assert max(errs.values()) <= bound, errs
