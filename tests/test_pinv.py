@@ -28,6 +28,14 @@ DTYPES = [torch.float64, torch.float32]
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(
     not TRITON_OK, reason=f"triton backend unavailable: {TRITON_WHY}"))
 BACKENDS = ["torch", TRITON]        # the backends that implement the eigen and EKFAC ops
+# Triton runs on CUDA tensors, or on CPU tensors under its interpreter (conftest.py sets it
+# when there is no CUDA device)
+DEVICE = {"torch": torch.device("cpu"),
+          "triton": torch.device("cuda" if torch.cuda.is_available() else "cpu")}
+
+
+def on(backend, *tensors):
+    return [t.to(DEVICE[backend]) for t in tensors]
 
 
 def tol(dtype):
@@ -76,15 +84,16 @@ def test_eigen_is_pinv(backend, dtype, m, n, rg, ra):
         V = torch.randn(m, n, dtype=torch.float64, generator=gen).to(dtype)
         lamG, QG = torch.linalg.eigh(G)
         lamA, QA = torch.linalg.eigh(A)
-        U = ops.kron_precondition_eigen(V, QG, lamG, QA, lamA, 0.0, backend=backend)
+        args = on(backend, V, QG, lamG, QA, lamA)
+        U = ops.kron_precondition_eigen(*args, 0.0, backend=backend).cpu()
         assert U.dtype == dtype
         assert rel(U, pinv_ref(G, V, A)) <= tol(dtype), trial
         # the same on a batch of two, damping as a 0-d tensor and as one value per matrix
-        Vb = torch.stack([V, 2 * V])
-        st = [torch.stack([t, t]) for t in (QG, lamG, QA, lamA)]
-        for d in (torch.zeros((), dtype=dtype), torch.zeros(2, dtype=dtype)):
+        Vb = torch.stack([args[0], 2 * args[0]])
+        st = [torch.stack([t, t]) for t in args[1:]]
+        for d in on(backend, torch.zeros((), dtype=dtype), torch.zeros(2, dtype=dtype)):
             Ub = ops.kron_precondition_eigen(Vb, st[0], st[1], st[2], st[3], d, backend=backend)
-            assert rel(Ub[1], 2 * pinv_ref(G, V, A)) <= tol(dtype)
+            assert rel(Ub[1].cpu(), 2 * pinv_ref(G, V, A)) <= tol(dtype)
         worst_noise = max(worst_noise, lamG[: m - rg].abs().max().item() if rg < m else 0.0)
     if rg < m:   # the case this guards: null eigenvalues are noise, not exact zeros
         assert worst_noise > 0
@@ -104,14 +113,14 @@ def test_ekfac_is_pinv(backend, dtype, m, n, rg, ra):
         lamG, QG = torch.linalg.eigh(G)
         lamA, QA = torch.linalg.eigh(A)
         S = lamG.unsqueeze(-1) * lamA.unsqueeze(-2)          # signed noise products included
-        U = ops.ekfac_precondition(V, QG, QA, S, 0.0, backend=backend)
+        U = ops.ekfac_precondition(*on(backend, V, QG, QA, S), 0.0, backend=backend).cpu()
         assert rel(U, pinv_ref(G, V, A)) <= tol(dtype)
 
         S = 0.5 + 1.5 * torch.rand(m, n, dtype=torch.float64, generator=gen)
         S[torch.rand(m, n, generator=gen) < 0.4] = 0.0
         S = S.to(dtype)
         S = S + (S == 0) * torch.finfo(dtype).eps * torch.randn(m, n, generator=gen).to(dtype)
-        U = ops.ekfac_precondition(V, QG, QA, S, 0.0, backend=backend)
+        U = ops.ekfac_precondition(*on(backend, V, QG, QA, S), 0.0, backend=backend).cpu()
         K = torch.kron(QA, QG).double()                      # column-major vec: vec(QG X QA^T)
         F = K @ torch.diag(S.double().T.reshape(-1)) @ K.T
         ref = (pinv(F.to(dtype)).double() @ V.double().T.reshape(-1)).reshape(n, m).T
@@ -160,6 +169,25 @@ def test_positive_damping_is_unchanged(dtype):
     U = ops.kron_precondition_eigen(V, QG, lamG, QA, lamA, d, backend="torch")
     assert torch.equal(U[0], _damped_before(V, QG, lamG, QA, lamA, d.reshape(2, 1, 1))[0])
     assert rel(U[1], pinv_ref(G[1], V[1], A[1])) <= tol(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cut_leaves_positively_damped_neighbours_alone(backend):
+    """A batch whose damping is [1e-3, 0]: the first matrix's result is bit for bit the one it
+    gets when both are damped, in the eigen and the EKFAC op of every backend."""
+    gen = torch.Generator().manual_seed(5)
+    G, A = singular(6, 3, torch.float32, gen, (2,)), singular(5, 2, torch.float32, gen, (2,))
+    lamG, QG = torch.linalg.eigh(G)
+    lamA, QA = torch.linalg.eigh(A)
+    V = torch.randn(2, 6, 5, generator=gen)
+    S = lamG.unsqueeze(-1) * lamA.unsqueeze(-2)
+    V, QG, lamG, QA, lamA, S = on(backend, V, QG, lamG, QA, lamA, S)
+    mixed, both = on(backend, torch.tensor([1e-3, 0.0]), torch.tensor([1e-3, 1e-3]))
+    for fn, args in ((ops.kron_precondition_eigen, (V, QG, lamG, QA, lamA)),
+                     (ops.ekfac_precondition, (V, QG, QA, S))):
+        Um, Ub = fn(*args, mixed, backend=backend), fn(*args, both, backend=backend)
+        assert torch.equal(Um[0], Ub[0])
+        assert not torch.equal(Um[1], Ub[1])
 
 
 def test_cut_is_relative_and_per_matrix():
