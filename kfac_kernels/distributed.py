@@ -460,8 +460,9 @@ class DistributedKFAC:
                  f"damping_mode={e.damping_mode} weight_sharing={e.weight_sharing} loss_reduction="
                  f"{e.loss_reduction} factor_every={e.factor_every} inverse_every={e.inverse_every}"
                  f" ema_decay={e.ema_decay} mc_samples={e.mc_samples} damping={e.damping}"
-                 f" full_eigh_every={getattr(e, 'full_eigh_every', 1)}"
-                 f" factor_storage_dtype={getattr(e, 'factor_storage_dtype', None)}",
+                 f" full_eigh_every={e.full_eigh_every}"
+                 f" factor_storage_dtype={e.factor_storage_dtype}"
+                 f" inverse_warmup={e.inverse_warmup}",
                  f"distributed: grad_worker_fraction={o.grad_worker_fraction} assignment="
                  f"{o.assignment} bucket_cap_mb={o.bucket_cap_mb}"]
         for b in self.blocks:

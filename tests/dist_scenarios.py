@@ -310,6 +310,10 @@ def mismatched_options(rank, world):
     kk.KFAC(make_model(), curvature="empirical", inverse_every=10 + (rank == 1))
 
 
+def mismatched_warmup(rank, world):
+    kk.KFAC(make_model(), curvature="empirical", inverse_warmup=(rank == 1))
+
+
 def bad_fraction(rank, world, frac, inverse="eigh"):
     kk.KFAC(make_model(), curvature="empirical", grad_worker_fraction=frac, inverse=inverse)
 

@@ -225,6 +225,8 @@ def test_mismatched_models_raise_on_every_rank_instead_of_hanging():
         assert "(7, 49)" in msg
     for t, msg in _errors(run_ranks_raw(S.mismatched_options, 2, timeout=60)):
         assert t == "MismatchError" and "inverse_every=10" in msg and "inverse_every=11" in msg
+    for t, msg in _errors(run_ranks_raw(S.mismatched_warmup, 2, timeout=60)):
+        assert t == "MismatchError" and "inverse_warmup=False" in msg and "inverse_warmup=True" in msg
     for t, msg in _errors(run_ranks_raw(S.mismatched_fraction, 4, timeout=60)):
         assert t == "MismatchError" and "grad_worker_fraction=1.0" in msg
 
