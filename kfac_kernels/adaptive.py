@@ -143,9 +143,9 @@ class StepControl:
         need_model = self.adaptive_lr or adapt_now
         opt.zero_grad()
         opt.backward(loss, out, retain_graph=need_model)
-        ok = opt._begin_step()
-        direction, ok = opt._directions(ok, kl_clip=not self.adaptive_lr)
-        group_of = opt._group_of()
+        ok = opt.begin_step()
+        direction, ok = opt.directions(ok, kl_clip=not self.adaptive_lr)
+        group_of = opt.group_of()
         params = [p for g in opt.param_groups for p in g["params"] if id(p) in direction]
         wd = [group_of[id(p)]["weight_decay"] for p in params]
         grads = [p.grad if not w else p.grad.add(p, alpha=w) for p, w in zip(params, wd)]
@@ -201,9 +201,9 @@ class StepControl:
                 with eng.paused():
                     K, b = self._model(loss, out, params, [deltas], grads, wd, lam)
                 pred = 0.5 * K[0, 0] + b[0]
-            opt._update(direction, ok)
+            opt.apply_update(direction, ok)
             good = ok
-        opt._end_step(ok)
+        opt.end_step(ok)
         if adapt_now:
             self._adapt_damping(opt, closure, loss, pred, good)
         return loss.detach()

@@ -37,13 +37,6 @@ class LocalComm:
     #: local part)
     precondition_collectives = False
 
-    def agreement(self, lines: List[str]) -> None:
-        """Construction: check that every process built the same optimiser (``lines``: the
-        options and blocks as text)."""
-
-    def check_kind(self, kind) -> None:
-        """Construction: refuse an inverse kind this strategy cannot run."""
-
     # ---------------------------------------------------------------- capture
     def backward_started(self, a_statistics: Callable) -> None:
         """The first output-gradient of a factor step arrived: the forward pass is over."""
@@ -68,10 +61,10 @@ class LocalComm:
         """Device flag ``found`` (> 0: skip the step) as every process must see it."""
         return found
 
-    def factor_statistics(self, captured, pending_passes: int, local: Callable):
-        """``{block: (A_hat, G_hat)}`` of this step (``local(captured)`` computes this process's
-        own)."""
-        return local(captured)
+    def factor_statistics(self, captured, pending_passes: int, factors):
+        """``{block: (A_hat, G_hat)}`` of this step (``factors``: the
+        :class:`kfac_kernels.factors.FactorStatistics` that computes this process's own)."""
+        return factors.statistics(captured)
 
     def reduce_scalings(self, s_hats: Dict, counts: Dict) -> Dict:
         """EKFAC's per-block estimates combined over processes (``counts``: examples behind

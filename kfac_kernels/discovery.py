@@ -109,3 +109,27 @@ def discover(model, opts, trainable: Optional[set], conv_backend: str
             "normalisation layers, kfac_kernels.nn cells); fallback parameters: "
             + (", ".join(f"{n} ({r})" for n, _, r in fallback) or "none"))
     return blocks, fallback
+
+
+_ON_PURPOSE = ("listed in skip=", "not listed in only=")
+
+
+def fallback_warning(fallback, rule: str) -> Optional[str]:
+    """The construction warning about weight matrices left to the first-order rule, or None.
+
+    ``fallback``: ``[(name, param, reason)]``; parameters with 2 or more dimensions count
+    unless the user left them out on purpose (``skip=`` / ``only=``). ``rule``: what they get
+    instead of K-FAC."""
+    hit = [(n, p, r) for n, p, r in fallback if p.dim() >= 2 and r not in _ON_PURPOSE]
+    if not hit:
+        return None
+    shown = "; ".join(f"{n} {tuple(p.shape)} ({r})" for n, p, r in hit[:10])
+    more = f"; and {len(hit) - 10} more" if len(hit) > 10 else ""
+    remedies = ["list their modules in skip= to leave them to that rule on purpose (this "
+                "silences the warning)", "describe() lists every fallback parameter"]
+    if any("convert(model)" in r for _, _, r in hit):
+        remedies.insert(0, "kk.nn.convert(model) swaps nn.MultiheadAttention and torch's fused "
+                           "RNN/GRU/LSTM for kfac_kernels.nn layers that K-FAC preconditions")
+    return (f"{len(hit)} weight parameter{'s' if len(hit) > 1 else ''} with 2 or more dimensions "
+            f"take{'' if len(hit) > 1 else 's'} {rule}, not K-FAC: {shown}{more}. Remedies: "
+            + "; ".join(remedies) + ".")

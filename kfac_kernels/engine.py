@@ -161,7 +161,7 @@ class KFACEngine:
                 f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
                 f"are updated (every factor_every={opts.factor_every} steps)")
         # averaged over ranks by a distributed strategy (part of it launched during backward)
-        stats = self.comm.factor_statistics(captured, cap.pending_passes, self.factors.statistics)
+        stats = self.comm.factor_statistics(captured, cap.pending_passes, self.factors)
         cap.reset()
         flags = self.factors.merge(stats, reject)
         if flags is not None:

@@ -23,7 +23,7 @@ import torch
 
 from .curvature import CURVATURES, LIKELIHOODS
 
-__all__ = ["Option", "OPTIONS", "Options", "resolve", "signature", "names"]
+__all__ = ["Option", "OPTIONS", "OPTION", "Options", "resolve", "signature", "names"]
 
 LOSS_REDUCTIONS = ("mean", "sum")
 DAMPING_MODES = ("eigen", "pi")
@@ -229,7 +229,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("damping_bounds", (1e-8, 1e4), "update", "(low, high) clamp of adaptive damping",
            owners=_K),
 )
-_BY_NAME: Dict[str, Option] = {o.name: o for o in OPTIONS}
+#: {name: Option}
+OPTION: Dict[str, Option] = {o.name: o for o in OPTIONS}
 _DEFAULT_OVERRIDES = {"KFACPreconditioner": {"lr": 1.0}}
 
 
@@ -239,7 +240,7 @@ def names(owner: str, part: Optional[str] = None) -> Tuple[str, ...]:
 
 
 def default(owner: str, name: str):
-    return _DEFAULT_OVERRIDES.get(owner, {}).get(name, _BY_NAME[name].default)
+    return _DEFAULT_OVERRIDES.get(owner, {}).get(name, OPTION[name].default)
 
 
 def signature(owner: str) -> inspect.Signature:
