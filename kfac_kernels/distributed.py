@@ -391,7 +391,7 @@ class DistributedKFAC(LocalComm):
         # --- the grid and the static assignment of decompositions
         self.k, self.m = worker_grid(self.world, opts.grad_worker_fraction)
         self.row, self.col = divmod(self.rank, self.m)
-        self.units = self._assign()            # [(block, whichs, owner)]
+        self.units = assign(blocks, self.k, self.world, opts.assignment)
         self.owner_col = {}                    # block -> column that holds its decomposition
         for b, whichs, owner in self.units:
             self.owner_col.setdefault(b, owner % self.m)
@@ -430,23 +430,6 @@ class DistributedKFAC(LocalComm):
         if len(ranks) == 1:
             return None
         return _subgroup(tuple(self.global_ranks[r] for r in ranks))
-
-    def _assign(self):
-        """[(block, factors, owner rank)]: per factor at fraction 1, per block below it."""
-        per_block = self.k < self.world
-        units = []
-        for b in self.blocks:
-            if per_block:
-                units.append((b, ("A", "G")))
-            else:
-                units += [(b, ("A",)), (b, ("G",))]
-        a = self.opts.assignment
-        if a == "round_robin":
-            owners = [i % self.world for i in range(len(units))]
-        else:
-            p = 3 if a == "compute" else 2
-            owners = greedy_assignment([_cost(b, whichs, p) for b, whichs in units], self.world)
-        return [(b, w, o) for (b, w), o in zip(units, owners)]
 
     def _signature(self) -> List[str]:
         """What ranks must agree on, one line each: every option marked ``agree`` in
@@ -840,6 +823,23 @@ class DistributedKFAC(LocalComm):
                 f"({100.0 * sum(cost(u) for u in mine) / total:.0f}% of the n^3 cost); factor "
                 f"buckets: {len(self.a_buckets)} A + {len(self.g_buckets)} G "
                 f"({sum(b.nbytes for b in self.a_buckets + self.g_buckets) / _MB:.2f} MB)")
+
+
+def assign(blocks, k: int, world: int, assignment: str) -> List[Tuple[Any, Tuple[str, ...], int]]:
+    """[(block, factors, owner rank)]: one unit per factor when every rank holds every
+    decomposition (k == world), one per block below it; owners by ``assignment``."""
+    units = []
+    for b in blocks:
+        if k < world:
+            units.append((b, ("A", "G")))
+        else:
+            units += [(b, ("A",)), (b, ("G",))]
+    if assignment == "round_robin":
+        owners = [i % world for i in range(len(units))]
+    else:
+        p = 3 if assignment == "compute" else 2
+        owners = greedy_assignment([_cost(b, whichs, p) for b, whichs in units], world)
+    return [(b, w, o) for (b, w), o in zip(units, owners)]
 
 
 def _cost(b, whichs, p: int) -> float:
