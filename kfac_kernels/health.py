@@ -53,7 +53,7 @@ class Health:
             ev.record()
             self._pending.append((ev, host, list(messages)))
         else:
-            self._pending.append((None, flags.detach().clone(), list(messages)))
+            self._pending.append((None, flags.clone(), list(messages)))
         self.poll()
 
     def poll(self) -> None:
@@ -65,7 +65,7 @@ class Health:
             if ev is not None and not ev.query():
                 keep.append((ev, host, messages))
                 continue
-            values = host.reshape(-1).numpy().tolist()
+            values = host.numpy().reshape(-1).tolist()
             for (key, message), bad in zip(messages, values):
                 if bad:
                     self.warn_once(key, message, stacklevel=4)
