@@ -59,7 +59,7 @@ def _computed_bytes(opt, world):
     d = eng.dist
     if d is None or d.k == 1:
         inverse = 0
-    elif eng.inverse == "cholesky":
+    elif eng.opts.inverse == "cholesky":
         inverse = sum(tri(b.in_dim) + tri(b.out_dim) for b in eng.blocks.values()) * elt
     else:
         inverse = sum(b.in_dim ** 2 + b.in_dim + b.out_dim ** 2 + b.out_dim

@@ -143,52 +143,17 @@ class StepControl:
         need_model = self.adaptive_lr or adapt_now
         opt.zero_grad()
         opt.backward(loss, out, retain_graph=need_model)
-        ok = opt._begin_step()
-        direction, ok = opt._directions(ok, kl_clip=not self.adaptive_lr)
-        group_of = opt._group_of()
+        ok = opt.begin_step()
+        direction, ok = opt.directions(ok, kl_clip=not self.adaptive_lr)
+        group_of = opt.group_of()
         params = [p for g in opt.param_groups for p in g["params"] if id(p) in direction]
         wd = [group_of[id(p)]["weight_decay"] for p in params]
         grads = [p.grad if not w else p.grad.add(p, alpha=w) for p, w in zip(params, wd)]
         lam = float(opt.damping)
 
         if self.adaptive_lr:
-            Delta: Vec = [-direction[id(p)] for p in params]
-            prev: Vec = [opt.state[p].get("kfac_delta") for p in params]
-            has_prev = all(v is not None for v in prev)
-            mom = opt.param_groups[0]["momentum"]
-            vecs = [Delta] + ([prev] if has_prev and (self.adaptive_momentum or mom) else [])
-            with eng.paused():
-                K, b = self._model(loss, out, params, vecs, grads, wd, lam)
-            alpha, mu = self._solve(K, b, mom if not self.adaptive_momentum else None)
-            coef = torch.stack([alpha, mu])[:len(vecs)]
-            pred = 0.5 * coef @ K @ coef + coef @ b
-            if len(vecs) > 1:
-                # never a step the model predicts to raise the loss (a fixed momentum can):
-                # then the best step along Delta alone
-                a1 = -b[0] / K[0, 0]
-                worse = ~(pred <= 0)
-                alpha = torch.where(worse, a1, alpha)
-                mu = torch.where(worse, torch.zeros_like(mu), mu)
-                pred = torch.where(worse, 0.5 * a1 * b[0], pred)
-            if ok is not None:
-                good = ok.to(coef.device) & torch.isfinite(pred)
-            else:
-                good = torch.isfinite(pred)
-            alpha = torch.where(good, alpha, torch.zeros_like(alpha))
-            mu = torch.where(good, mu, torch.zeros_like(mu))
-            for i, p in enumerate(params):
-                keep = good.to(p.device)
-                delta = Delta[i] * alpha.to(p.dtype)
-                if len(vecs) > 1:
-                    delta = delta + prev[i] * mu.to(p.dtype)
-                delta = torch.where(keep, delta, torch.zeros((), dtype=p.dtype, device=p.device))
-                p.add_(delta)
-                st = opt.state[p]
-                if "kfac_delta" in st:        # a rejected step keeps the previous update
-                    st["kfac_delta"].copy_(torch.where(keep, delta, st["kfac_delta"]))
-                else:
-                    st["kfac_delta"] = delta.clone()
-            self.last = {"alpha": alpha, "mu": mu, "predicted": pred, "ok": good}
+            pred, good = self._adaptive_update(opt, loss, out, params, direction, grads, wd, lam,
+                                               ok)
         else:
             pred = None
             if adapt_now:      # the model of the update the fixed lr / momentum will take
@@ -201,12 +166,55 @@ class StepControl:
                 with eng.paused():
                     K, b = self._model(loss, out, params, [deltas], grads, wd, lam)
                 pred = 0.5 * K[0, 0] + b[0]
-            opt._update(direction, ok)
+            opt.apply_update(direction, ok)
             good = ok
-        opt._end_step(ok)
+        opt.end_step(ok)
         if adapt_now:
             self._adapt_damping(opt, closure, loss, pred, good)
         return loss.detach()
+
+    def _adaptive_update(self, opt, loss, out, params, direction, grads, wd, lam, ok):
+        """adaptive_lr: the update ``alpha Delta + mu delta_prev`` minimising the quadratic model,
+        applied on the device; returns (predicted change, accepted flag)."""
+        eng = opt.engine
+        Delta: Vec = [-direction[id(p)] for p in params]
+        prev: Vec = [opt.state[p].get("kfac_delta") for p in params]
+        has_prev = all(v is not None for v in prev)
+        mom = opt.param_groups[0]["momentum"]
+        vecs = [Delta] + ([prev] if has_prev and (self.adaptive_momentum or mom) else [])
+        with eng.paused():
+            K, b = self._model(loss, out, params, vecs, grads, wd, lam)
+        alpha, mu = self._solve(K, b, mom if not self.adaptive_momentum else None)
+        coef = torch.stack([alpha, mu])[:len(vecs)]
+        pred = 0.5 * coef @ K @ coef + coef @ b
+        if len(vecs) > 1:
+            # never a step the model predicts to raise the loss (a fixed momentum can):
+            # then the best step along Delta alone
+            a1 = -b[0] / K[0, 0]
+            worse = ~(pred <= 0)
+            alpha = torch.where(worse, a1, alpha)
+            mu = torch.where(worse, torch.zeros_like(mu), mu)
+            pred = torch.where(worse, 0.5 * a1 * b[0], pred)
+        if ok is not None:
+            good = ok.to(coef.device) & torch.isfinite(pred)
+        else:
+            good = torch.isfinite(pred)
+        alpha = torch.where(good, alpha, torch.zeros_like(alpha))
+        mu = torch.where(good, mu, torch.zeros_like(mu))
+        for i, p in enumerate(params):
+            keep = good.to(p.device)
+            delta = Delta[i] * alpha.to(p.dtype)
+            if len(vecs) > 1:
+                delta = delta + prev[i] * mu.to(p.dtype)
+            delta = torch.where(keep, delta, torch.zeros((), dtype=p.dtype, device=p.device))
+            p.add_(delta)
+            st = opt.state[p]
+            if "kfac_delta" in st:        # a rejected step keeps the previous update
+                st["kfac_delta"].copy_(torch.where(keep, delta, st["kfac_delta"]))
+            else:
+                st["kfac_delta"] = delta.clone()
+        self.last = {"alpha": alpha, "mu": mu, "predicted": pred, "ok": good}
+        return pred, good
 
     # ---------------------------------------------------------------- pieces
     def _model(self, loss, out, params, vecs, grads, wd, lam):

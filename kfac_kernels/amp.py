@@ -3,7 +3,9 @@
 Everything here runs on the device: the finiteness check of a step's gradients, the unscaling of
 gradients and of the empirical G factor, and the decision to skip a step are device tensors
 (``torch.where``), never read on the host inside ``step()``. Warnings about skipped steps are read
-later, when the device has finished (the same deferred scheme the engine uses for factor updates).
+later, when the device has finished (:mod:`kfac_kernels.health`). Under torch.distributed the
+communication strategy makes every rank take the same skip decision
+(:meth:`kfac_kernels.comm.LocalComm.agree`).
 
 GradScaler contract (``torch.amp.GradScaler``, see docs/robustness.md):
 
@@ -17,13 +19,12 @@ GradScaler contract (``torch.amp.GradScaler``, see docs/robustness.md):
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional
 
 import torch
 
-__all__ = ["scaler_scale", "check_and_unscale", "agree", "DeferredFlags"]
+__all__ = ["scaler_scale", "inverse_scale", "check_and_unscale"]
 
 
 def scaler_scale(scaler) -> Optional[torch.Tensor]:
@@ -64,59 +65,3 @@ def check_and_unscale(grads: Iterable[torch.Tensor],
             torch._amp_foreach_non_finite_check_and_unscale_(gs, found, inv)
         found_all = found if found_all is None else found_all + found.to(found_all.device)
     return found_all
-
-
-def agree(found: torch.Tensor, engine) -> torch.Tensor:
-    """With torch.distributed, every rank takes the same skip decision (the running factors
-    must stay identical across ranks): the found-inf flags are summed over the engine's process
-    group (a collective on one number, no host sync). In a single process: ``found`` itself."""
-    dist_state = getattr(engine, "dist", None)
-    if dist_state is None:
-        return found
-    found = found.clone()
-    torch.distributed.all_reduce(found, group=dist_state.group)
-    return found
-
-
-class DeferredFlags:
-    """0-d device flags read on the host once the device is done with them (no sync in step);
-    a set flag warns its message once per key."""
-
-    def __init__(self):
-        self._pending: List[Tuple[object, torch.Tensor, Tuple[str, str]]] = []
-        self._warned: set = set()
-
-    def push(self, flag: torch.Tensor, key: str, message: str) -> None:
-        """Queue ``flag`` (true = warn ``message``, once per ``key``); report what is ready."""
-        if key in self._warned or torch.compiler.is_compiling():
-            return    # compiled regions: the counters count, the warning is not emitted
-        if flag.device.type == "cuda":
-            host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            self._pending.append((ev, host, (key, message)))
-        else:
-            self._pending.append((None, flag.detach().clone(), (key, message)))
-        self.poll()
-
-    def poll(self) -> None:
-        if torch.compiler.is_compiling():
-            return
-        keep = []
-        for ev, host, (key, message) in self._pending:
-            if ev is not None and not ev.query():
-                keep.append((ev, host, (key, message)))
-                continue
-            if host.numpy().any() and key not in self._warned:
-                self._warned.add(key)
-                warnings.warn(f"kfac_kernels: {message}", _warning_class(), stacklevel=4)
-        self._pending = keep
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-
-def _warning_class():
-    from .engine import KFACWarning
-    return KFACWarning

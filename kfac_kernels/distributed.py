@@ -41,6 +41,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .comm import LocalComm
+from .options import ASSIGNMENTS
+
 try:  # some builds of torch have no torch.distributed at all
     import torch.distributed as dist
     _HAVE_DIST = dist.is_available()
@@ -52,7 +55,6 @@ __all__ = ["DistributedOptions", "DistributedKFAC", "MismatchError", "ASSIGNMENT
            "greedy_assignment", "worker_grid", "pack_triu", "unpack_triu", "sampling_seed",
            "CommStats"]
 
-ASSIGNMENTS = ("compute", "memory", "round_robin")
 _MB = 1 << 20
 
 
@@ -63,16 +65,10 @@ class MismatchError(ValueError):
 # ============================================================================ options
 @dataclass(frozen=True)
 class DistributedOptions:
-    """How K-FAC uses torch.distributed (the optimisers' keyword arguments of the same names).
-
-    ``enabled``: None (default) = when torch.distributed is initialised and the group has more
-    than one process; True = required (an error if torch.distributed is not initialised); False =
-    never (each process runs its own K-FAC). ``process_group``: the group to work in (default: the
-    default group). ``grad_worker_fraction``: share of the ranks that hold each decomposition
-    (1 = all, 1/world = one; k = fraction * world must divide world). ``assignment``: the cost model
-    of the greedy assignment of decompositions to ranks. ``bucket_cap_mb``: largest message of one
-    collective.
-    """
+    """How K-FAC uses torch.distributed: the optimisers' options ``distributed`` (here
+    ``enabled``), ``process_group``, ``grad_worker_fraction``, ``assignment`` and
+    ``bucket_cap_mb``, declared and documented in :mod:`kfac_kernels.options` (which also checks
+    them). ``k = grad_worker_fraction * world`` must divide the world size."""
     enabled: Optional[bool] = None
     process_group: Any = None
     grad_worker_fraction: float = 1.0
@@ -80,28 +76,17 @@ class DistributedOptions:
     bucket_cap_mb: float = 25.0
 
     def __post_init__(self):
-        if self.enabled not in (None, True, False):
-            raise ValueError(f"distributed must be None, True or False, got {self.enabled!r}")
-        f = self.grad_worker_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
-            raise ValueError(f"grad_worker_fraction must be a number in (0, 1], got {f!r}")
-        if self.assignment not in ASSIGNMENTS:
-            raise ValueError(f"unknown assignment {self.assignment!r}; expected one of "
-                             f"{', '.join(map(repr, ASSIGNMENTS))}")
-        b = self.bucket_cap_mb
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
-            raise ValueError(f"bucket_cap_mb must be a number > 0, got {b!r}")
+        from . import options as o
+        for name, value in (("distributed", self.enabled),
+                            ("grad_worker_fraction", self.grad_worker_fraction),
+                            ("assignment", self.assignment), ("bucket_cap_mb", self.bucket_cap_mb)):
+            o.OPTION[name].check(name, value)
 
     @classmethod
-    def coerce(cls, value) -> "DistributedOptions":
-        if value is None or isinstance(value, bool):
-            return cls(enabled=value)
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            return cls(**value)
-        raise TypeError(f"distributed options must be None, a bool, a dict or DistributedOptions, "
-                        f"got {type(value).__name__}")
+    def from_options(cls, opts) -> "DistributedOptions":
+        return cls(enabled=opts.distributed, process_group=opts.process_group,
+                   grad_worker_fraction=opts.grad_worker_fraction, assignment=opts.assignment,
+                   bucket_cap_mb=opts.bucket_cap_mb)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -113,9 +98,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def setup(engine, options) -> Optional["DistributedKFAC"]:
-    """The strategy for ``engine``, or None where K-FAC runs in a single process."""
-    opts = DistributedOptions.coerce(options)
+def setup(blocks, options, kind) -> Optional["DistributedKFAC"]:
+    """The strategy for an engine's ``blocks`` (``options``: its
+    :class:`kfac_kernels.options.Options`; ``kind``: its inverse kind), or None where K-FAC runs
+    in a single process."""
+    opts = DistributedOptions.from_options(options)
     if opts.enabled is False:
         return None
     if not (_HAVE_DIST and dist.is_initialized()):
@@ -130,7 +117,7 @@ def setup(engine, options) -> Optional["DistributedKFAC"]:
         raise ValueError("this process is not a member of the process_group given to K-FAC")
     if size == 1 and not opts.enabled:
         return None
-    return DistributedKFAC(engine, opts, group)
+    return DistributedKFAC(blocks, options, kind, opts, group)
 
 
 # ============================================================================ pure helpers
@@ -369,12 +356,19 @@ def _subgroup(ranks: Tuple[int, ...]):
 
 
 # ============================================================================ strategy
-class DistributedKFAC:
-    """The distributed phases of one :class:`kfac_kernels.engine.KFACEngine` (see the module
-    docstring). Created by the engine; users only pass options to the optimisers."""
+class DistributedKFAC(LocalComm):
+    """The torch.distributed communication strategy of one
+    :class:`kfac_kernels.engine.KFACEngine` (see the module docstring; the interface is
+    :class:`kfac_kernels.comm.LocalComm`'s). Created by the engine from the optimiser's options;
+    everything else it needs is passed in at the call points."""
 
-    def __init__(self, engine, opts: DistributedOptions, group):
-        self.eng = engine
+    #: preconditioning broadcasts directions (grad_worker_fraction < 1), so ``opt.compile()``
+    #: compiles only the local part
+    precondition_collectives = True
+
+    def __init__(self, blocks, options, kind, opts: DistributedOptions, group):
+        self.options = options     # the optimiser's Options (agreement, seed, loss_reduction)
+        self.kind = kind
         self.opts = opts
         self.group = group
         self.world = dist.get_world_size(group)
@@ -382,8 +376,7 @@ class DistributedKFAC:
         self.global_ranks = list(dist.get_process_group_ranks(group))
         self.backend = str(dist.get_backend(group))
         self.comm = CommStats()
-        blocks = list(engine.blocks.values())
-        self.blocks = blocks
+        self.blocks = blocks = list(blocks)
         self.index = {b: i for i, b in enumerate(blocks)}
         devices = {b.weight.device for b in blocks}
         if len(devices) > 1:
@@ -398,7 +391,7 @@ class DistributedKFAC:
         # --- the grid and the static assignment of decompositions
         self.k, self.m = worker_grid(self.world, opts.grad_worker_fraction)
         self.row, self.col = divmod(self.rank, self.m)
-        self.units = self._assign()            # [(block, whichs, owner)]
+        self.units = assign(blocks, self.k, self.world, opts.assignment)
         self.owner_col = {}                    # block -> column that holds its decomposition
         for b, whichs, owner in self.units:
             self.owner_col.setdefault(b, owner % self.m)
@@ -406,11 +399,12 @@ class DistributedKFAC:
         self.col_ranks = [i * self.m + self.col for i in range(self.k)]
         self.base_seed = 0
         self._agree()       # before any subgroup: ranks that disagree must not create groups
+        kind.check_distributed(self.k, self.world)   # every rank raises alike
         self.row_group = self._group_for(self.row_ranks)
         self.col_group = self._group_for(self.col_ranks)
 
         # --- static layouts of the factor reduction
-        sum_g = engine.loss_reduction == "sum"
+        sum_g = options.loss_reduction == "sum"
         self.g_divided = not sum_g
         self.a_buckets = _split_buckets(
             [((b, "A"), *factor_slot(b, "A"), b.factor_dtype, self.device) for b in blocks],
@@ -422,7 +416,7 @@ class DistributedKFAC:
         self.s_buckets = (_split_buckets(
             [((b, "S"), tuple(b.shape), False, b.factor_dtype, self.device) for b in blocks],
             self.cap, lambda key: [("w", key[0]), ("p", key[0])])
-            if engine.inverse == "ekfac" else [])
+            if "S" in kind.extra_entries() else [])
         self._a: Optional[_Pending] = None
         self._g: Optional[_Pending] = None
         self._mismatch: List[Tuple[_Bucket, torch.Tensor]] = []
@@ -437,34 +431,10 @@ class DistributedKFAC:
             return None
         return _subgroup(tuple(self.global_ranks[r] for r in ranks))
 
-    def _assign(self):
-        """[(block, factors, owner rank)]: per factor at fraction 1, per block below it."""
-        per_block = self.k < self.world
-        units = []
-        for b in self.blocks:
-            if per_block:
-                units.append((b, ("A", "G")))
-            else:
-                units += [(b, ("A",)), (b, ("G",))]
-        a = self.opts.assignment
-        if a == "round_robin":
-            owners = [i % self.world for i in range(len(units))]
-        else:
-            p = 3 if a == "compute" else 2
-            owners = greedy_assignment([_cost(b, whichs, p) for b, whichs in units], self.world)
-        return [(b, w, o) for (b, w), o in zip(units, owners)]
-
     def _signature(self) -> List[str]:
-        e, o = self.eng, self.opts
-        lines = [f"options: curvature={e.curvature} likelihood={e.likelihood} inverse={e.inverse} "
-                 f"damping_mode={e.damping_mode} weight_sharing={e.weight_sharing} loss_reduction="
-                 f"{e.loss_reduction} factor_every={e.factor_every} inverse_every={e.inverse_every}"
-                 f" ema_decay={e.ema_decay} mc_samples={e.mc_samples} damping={e.damping}"
-                 f" full_eigh_every={e.full_eigh_every}"
-                 f" factor_storage_dtype={e.factor_storage_dtype}"
-                 f" inverse_warmup={e.inverse_warmup}",
-                 f"distributed: grad_worker_fraction={o.grad_worker_fraction} assignment="
-                 f"{o.assignment} bucket_cap_mb={o.bucket_cap_mb}"]
+        """What ranks must agree on, one line each: every option marked ``agree`` in
+        kfac_kernels/options.py, then every block."""
+        lines = self.options.agreement_lines()
         for b in self.blocks:
             lines.append(f"block {b.name!r}: {type(b.module).__name__} grad {tuple(b.shape)} "
                          f"{str(b.weight.dtype).replace('torch.', '')} factors "
@@ -476,8 +446,9 @@ class DistributedKFAC:
         take rank 0's base seed for the Fisher sampler. Construction only: syncs the host."""
         sig = self._signature()
         digest = int.from_bytes(hashlib.sha256("\n".join(sig).encode()).digest()[:7], "little")
-        seed = self.eng.seed if self.eng.seed is not None else int(
-            torch.randint(0, 2 ** 62, (1,)).item()) if self.eng.curvature == "fisher" else 0
+        o = self.options
+        seed = o.seed if o.seed is not None else int(
+            torch.randint(0, 2 ** 62, (1,)).item()) if o.curvature == "fisher" else 0
         mine = torch.tensor([digest, len(self.blocks), seed], dtype=torch.int64,
                             device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
@@ -544,60 +515,71 @@ class DistributedKFAC:
     def _input_counts(self):
         return tuple(len(b.inputs) for b in self.blocks)
 
-    def _launch_a(self) -> Optional[_Pending]:
+    def _launch_a(self, a_statistics) -> Optional[_Pending]:
         captured = [b for b in self.blocks if b.inputs]
         if not captured:
             return None
-        a_hats = self.eng.compute_a_statistics(captured)
+        a_hats = a_statistics(captured)
         weights = {b: float(b.batch_size(b.inputs[0])) for b in captured}
         pend = self._reduce(self.a_buckets, {(b, "A"): a for b, a in a_hats.items()}, weights,
                             scale=True)
         pend.snapshot = self._input_counts()
         return pend
 
-    def _launch_g(self) -> _Pending:
+    def _launch_g(self, pending_passes: int) -> _Pending:
         ready = {b: b.G_hat for b in self.blocks if b.inputs and b.G_hat is not None}
         weights = {b: float(b.batch_size(b.inputs[0])) for b in ready}
         pend = self._reduce(self.g_buckets, {(b, "G"): g for b, g in ready.items()}, weights,
                             scale=self.g_divided)
-        pend.snapshot = self.eng._pending_passes
+        pend.snapshot = pending_passes
         return pend
 
-    def backward_started(self) -> None:
+    def backward_started(self, a_statistics) -> None:
         """First output-gradient of a capture step: the forward pass is over, reduce A now."""
         if self._a is None:
-            self._a = self._launch_a()
+            self._a = self._launch_a(a_statistics)
 
-    def curvature_started(self, out: torch.Tensor) -> None:
+    def curvature_started(self, a_statistics) -> None:
         if self._a is None:
-            self._a = self._launch_a()
-        if self.eng.curvature == "fisher":   # this rank's own draws, reproducible per step
-            gen = self.eng.generator
-            if gen is None or gen.device != out.device:
-                gen = self.eng.generator = torch.Generator(device=out.device)
-            gen.manual_seed(sampling_seed(self.base_seed, self.rank, self.eng.steps))
+            self._a = self._launch_a(a_statistics)
 
-    def curvature_finished(self) -> None:
+    def sampler(self, generator, device, step: int):
+        """This rank's own draws, reproducible per step (:func:`sampling_seed`)."""
+        if generator is None or generator.device != torch.device(device):
+            generator = torch.Generator(device=device)
+        generator.manual_seed(sampling_seed(self.base_seed, self.rank, step))
+        return generator
+
+    def curvature_finished(self, pending_passes: int) -> None:
         if self._g is not None:
             self._g.wait()
-        self._g = self._launch_g()
+        self._g = self._launch_g(pending_passes)
+
+    def agree(self, found: torch.Tensor) -> torch.Tensor:
+        """Every rank takes the same skip decision (the running factors must stay identical):
+        the found-inf flags are summed over the group (one number, no host sync)."""
+        found = found.clone()
+        dist.all_reduce(found, group=self.group)
+        return found
 
     def clear(self) -> None:
         """The engine dropped this step's capture: forget reductions launched for it."""
         self._a = self._g = None
 
-    def factor_statistics(self, captured) -> "OrderedDict":
-        """{block: (A, G)} averaged over ranks, for the blocks with statistics on this step."""
+    def factor_statistics(self, captured, pending_passes: int, factors) -> "OrderedDict":
+        """{block: (A, G)} averaged over ranks, for the blocks with statistics on this step
+        (reductions launched during the backward pass are reused when nothing was captured
+        since)."""
         a, g = self._a, self._g
         self._a = self._g = None
         if a is None or a.snapshot != self._input_counts():
             if a is not None:         # inputs captured after the launch (several forward passes)
                 a.wait()
-            a = self._launch_a()
-        if g is None or g.snapshot != self.eng._pending_passes:
+            a = self._launch_a(factors.a_statistics)
+        if g is None or g.snapshot != pending_passes:
             if g is not None:
                 g.wait()
-            g = self._launch_g()
+            g = self._launch_g(pending_passes)
         a.wait()
         g.wait()
         a_vals: Dict = {}
@@ -667,30 +649,23 @@ class DistributedKFAC:
         return self.k == self.world or self.owner_col[b] == self.col
 
     def _entries(self, b, whichs) -> List[tuple]:
-        """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``
-        (with a leading ``num_stack`` dim for a stacked block). A diagonal A has its entries as
-        eigenvalues; a block with one decomposes its G by eigh under "cholesky" too."""
-        out = []
+        """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``, as
+        the inverse kind stores them (with a leading ``num_stack`` dim for a stacked block)."""
         lead = (b.num_stack,) if b.stacked else ()
-        for w in whichs:
-            n = b.in_dim if w == "A" else b.out_dim
-            if w == "A" and b.diag_A:
-                out.append(("lamA", (n,), False))
-            elif self.eng.inverse == "cholesky" and not b.diag_A:
-                out.append((w + "_inv", lead + (n, n), True))
-            else:
-                out += [("Q" + w, lead + (n, n), False), ("lam" + w, lead + (n,), False)]
-        return out
+        return [(key, (shape if key == "lamA" and b.diag_A else lead + tuple(shape)), sym)
+                for w in whichs for key, shape, sym in self.kind.entries(b, w)]
 
     def _check_entries(self, units) -> None:
+        # entries the kind computes on every rank (EKFAC's S, from the shared basis) stay local
+        extra_ok = set(self.kind.extra_entries())
         for b, whichs, _ in units:
-            # EKFAC's S is computed on every rank from the shared basis (reduce_scalings)
-            known = {k for k, *_ in self._entries(b, ("A", "G"))} | {"S"}
+            known = {k for k, *_ in self._entries(b, ("A", "G"))} | extra_ok
             extra = set(b.inverse) - known
             if extra:
                 raise NotImplementedError(
                     f"block {b.name!r}: decomposition entries {sorted(extra)} are not shared "
-                    f"across ranks yet (kfac_kernels.distributed.DistributedKFAC._entries)")
+                    f"across ranks yet (declare them in the inverse kind's entries(), "
+                    f"kfac_kernels/inverses)")
 
     def _layout(self, units, source: int) -> List[_Bucket]:
         slots = []
@@ -722,12 +697,12 @@ class DistributedKFAC:
         for b, entries in new.items():
             b.inverse = {**b.inverse, **entries}
 
-    def update_inverses(self, ready) -> None:
+    def update_inverses(self, ready, decompose, inverse_updates: int) -> None:
         self._check_presence()
         ready_set = set(ready)
         units = [u for u in self.units if u[0] in ready_set]
         only = {(b, w) for b, whichs, owner in units if owner == self.rank for w in whichs}
-        self.eng.decompose(ready, only=only)
+        decompose(ready, only)
         self._check_entries([u for u in units if u[2] == self.rank])
         if self.k == self.world:
             self._share(units, list(range(self.world)), self.group, "inverse")
@@ -775,7 +750,7 @@ class DistributedKFAC:
                 {b: out_dot[b] for b in grads if b in out_dot})
 
     # ------------------------------------------------------------------ state
-    def consolidate(self, to: int = 0) -> None:
+    def consolidate(self, to: int, inverse_updates: int) -> None:
         """Collective: gather every decomposition on rank ``to`` of the group (for its
         state_dict). A no-op at grad_worker_fraction 1, where every rank holds them all."""
         if self.k == self.world:
@@ -802,13 +777,13 @@ class DistributedKFAC:
                     for (b, key), t in bk.unpack(flat).items():
                         gathered[b][key] = t
         if self.rank == to:
-            self._gathered = (self.eng.inverse_updates, dict(gathered))
+            self._gathered = (inverse_updates, dict(gathered))
 
-    def fill_state_dict(self, sd: dict) -> None:
+    def fill_state_dict(self, sd: dict, inverse_updates: int) -> None:
         missing = [b for b in self._decomposed if not b.inverse]
         if missing:
             got = self._gathered
-            if got is None or got[0] != self.eng.inverse_updates:
+            if got is None or got[0] != inverse_updates:
                 raise RuntimeError(
                     f"with grad_worker_fraction={self.opts.grad_worker_fraction} this rank holds "
                     f"only its share of the decompositions: call opt.consolidate_state_dict(to="
@@ -850,6 +825,23 @@ class DistributedKFAC:
                 f"({sum(b.nbytes for b in self.a_buckets + self.g_buckets) / _MB:.2f} MB)")
 
 
+def assign(blocks, k: int, world: int, assignment: str) -> List[Tuple[Any, Tuple[str, ...], int]]:
+    """[(block, factors, owner rank)]: one unit per factor when every rank holds every
+    decomposition (k == world), one per block below it; owners by ``assignment``."""
+    units = []
+    for b in blocks:
+        if k < world:
+            units.append((b, ("A", "G")))
+        else:
+            units += [(b, ("A",)), (b, ("G",))]
+    if assignment == "round_robin":
+        owners = [i % world for i in range(len(units))]
+    else:
+        p = 3 if assignment == "compute" else 2
+        owners = greedy_assignment([_cost(b, whichs, p) for b, whichs in units], world)
+    return [(b, w, o) for (b, w), o in zip(units, owners)]
+
+
 def _cost(b, whichs, p: int) -> float:
     """Cost model of decomposing ``whichs`` of block ``b``: n^p per matrix (p = 3: compute,
     2: memory), times the stack of a stacked block; a diagonal A costs n (nothing to decompose)."""
@@ -871,6 +863,10 @@ def _describe_mismatch(sigs: List[List[str]]) -> str:
             if a != b:
                 return (f"the ranks built different K-FAC optimisers (every rank must wrap the same "
                         f"model with the same options): rank 0 has {a!r}, rank {r} has {b!r}"
-                        + (f" (rank 0: {len(ref) - 2} blocks, rank {r}: {len(sig) - 2})"
+                        + (f" (rank 0: {_n_blocks(ref)} blocks, rank {r}: {_n_blocks(sig)})"
                            if len(ref) != len(sig) else ""))
     return "the ranks built different K-FAC optimisers"
+
+
+def _n_blocks(sig: List[str]) -> int:
+    return sum(line.startswith("block ") for line in sig)

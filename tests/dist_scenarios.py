@@ -290,7 +290,7 @@ def nonfinite(rank, world):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             eng.finish_factor_update()
-            eng._poll_deferred()
+            eng.health.poll()
         caught += [str(m.message) for m in w]
         if step == 0:
             before = {n: (b.A.clone(), b.G.clone()) for n, b in opt.blocks.items()}
@@ -312,6 +312,10 @@ def mismatched_options(rank, world):
 
 def mismatched_warmup(rank, world):
     kk.KFAC(make_model(), curvature="empirical", inverse_warmup=(rank == 1))
+
+
+def mismatched_skip_nonfinite(rank, world):
+    kk.KFAC(make_model(), curvature="empirical", skip_nonfinite=(rank == 0))
 
 
 def bad_fraction(rank, world, frac, inverse="eigh"):

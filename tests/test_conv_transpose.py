@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kfac_kernels as kk
+from kfac_kernels.engine import KFACWarning
 from kfac_kernels.blocks import ConvTransposeBlock, block_type_for
 
 CASES = [  # (nd, kwargs)
@@ -129,7 +130,8 @@ def test_output_size_argument_and_training():
 def test_grouped_transposed_convolution_is_left_to_the_fallback_with_the_reason():
     cls, why = block_type_for(nn.ConvTranspose2d(4, 4, 3, groups=2))
     assert cls is None and "groups != 1" in why
-    opt = kk.KFAC(nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2), nn.Flatten(),
-                                nn.Linear(4 * 36, 2)))
+    with pytest.warns(KFACWarning, match=r"0.weight \(4, 2, 3, 3\) \(grouped transposed"):
+        opt = kk.KFAC(nn.Sequential(nn.ConvTranspose2d(4, 4, 3, groups=2), nn.Flatten(),
+                                    nn.Linear(4 * 36, 2)))
     assert "0.weight: grouped transposed convolutions have no block yet" in opt.describe()
     assert copy.deepcopy(opt.blocks["2"]).name == "2"

@@ -227,6 +227,9 @@ def test_mismatched_models_raise_on_every_rank_instead_of_hanging():
         assert t == "MismatchError" and "inverse_every=10" in msg and "inverse_every=11" in msg
     for t, msg in _errors(run_ranks_raw(S.mismatched_warmup, 2, timeout=60)):
         assert t == "MismatchError" and "inverse_warmup=False" in msg and "inverse_warmup=True" in msg
+    for t, msg in _errors(run_ranks_raw(S.mismatched_skip_nonfinite, 2, timeout=60)):
+        assert (t == "MismatchError" and "skip_nonfinite=True" in msg
+                and "skip_nonfinite=False" in msg)
     for t, msg in _errors(run_ranks_raw(S.mismatched_fraction, 4, timeout=60)):
         assert t == "MismatchError" and "grad_worker_fraction=1.0" in msg
 

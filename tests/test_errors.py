@@ -171,3 +171,46 @@ def test_shared_input_with_nan_rejects_every_layer_that_reads_it():
         opt.step()
     assert {str(w.message).split("'")[1] for w in rec} == {"a", "b"}
     assert int(opt.blocks["a"].count) == 0 and int(opt.blocks["b"].count) == 0
+
+
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.act = nn.PReLU(8)            # a 1-d weight: left to the fallback without a warning
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.act(h).mean(1))
+
+
+def _fallback_warnings(make):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        make()
+    return [str(w.message) for w in rec if issubclass(w.category, KFACWarning)]
+
+
+def test_weight_matrices_left_to_the_first_order_rule_warn_once_at_construction():
+    for make, rule in ((lambda: kk.KFAC(_Attn()), "plain SGD step"),
+                       (lambda: kk.KFACPreconditioner(_Attn()), "base optimiser")):
+        got = _fallback_warnings(make)
+        assert len(got) == 1, got
+        msg = got[0]
+        assert rule in msg and "2 weight parameters" in msg
+        assert "attn.in_proj_weight (24, 8)" in msg and "attn.out_proj.weight (8, 8)" in msg
+        assert "kk.nn.convert(model)" in msg and "skip=" in msg
+        assert "act.weight" not in msg                  # 1-d: not a weight matrix
+    # left out on purpose: no warning (skip= and only=)
+    assert _fallback_warnings(lambda: kk.KFAC(_Attn(), skip=["attn"])) == []
+    assert _fallback_warnings(lambda: kk.KFAC(_Attn(), only=["inp", "head"])) == []
+    # converted: the projections are blocks, nothing to warn about
+    assert _fallback_warnings(lambda: kk.KFAC(kk.nn.convert(_Attn()))) == []
+    # a parameter of the param groups that no module of the model holds
+    extra = nn.Parameter(torch.randn(3, 4))
+    m = mlp()
+    got = _fallback_warnings(lambda: kk.KFAC(m, params=list(m.parameters()) + [extra]))
+    assert len(got) == 1 and "param (3, 4)" in got[0] and "not in a module" in got[0]

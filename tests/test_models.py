@@ -159,7 +159,9 @@ def test_layers_kfac_cannot_see_are_listed_with_the_reason():
             x = self.lstm(x)[0]
             return self.head(self.proj(self.cell(x[:, -1])))
 
-    opt = kk.KFAC(Mixed())
+    with pytest.warns(KFACWarning, match="7 weight parameters with 2 or more dimensions take a "
+                                         "plain SGD step"):
+        opt = kk.KFAC(Mixed())
     text = opt.describe()
     assert "attn.in_proj_weight: nn.MultiheadAttention applies its input projections functionally" in text
     assert "attn.out_proj.weight: the out_proj of nn.MultiheadAttention is applied functionally" in text

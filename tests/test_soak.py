@@ -41,10 +41,11 @@ def rss_bytes() -> int:
 def captured_sizes(opt) -> dict:
     eng = opt.engine
     return {"inputs": sum(len(b.inputs) for b in eng.blocks.values()),
-            "grads": sum(len(v) for v in eng._grads.values()), "grad_keys": len(eng._grads),
+            "grads": sum(len(v) for v in eng.capture.grads.values()),
+            "grad_keys": len(eng.capture.grads),
             "hats": sum((b.A_hat is not None) + (b.G_hat is not None) for b in eng.blocks.values()),
-            "deferred": len(eng._deferred), "flags": len(opt._flags),
-            "state": len(opt.state), "groups": len(eng._groups),
+            "deferred": len(eng.health),
+            "state": len(opt.state), "groups": len(eng.preconditioning.groups),
             "hooks": sum(len(m._forward_hooks) for m in opt.model_modules)}
 
 

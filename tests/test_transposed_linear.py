@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import kfac_kernels as kk
+from kfac_kernels.engine import KFACWarning
 from kfac_kernels.blocks import TransposedLinearBlock
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed "
@@ -62,8 +63,12 @@ def test_gpt2_from_transformers_has_every_linear_layer_in_a_block_and_trains():
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
-    opt = kk.KFAC(model, lr=0.3, damping=1e-2, kl_clip=1e-3, curvature="fisher",
-                  likelihood="categorical", inverse_every=2, skip=["transformer.wpe"], seed=0)
+    # the token embedding is tied to the LM head: a fallback weight matrix, warned about
+    with pytest.warns(KFACWarning, match=r"transformer.wte.weight \(64, 32\) \(parameter "
+                                            r"shared with another module \(tied weights\)\)"):
+        opt = kk.KFAC(model, lr=0.3, damping=1e-2, kl_clip=1e-3, curvature="fisher",
+                      likelihood="categorical", inverse_every=2, skip=["transformer.wpe"],
+                      seed=0)
     for layer in range(2):
         for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
             assert isinstance(opt.blocks[f"transformer.h.{layer}.{name}"], TransposedLinearBlock)

@@ -21,6 +21,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..ops._registry import op_backend
+
 WEIGHT_SHARING = ("expand", "reduce")
 
 
@@ -80,11 +82,16 @@ class Block:
         self.skipped: Optional[torch.Tensor] = None    # updates rejected (non-finite statistics)
         # decompositions, filled by the engine: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}
         self.inverse: dict = {}
-        self.inverse_failed: set = set()                # reasons already warned about
+        self.ekfac_count: Optional[torch.Tensor] = None  # EKFAC: accepted scalings since the basis
         # capture buffers for the current step
         self.inputs: List[torch.Tensor] = []
         self.A_hat: Optional[torch.Tensor] = None
         self.G_hat: Optional[torch.Tensor] = None
+        self.S_hat: Optional[torch.Tensor] = None        # EKFAC: this step's scalings estimate
+        # capture bookkeeping (kfac_kernels.capture): inputs captured before the first backward
+        # pass of a step, and calls dropped from ``inputs`` with a stale step
+        self._inputs_at_backward = 0
+        self._call_offset = 0
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -106,12 +113,9 @@ class Block:
                     G=f"{self.out_dim}x{self.out_dim}", bias=self.has_bias)
 
     def backend_for(self, op: str) -> str:
-        """The backend this block's ops run on: the engine's choice where that backend implements
-        the op, else "auto" (as :meth:`KFACEngine.op_backend` decides for the shared ops)."""
-        from .. import ops
-        if self.backend in ("auto", "torch") or self.backend in ops._registry.implementations(op):
-            return self.backend
-        return "auto"
+        """The backend this block's ops run on (``ops._registry.op_backend`` of the engine's
+        ``backend=`` choice, the same rule the engine's shared ops follow)."""
+        return op_backend(self.backend, op)
 
     # ------------------------------------------------------------------ capture interface
     def batch_size(self, x: torch.Tensor) -> int:

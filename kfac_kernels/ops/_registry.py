@@ -185,3 +185,12 @@ def resolve(op: str, backend: str, device) -> str:
             if backend != "auto":
                 raise
     raise BackendUnavailable(f"no backend can run {op!r} on {device}")
+
+
+def op_backend(choice: str, op: str) -> str:
+    """The backend to ask for when running ``op`` under the user's ``backend=`` choice: the
+    choice itself where it implements ``op`` (or is "auto"/"torch"), else "auto" (so an explicit
+    backend="triton" still decomposes with whatever implements symeig)."""
+    if choice in ("auto", "torch") or choice in implementations(op):
+        return choice
+    return "auto"

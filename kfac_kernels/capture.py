@@ -1,0 +1,249 @@
+"""Capture: the hooks that record what the factors need, and the extra curvature passes.
+
+On steps where factors are due, a forward hook on every block's module keeps the layer's input
+(``block.inputs``) and puts a hook on its output that records the output-gradient. Gradients
+come from the user's ``loss.backward()`` ("empirical") or from the extra backward passes of
+:meth:`Capture.curvature_backward` ("fisher": sampled targets, "ggn": one pass per column of the
+output Hessian's square root). After each pass the gradients are folded into each block's
+``G_hat`` (batched, :mod:`kfac_kernels.factors`), so memory stays bounded however many passes a
+metric needs.
+
+Stale steps: ``zero_grad`` marks what was captured so far; a backward pass that follows before
+``step()`` means that step was never taken, and its captures are dropped (not merged into the
+next factor update). :meth:`Capture.reset` is the one reset of every capture buffer.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .blocks import Block
+from .curvature import check_likelihood_output, ggn_num_columns, ggn_vectors, sample_vectors
+
+__all__ = ["Capture"]
+
+_GGN_WARN_COLUMNS = 256
+
+
+class Capture:
+    """Hooks, gradient buffers and curvature passes of one engine.
+
+    Collaborators (passed in): ``factors`` (runs the G jobs), ``kind`` (the inverse kind, which
+    may want every pass: EKFAC), ``comm`` (told when backward passes start and end), ``health``
+    and ``inverse_due()`` (whether this step replaces the eigenbasis)."""
+
+    def __init__(self, blocks: Dict[str, Block], opts, *, factors, kind, comm, health,
+                 inverse_due: Callable[[], bool]):
+        self.blocks = blocks
+        self.opts = opts
+        self.factors, self.kind, self.comm, self.health = factors, kind, comm, health
+        self.inverse_due = inverse_due
+        self.generator: Optional[torch.Generator] = None   # the sampler of curvature="fisher"
+        self.capturing = False            # are forward passes of this step captured?
+        self.g_active = False             # do output-gradient hooks record right now?
+        self.grads: Dict[Block, List[torch.Tensor]] = defaultdict(list)
+        self.grad_calls: Dict[Block, List[int]] = defaultdict(list)   # call index of each grad
+        self.pending_passes = 0           # backward passes folded into G_hat this step
+        self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
+        self.seen_backward = False        # captured statistics have seen a backward pass
+        self.stale = False                # ... before the last zero_grad
+        self.hooks = [b.module.register_forward_hook(self._forward_hook(b))
+                      for b in blocks.values()]
+        # the hooks hold the capture weakly: an optimiser dropped without close() frees its
+        # factors, and its hooks are removed when it is collected
+        weakref.finalize(self, _remove_hooks, self.hooks)
+
+    # ------------------------------------------------------------------ switches
+    def start_step(self, step: int) -> None:
+        """Capture this step when factors are due."""
+        self.capturing = step % self.opts.factor_every == 0
+        self.g_active = self.capturing and self.opts.curvature == "empirical"
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Capture nothing inside (extra forward/backward passes of step control)."""
+        saved = self.capturing, self.g_active
+        self.capturing = self.g_active = False
+        try:
+            yield
+        finally:
+            self.capturing, self.g_active = saved
+
+    def close(self) -> None:
+        _remove_hooks(self.hooks)
+        self.reset()
+
+    # ------------------------------------------------------------------ hooks
+    def _forward_hook(self, block: Block):
+        ref = weakref.ref(self)
+
+        def hook(module, args, output):
+            self = ref()
+            if self is None or not self.capturing or not torch.is_grad_enabled() or not args:
+                return
+            if module is not block.module:   # a deepcopy of the model carries the hook along
+                return
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                return
+            block.check_input(x)
+            block.inputs.append(block.prepare_input(x.detach(), output))
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
+        return hook
+
+    def _grad_hook(self, block: Block, call: int = 0):
+        ref = weakref.ref(self)
+
+        def hook(grad):
+            self = ref()
+            if self is not None and self.g_active:
+                if self.stale:
+                    self.drop_stale()
+                self.comm.backward_started(self.factors.a_statistics)
+                self.grads[block].append(grad.detach())
+                # call index among the inputs kept (stale ones dropped: see drop_stale)
+                self.grad_calls[block].append(call - block._call_offset)
+                self.seen_backward = True
+                block._inputs_at_backward = len(block.inputs)
+        return hook
+
+    # ------------------------------------------------------------------ stale steps
+    def mark_stale(self) -> None:
+        """Called by ``zero_grad``: statistics that have already seen a backward pass belong to
+        an earlier step; if another backward pass comes before ``step()``, they are dropped."""
+        self.stale = self.seen_backward
+
+    def drop_stale(self) -> None:
+        """Drop the captures of a step that was never taken; layer inputs captured after its
+        backward pass (this step's forward, run before ``zero_grad``) are kept."""
+        for b in self.blocks.values():
+            mark = b._inputs_at_backward
+            b.inputs = b.inputs[mark:]
+            b._call_offset = b._call_offset + mark   # hooks know absolute calls
+            b.A_hat = b.G_hat = None
+            b.S_hat = None
+            b._inputs_at_backward = 0
+        self.grads = defaultdict(list)
+        self.grad_calls = defaultdict(list)
+        self.kind.drop_capture()
+        self.pending_passes = 0
+        self.seen_backward = self.stale = False
+        self.health.warn_once(("stale",), "statistics captured for a step whose step() never ran "
+                              "were dropped (a backward pass followed zero_grad() without a "
+                              "step() in between; warned once)")
+
+    def reset(self) -> None:
+        """Forget everything captured this step (after the factor update, or a dropped step)."""
+        self.comm.clear()
+        for b in self.blocks.values():
+            b.clear_capture()
+            b._inputs_at_backward = b._call_offset = 0
+        self.grads = defaultdict(list)
+        self.grad_calls = defaultdict(list)
+        self.pending_passes = 0
+        self.seen_backward = self.stale = False
+
+    # ------------------------------------------------------------------ folding passes
+    def has_grads(self) -> bool:
+        return any(self.grads.values())
+
+    def fold(self, weight: float, empirical: bool,
+             g_rescale: Optional[torch.Tensor] = None) -> None:
+        """Fold the output-gradients of one backward pass into each block's G_hat (and hand them
+        to an inverse kind that wants every pass). ``g_rescale``: a device factor on the
+        gradients of a scaled loss (1/S^2 under a GradScaler)."""
+        jobs = []
+        wants = self.kind.wants_passes
+        for block, grads in self.grads.items():
+            if not grads:
+                continue
+            n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
+            calls = self.grad_calls[block]
+            scale = self.factors.g_scale(n, weight, empirical)
+            for job in block.pass_jobs(grads, calls, scale):
+                jobs.append((block, job))
+            if wants and block.inputs:
+                alpha = scale / n
+                if g_rescale is not None:
+                    alpha = g_rescale * alpha
+                self.kind.on_pass(block, grads, calls, alpha, n,
+                                  basis_replaced=self.inverse_due())
+        self.grads = defaultdict(list)
+        self.grad_calls = defaultdict(list)
+        self.factors.run_jobs(jobs, target="G_hat", accumulate=True)
+        if jobs:
+            self.pending_passes += 1
+
+    def take_out_batch(self) -> Optional[int]:
+        n, self.out_batch = self.out_batch, None
+        return n
+
+    # ------------------------------------------------------------------ curvature passes
+    def curvature_backward(self, out: Optional[torch.Tensor], step: int) -> None:
+        """The extra backward passes of "fisher" / "ggn" (before the loss's own backward)."""
+        opts = self.opts
+        if not self.capturing or opts.curvature == "empirical":
+            return
+        if out is None:
+            raise ValueError(f"curvature={opts.curvature!r} needs the model outputs: call "
+                             f"opt.backward(loss, out) with the output the loss was computed from")
+        check_likelihood_output(opts.likelihood, out)
+        if self.stale:
+            self.drop_stale()
+        self.out_batch = out.shape[0]
+        batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
+        if batch and out.shape[0] not in batch:
+            raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
+                             f"size of the captured layer inputs {sorted(batch)} (batch dimension "
+                             f"first, and one forward pass per step)")
+        weights = [b.weight for b in self.blocks.values() if b.inputs]
+        if not weights:
+            return
+        self.comm.curvature_started(self.factors.a_statistics)
+        if opts.curvature == "fisher":    # a strategy may seed every rank's draws per step
+            gen = self.comm.sampler(self.generator, out.device, step)
+            if gen is not None:
+                self.generator = gen
+        gen = self._sampler(out)
+        if opts.curvature == "fisher":
+            vectors, weight = sample_vectors(opts.likelihood, out, opts.mc_samples,
+                                             gen), 1.0 / opts.mc_samples
+        else:
+            cols = ggn_num_columns(opts.likelihood, out)
+            if cols > _GGN_WARN_COLUMNS:
+                self.health.warn_once(
+                    ("ggn", cols), f"curvature='ggn' back-propagates one vector per output "
+                    f"coordinate: {cols} backward passes per factor update; curvature='fisher' "
+                    f"estimates the same metric with mc_samples passes")
+            vectors, weight = ggn_vectors(opts.likelihood, out), 1.0
+        self.g_active = True
+        try:
+            for v in vectors:
+                torch.autograd.grad(out, weights, grad_outputs=v, retain_graph=True,
+                                    allow_unused=True)
+                self.fold(weight, empirical=False)
+        finally:
+            self.g_active = False
+        self.comm.curvature_finished(self.pending_passes)   # G complete: reduce it now
+
+    def _sampler(self, out: torch.Tensor) -> torch.Tensor:
+        """The sampling generator on the output's device, seeded once (``seed``, else from the
+        host RNG: no device sync)."""
+        if self.generator is None or self.generator.device != out.device:
+            self.generator = torch.Generator(device=out.device)
+            seed = self.opts.seed if self.opts.seed is not None else int(
+                torch.randint(0, 2 ** 62, (1,)).item())
+            self.generator.manual_seed(seed)
+        return self.generator
+
+
+def _remove_hooks(handles: list) -> None:
+    """Remove hook handles in place (also the finaliser of a collected capture)."""
+    for h in handles:
+        h.remove()
+    handles.clear()

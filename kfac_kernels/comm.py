@@ -1,0 +1,101 @@
+"""Communication strategies: the seam between the engine and the processes it runs in.
+
+The engine calls a strategy at fixed points of a step and never asks whether it is
+distributed; everything a strategy needs is passed in. :class:`LocalComm` (one process, no
+communication) is the default and documents the interface; ``kfac_kernels.distributed``
+implements it over torch.distributed (DDP-style data parallelism). A new strategy (FSDP2, ...)
+subclasses :class:`LocalComm` and overrides what it must.
+
+Call points, in step order:
+
+* capture: :meth:`backward_started` (first output-gradient of a factor step),
+  :meth:`curvature_started` / :meth:`curvature_finished` (around "fisher"/"ggn" passes),
+  :meth:`clear` (the step's capture was dropped);
+* factor update: :meth:`factor_statistics` (this step's estimates, averaged over processes),
+  :meth:`reduce_scalings` (EKFAC), :meth:`agree` (one skip decision for all processes);
+* inverse update: :meth:`update_inverses` (who decomposes what, and sharing the results),
+  :meth:`has_inverse`;
+* every step: :meth:`precondition`;
+* state: :meth:`fill_state_dict`, :meth:`load_state_dict`, :meth:`consolidate`;
+  :meth:`describe`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["LocalComm"]
+
+
+class LocalComm:
+    """One process: every hook is the identity or does the local work directly."""
+
+    world = 1
+    rank = 0
+    #: whether :meth:`precondition` runs collectives (``opt.compile()`` then compiles only the
+    #: local part)
+    precondition_collectives = False
+
+    # ---------------------------------------------------------------- capture
+    def backward_started(self, a_statistics: Callable) -> None:
+        """The first output-gradient of a factor step arrived: the forward pass is over."""
+
+    def curvature_started(self, a_statistics: Callable) -> None:
+        """The curvature passes of "fisher"/"ggn" begin."""
+
+    def sampler(self, generator: Optional[torch.Generator], device,
+                step: int) -> Optional[torch.Generator]:
+        """curvature="fisher": the generator to draw this step's samples from (seeded as the
+        strategy needs), or None for the engine's own (seeded once)."""
+        return None
+
+    def curvature_finished(self, pending_passes: int) -> None:
+        """The curvature passes are over: G is complete."""
+
+    def clear(self) -> None:
+        """The engine dropped this step's capture."""
+
+    # ---------------------------------------------------------------- factor update
+    def agree(self, found: torch.Tensor) -> torch.Tensor:
+        """Device flag ``found`` (> 0: skip the step) as every process must see it."""
+        return found
+
+    def factor_statistics(self, captured, pending_passes: int, factors):
+        """``{block: (A_hat, G_hat)}`` of this step (``factors``: the
+        :class:`kfac_kernels.factors.FactorStatistics` that computes this process's own)."""
+        return factors.statistics(captured)
+
+    def reduce_scalings(self, s_hats: Dict, counts: Dict) -> Dict:
+        """EKFAC's per-block estimates combined over processes (``counts``: examples behind
+        each)."""
+        return s_hats
+
+    # ---------------------------------------------------------------- inverse update
+    def update_inverses(self, ready, decompose: Callable, inverse_updates: int) -> None:
+        """Decompose the factors of ``ready`` (``decompose(blocks, only)``; ``only``: a set of
+        (block, "A"|"G") pairs, None for all)."""
+        decompose(ready, None)
+
+    def has_inverse(self, b) -> bool:
+        """Whether block ``b`` can be preconditioned in this process."""
+        return len(b.inverse) > 0
+
+    # ---------------------------------------------------------------- every step
+    def precondition(self, grads: Dict, local: Callable):
+        """``(U, dots)`` for ``grads`` (``local(grads)`` preconditions with the decompositions
+        this process holds)."""
+        return local(grads)
+
+    # ---------------------------------------------------------------- state
+    def fill_state_dict(self, sd: dict, inverse_updates: int) -> None:
+        """Complete the engine's state_dict (decompositions held elsewhere, seeds)."""
+
+    def load_state_dict(self, sd: dict) -> None:
+        """After the engine loaded ``sd``."""
+
+    def consolidate(self, to: int, inverse_updates: int) -> None:
+        """Collective: gather what rank ``to`` needs for a complete state_dict."""
+
+    def describe(self) -> Optional[str]:
+        return None

@@ -1,0 +1,222 @@
+"""Factor statistics: batched syrk jobs, this step's A/G estimates, the guarded running average.
+
+Blocks describe their statistics as :class:`kfac_kernels.blocks.SyrkJob` s; this part runs them
+with one batched ``ops.syrk_update`` per group of equal shapes (identical inputs, e.g. the q/k/v
+projections of one activation, computed once) and folds the step's estimates into the running
+factors on the device: ``F <- rho F + (1 - rho) F_hat``, ``rho = min(1 - 1/k, ema_decay)`` with k
+counting the block's accepted updates (first-estimate rule), skipped where the statistics are not
+finite or the step was rejected. No host synchronisation.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import ops
+from .blocks import Block, SyrkJob
+
+__all__ = ["FactorStatistics"]
+
+
+class FactorStatistics:
+    """The factor phase of one engine (options: ``loss_reduction``, ``ema_decay``,
+    ``factor_storage_dtype``; ``backend(op)``: the backend to ask for; ``health``: warn-once)."""
+
+    def __init__(self, opts, health, backend: Callable[[str], str]):
+        self.opts = opts
+        self.health = health
+        self.backend = backend
+
+    # ------------------------------------------------------------------ scales
+    def g_scale(self, n: int, weight: float, empirical: bool) -> float:
+        """Scale turning captured output-gradients into the g_n of the metric (docs/math.md): a
+        batch-mean loss gives grad = g_n / N, so "empirical" multiplies by N; a summed loss is
+        N times the mean loss, so its curvature is N times larger."""
+        mean = self.opts.loss_reduction == "mean"
+        c = float(n) if (empirical and mean) else 1.0
+        red = float(n) if not mean else 1.0
+        return weight * c * c * red
+
+    # ------------------------------------------------------------------ batched syrk
+    def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
+        """Execute syrk jobs, one batched ``ops.syrk_update`` per group of equal shapes.
+
+        ``target`` is the block attribute that receives the result. A block's first job
+        initialises its target (beta = 0) unless ``accumulate`` and it already holds one.
+        Identical initialising jobs (the same input tensor feeding several layers) are computed
+        once."""
+        first: Dict[Block, bool] = {}
+        ordered = []
+        for block, job in jobs:
+            init = block not in first and not (accumulate and getattr(block, target) is not None)
+            first[block] = True
+            ordered.append((block, job, init))
+        # the initialising jobs run first, then the accumulating ones
+        for phase in (True, False):
+            groups: Dict[tuple, List[Tuple[Block, SyrkJob]]] = OrderedDict()
+            for block, job, init in ordered:
+                if init != phase:
+                    continue
+                x = job.x
+                key = (tuple(x.shape), x.dtype, x.device, job.homogeneous, job.alpha,
+                       block.factor_dtype)
+                groups.setdefault(key, []).append((block, job))
+            for members in groups.values():
+                if phase:
+                    self._run_init(members, target)
+                else:
+                    self._run_accumulate(members, target)
+
+    def _run_init(self, members, target: str) -> None:
+        x0 = members[0][1].x
+        d = x0.shape[-1] + int(members[0][1].homogeneous)
+        dtype = members[0][0].factor_dtype
+        alpha, hom = members[0][1].alpha, members[0][1].homogeneous
+        backend = self.backend("syrk_update")
+        uniq: Dict[tuple, int] = {}          # deduplicate identical inputs
+        xs: List[torch.Tensor] = []
+        slot = []
+        for _, job in members:
+            k = (job.x.data_ptr(), tuple(job.x.stride()), tuple(job.x.shape))
+            if target == "G_hat":
+                k = (len(xs),)
+            if k not in uniq:
+                uniq[k] = len(xs)
+                xs.append(job.x)
+            slot.append(uniq[k])
+        if x0.dim() == 3:   # stacked jobs (one matrix per group/channel): concatenate
+            per = x0.shape[0]
+            out = torch.empty(len(xs) * per, d, d, dtype=dtype, device=x0.device)
+            ops.syrk_update(out, xs[0] if len(xs) == 1 else torch.cat(xs), alpha=alpha,
+                            beta=0.0, homogeneous=hom, backend=backend)
+            for (block, _), s in zip(members, slot):
+                setattr(block, target, out[s * per:(s + 1) * per])
+        elif len(xs) == 1:
+            out = torch.empty(d, d, dtype=dtype, device=x0.device)
+            ops.syrk_update(out, xs[0], alpha=alpha, beta=0.0, homogeneous=hom, backend=backend)
+            for block, _ in members:
+                setattr(block, target, out)
+        else:
+            out = torch.empty(len(xs), d, d, dtype=dtype, device=x0.device)
+            ops.syrk_update(out, torch.stack(xs), alpha=alpha, beta=0.0, homogeneous=hom,
+                            backend=backend)
+            for (block, _), s in zip(members, slot):
+                setattr(block, target, out[s])
+
+    def _run_accumulate(self, members, target: str) -> None:
+        """Accumulation into distinct targets: one call each."""
+        for block, job in members:
+            t = getattr(block, target)
+            if not t.is_contiguous():
+                t = t.contiguous()
+            ops.syrk_update(t, job.x, alpha=job.alpha, beta=1.0, homogeneous=job.homogeneous,
+                            backend=self.backend("syrk_update"))
+            setattr(block, target, t)
+
+    # ------------------------------------------------------------------ this step's estimates
+    def statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
+        """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
+        output-gradients (batched syrk / conv_input_factor)."""
+        a_hats = self.a_statistics(captured)
+        stats: "OrderedDict[Block, Tuple]" = OrderedDict()
+        for b in captured:
+            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
+                continue
+            stats[b] = (a_hats[b], b.G_hat)
+        return stats
+
+    def a_statistics(self, captured: List[Block]) -> "OrderedDict[Block, torch.Tensor]":
+        """This step's A_hat of each captured block (batched), in the block's factor dtype."""
+        a_jobs, a_ready = [], {}
+        for b in captured:
+            jobs, mat = b.a_jobs(b.inputs)
+            a_jobs += [(b, j) for j in jobs]
+            if mat is not None:
+                a_ready[b] = mat
+        for b in captured:
+            b.A_hat = None
+        self.run_jobs(a_jobs, target="A_hat", accumulate=False)
+        a_hats: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
+        for b in captured:
+            a_hat = a_ready.get(b, b.A_hat)
+            if a_ready.get(b) is not None and b.A_hat is not None:
+                a_hat = a_ready[b] + b.A_hat
+            b.A_hat = None
+            a_hats[b] = a_hat.to(b.factor_dtype)
+        return a_hats
+
+    # ------------------------------------------------------------------ running average
+    def merge(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+              ) -> Optional[torch.Tensor]:
+        """Fold the step's estimates into the running factors (guarded, no host sync). Returns
+        the [blocks] device flags of non-finite statistics (None when nothing was merged)."""
+        # every verdict before any merge: merging cleans its (possibly shared) estimates in place
+        oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
+        flags = [self._merge(b, a_hat, g_hat, ok, reject)
+                 for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks)]
+        return torch.stack(flags) if flags else None
+
+    @staticmethod
+    def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
+        """One reduction per factor: a sum is finite iff every entry is (or it overflowed, which
+        also deserves rejecting)."""
+        return torch.isfinite(A_hat.sum() + G_hat.sum())
+
+    def _merge(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor, ok: torch.Tensor,
+               reject: Optional[torch.Tensor]) -> torch.Tensor:
+        """Running average with the first-estimate rule, skipped on non-finite statistics or a
+        rejected step. Returns whether the statistics were not finite (warned about); a step
+        rejected as a whole (``reject``, reported by the optimiser) is counted in ``skipped``
+        only."""
+        storage = self.opts.factor_storage_dtype
+        if b.A is None:
+            dev = A_hat.device
+            b.A = torch.zeros_like(A_hat, dtype=storage or A_hat.dtype)
+            b.G = torch.zeros_like(G_hat, dtype=storage or G_hat.dtype)
+            b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
+            b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        bad_stats = ~ok
+        if reject is not None:
+            reject = reject.to(ok.device)
+            ok = ok & ~reject
+            bad_stats = bad_stats & ~reject
+        count = b.count + ok.to(b.count.dtype)
+        rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.opts.ema_decay)
+        keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
+        for name, hat in (("A", A_hat), ("G", G_hat)):
+            old = getattr(b, name)
+            # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
+            torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
+            if old.dtype == hat.dtype:
+                old.mul_(keep).addcmul_(hat, 1.0 - keep)
+            else:       # narrower storage: average in the statistics' dtype, round once
+                old.copy_(torch.addcmul(old.to(hat.dtype) * keep, hat, 1.0 - keep))
+        b.count = count
+        b.skipped = b.skipped + (~ok).to(torch.int64)
+        return bad_stats
+
+    # ------------------------------------------------------------------ checks
+    def check_batch_sizes(self, captured: List[Block], out_batch: Optional[int]) -> None:
+        """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
+        the model output's batch size (or, for "empirical", the most common one among the layers)
+        differs from it, e.g. a position embedding called on arange(T) or a Linear fed
+        x.view(-1, d). Its statistics would not be per-example. Shapes only: no host sync."""
+        sizes = {b: {b.batch_size(x) for x in b.inputs} for b in captured}
+        n = out_batch
+        if n is None:
+            counts: Dict[int, int] = defaultdict(int)
+            for ss in sizes.values():
+                for v in ss:
+                    counts[v] += 1
+            n = max(counts, key=lambda v: (counts[v], v))
+        for b, ss in sizes.items():
+            if ss != {n}:
+                self.health.warn_once(
+                    ("batch", b.name),
+                    f"module {b.name!r} saw inputs with batch size(s) {sorted(ss)} while the "
+                    f"model's batch size is {n}: K-FAC reads dim 0 of a layer's input as the "
+                    f"example index, so this block's statistics are not per-example (a position "
+                    f"embedding called on arange(T)? a layer fed x.view(-1, d)?). Keep the batch "
+                    f"dimension first (e.g. pos.expand(N, T)) or leave the module out with skip=")

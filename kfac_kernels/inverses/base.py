@@ -1,0 +1,188 @@
+"""The interface of an inverse kind and what every kind shares (pi, stacked blocks, buckets)."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import ops
+
+__all__ = ["InverseKind", "Slice", "finite_each", "pi", "buckets", "select"]
+
+
+def finite_each(stack: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether each matrix of a [B, n, n] stack is finite (on the device)."""
+    return torch.isfinite(stack).flatten(1).all(1)
+
+
+def pi(b) -> torch.Tensor:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined); one per
+    member of a stacked block, and a diagonal A's trace is its sum."""
+    diagA = b.A if b.diag_A else b.A.diagonal(dim1=-2, dim2=-1)
+    ta = diagA.to(b.factor_dtype).sum(-1) / b.A.shape[-1]
+    tg = b.G.diagonal(dim1=-2, dim2=-1).to(b.factor_dtype).sum(-1) / b.G.shape[-1]
+    p = torch.sqrt(ta / tg)
+    return torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
+
+
+def select(b, only: Optional[set]) -> Dict[str, torch.Tensor]:
+    """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
+    diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
+    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
+    # factors stored in a narrower dtype (factor_storage_dtype) are decomposed in factor_dtype
+    return {w: f.to(b.factor_dtype) for w, f in mats.items() if only is None or (b, w) in only}
+
+
+def buckets(units, mats: Callable) -> "OrderedDict[tuple, List[Tuple[object, str, torch.Tensor]]]":
+    """The factors of ``units`` by (size, dtype, device): one batched decomposition each."""
+    out: "OrderedDict[tuple, list]" = OrderedDict()
+    for b in units:
+        for which, f in mats(b).items():
+            out.setdefault((f.shape[-1], f.dtype, f.device), []).append((b, which, f))
+    return out
+
+
+class Slice:
+    """One matrix of a stacked block, seen by the decompositions as a block of its own (so that
+    batching by size and the fallback chain work per matrix)."""
+
+    diag_A = False
+
+    def __init__(self, block, i: int):
+        self.block, self.i = block, i
+        self.name = f"{block.name}[{i}]"
+        self.A, self.G = block.A[i], block.G[i]
+        self.factor_dtype = block.factor_dtype
+        self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
+
+
+class InverseKind:
+    """How one ``inverse=`` kind decomposes factors, what it stores in ``block.inverse`` and how
+    it preconditions a stack of gradient matrices.
+
+    A kind is built once per engine with the options, the health monitor (warn-once) and
+    ``backend(op)`` (the backend to ask for, see ``ops._registry.op_backend``). The engine and
+    the communication strategy talk to it only through the methods below."""
+
+    name = "?"
+    damping_modes: Tuple[str, ...] = ("eigen", "pi")
+    default_damping_mode = "eigen"
+    decomposition_op = "symeig"
+    precondition_op = "kron_precondition_eigen"
+    #: whether :meth:`on_pass` wants every backward pass's output-gradients
+    wants_passes = False
+
+    def __init__(self, opts, health, backend: Callable[[str], str]):
+        self.opts = opts
+        self.health = health
+        self.backend = backend
+
+    # ---------------------------------------------------------------- options
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        """Refuse option combinations this kind cannot honour (``values``: every option)."""
+
+    def check_distributed(self, k: int, world: int) -> None:
+        """Raise NotImplementedError when this kind cannot run with ``k`` of ``world`` ranks
+        holding each decomposition."""
+
+    # ---------------------------------------------------------------- decompositions
+    def entries(self, b, which: str) -> List[Tuple[str, Tuple[int, ...], bool]]:
+        """(key, shape, symmetric) of what decomposing ``which`` ("A"/"G") of ``b`` stores in
+        ``b.inverse`` (shape without the stack dim); what a strategy must share across ranks."""
+        n = b.in_dim if which == "A" else b.out_dim
+        if which == "A" and b.diag_A:
+            return [("lamA", (n,), False)]
+        return [("Q" + which, (n, n), False), ("lam" + which, (n,), False)]
+
+    def extra_entries(self) -> Tuple[str, ...]:
+        """Keys of ``b.inverse`` computed on every rank rather than shared (EKFAC's S)."""
+        return ()
+
+    def decompose(self, blocks, only: Optional[set], inverse_updates: int) -> None:
+        """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs; the
+        others' entries in ``block.inverse`` are left as they are).
+
+        A stacked block (groups, channels) is decomposed through one :class:`Slice` per member,
+        so its matrices join the size buckets (one batched call with every other factor of that
+        size) and the fallback chain works per matrix. A diagonal A is not decomposed: its
+        entries are its eigenvalues."""
+        units, slices = [], {}
+        for b in blocks:
+            if b.stacked:
+                slices[b] = [Slice(b, i) for i in range(b.num_stack)]
+                units += slices[b]
+            else:
+                units.append(b)
+        if only is not None:
+            only = set(only) | {(p, w) for b, parts in slices.items() for p in parts
+                                for w in ("A", "G") if (b, w) in only}
+        self.decompose_units(units, only, inverse_updates)
+        for b, parts in slices.items():
+            new = {k: torch.stack([p.inverse[k] for p in parts]) for k in parts[0].inverse}
+            b.inverse = new if only is None else {**b.inverse, **new}
+        for b in blocks:
+            if b.diag_A and (only is None or (b, "A") in only):
+                b.inverse["lamA"] = b.A.to(b.factor_dtype, copy=True)
+
+    def decompose_units(self, units, only: Optional[set], inverse_updates: int) -> None:
+        raise NotImplementedError
+
+    def restart_if_nonfinite(self, b, which: str, f: torch.Tensor) -> bool:
+        """A running factor that is not finite (a corrupted checkpoint, an overflow) has no
+        decomposition, and the running average would keep it non-finite for ever: it restarts,
+        so that the block's next accepted estimate is taken whole (first-estimate rule). Read on
+        the host: the inverse update synchronises anyway. Returns whether it restarted."""
+        if bool(torch.isfinite(f).all()):
+            return False
+        src = getattr(b, which)
+        if src is f or (src.dtype != f.dtype and src.shape == f.shape):  # f: a widened copy
+            setattr(b, which, torch.zeros_like(src))
+            b.count = torch.zeros_like(b.count)
+        self.health.warn_once(("restart", b.name, which),
+                              f"block {b.name!r}: the running factor {which} is not finite; it "
+                              f"restarts from the next factor estimate")
+        return True
+
+    # ---------------------------------------------------------------- preconditioning
+    def precondition(self, members, st: Dict[str, torch.Tensor], V: torch.Tensor,
+                     damping: float):
+        """``(U, <U, V>)`` for the stack ``V`` of ``members``' gradient matrices, from the
+        stacked entries ``st`` (one batched op call)."""
+        raise NotImplementedError
+
+    def pi_damped(self, members, lamG, lamA, damping: float):
+        """Eigenvalues with pi damping folded in: lamA + pi sqrt(gamma), lamG + sqrt(gamma)/pi."""
+        root = math.sqrt(damping)
+        pis = torch.cat([pi(b).reshape(-1) for b in members]).to(lamA.dtype)
+        return lamG + (root / pis).unsqueeze(-1), lamA + (pis * root).unsqueeze(-1)
+
+    def precondition_diag(self, members, st, V, damping: float):
+        """Blocks whose A is diagonal: ``ops.kron_precondition_diag`` with scalings lamG a^T
+        (eigenvalue damping) or the pi-damped product (damping_mode "pi", also under
+        inverse="cholesky": the same update, with G's inverse through its eigenbasis)."""
+        lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
+        if self.opts.damping_mode == "pi":
+            lamG, lamA = self.pi_damped(members, lamG, lamA, damping)
+            damping = 0.0
+        return ops.kron_precondition_diag(V, st["QG"], lamG.unsqueeze(-1) * lamA.unsqueeze(-2),
+                                          float(damping), return_dot=True,
+                                          backend=self.backend("kron_precondition_diag"))
+
+    # ---------------------------------------------------------------- per-step hooks (EKFAC)
+    def on_pass(self, block, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
+        """One backward pass's output-gradients of ``block`` (scaled by ``alpha``)."""
+
+    def after_factor_update(self, blocks, reject, comm) -> None:
+        """After the running factors of ``blocks`` were updated (``reject``: the step's flag)."""
+
+    def after_decomposition(self, blocks, comm) -> None:
+        """After new decompositions of ``blocks`` exist on this rank."""
+
+    def end_step(self) -> None:
+        """Forget per-step state."""
+
+    def drop_capture(self) -> None:
+        """The step's captures were dropped (a stale step): forget what was kept of them."""

@@ -1,0 +1,133 @@
+"""inverse="ekfac": K-FAC's eigenbases with eigenvalue-corrected scalings (George et al. 2018).
+
+S_ij estimates E[(QG^T D_n QA)_ij^2] for the per-example gradient matrices D_n in the current
+eigenbasis. It is re-estimated on every factor step from that step's backward passes (the
+per-pass statistics are projected into the basis as the passes happen), averaged like the
+factors (first-estimate rule, ``ema_decay``), and restarts whenever the basis changes: from that
+step's statistics when there are any (kept until the new basis exists), else from the K-FAC
+eigenvalues lamG lamA^T. Preconditioning: U = QG [(QG^T V QA) / (S + gamma)] QA^T.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from typing import Dict
+
+import torch
+
+from .. import ops
+from .eigh import EighInverse
+
+__all__ = ["EkfacInverse"]
+
+
+class EkfacInverse(EighInverse):
+    """Stores the eigh entries plus ``S`` (and keeps ``block.ekfac_count``)."""
+
+    name = "ekfac"
+    damping_modes = ("eigen",)
+    precondition_op = "ekfac_precondition"
+    wants_passes = True
+
+    def __init__(self, opts, health, backend):
+        super().__init__(opts, health, backend)
+        # statistics of passes whose eigenbasis is replaced this step, kept until the new basis
+        # exists: {block: [(inputs, grads, calls, alpha)]}
+        self._stash: Dict[object, list] = defaultdict(list)
+        self._n: Dict[object, int] = {}   # local examples behind each block's estimate
+
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        if values["damping_mode"] != "eigen":
+            raise ValueError("inverse='ekfac' damps its corrected eigenvalues: use "
+                             "damping_mode='eigen'")
+
+    def check_distributed(self, k: int, world: int) -> None:
+        """EKFAC's scalings are reduced when every rank holds every eigenbasis (each rank projects
+        its own examples' gradients into it)."""
+        if k < world:
+            raise NotImplementedError(
+                f"inverse='ekfac' under torch.distributed needs grad_worker_fraction=1 (every "
+                f"rank projects its examples into every eigenbasis), got "
+                f"{self.opts.grad_worker_fraction}")
+
+    def extra_entries(self):
+        return ("S",)
+
+    # ---------------------------------------------------------------- preconditioning
+    def precondition(self, members, st, V, damping: float):
+        if "S" not in st:        # no scalings yet: the K-FAC eigenvalues
+            return super().precondition(members, st, V, damping)
+        if "lamA" in st and "QA" not in st:     # diagonal A
+            return ops.kron_precondition_diag(V, st["QG"], st["S"], float(damping),
+                                              return_dot=True,
+                                              backend=self.backend("kron_precondition_diag"))
+        return ops.ekfac_precondition(V, st["QG"], st["QA"], st["S"], damping, return_dot=True,
+                                      backend=self.backend("ekfac_precondition"))
+
+    # ---------------------------------------------------------------- per-step statistics
+    def on_pass(self, b, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
+        """Fold one backward pass into ``b.S_hat`` in the CURRENT eigenbasis, or, when that basis
+        is replaced in this step's inverse update (or does not exist yet), keep the pass until
+        the new basis exists (:meth:`after_decomposition` computes S from it)."""
+        self._n[b] = n
+        if basis_replaced or "QG" not in b.inverse or "S" not in b.inverse:
+            self._stash[b].append((list(b.inputs), list(grads), list(calls), alpha))
+            return
+        part = b.ekfac_sums(b.inputs, grads, calls, b.inverse["QG"], b.inverse.get("QA"))
+        part = part.to(b.factor_dtype) * alpha
+        b.S_hat = part if b.S_hat is None else b.S_hat + part
+
+    def _reduce(self, comm, s_hats):
+        """Combine estimates across processes (identity without communication), weighted by each
+        rank's example count like G."""
+        if not s_hats:
+            return s_hats
+        return comm.reduce_scalings(s_hats, {b: self._n.get(b, 0) for b in s_hats})
+
+    def after_factor_update(self, blocks, reject, comm) -> None:
+        """S <- rho S + (1 - rho) S_hat, rho = min(1 - 1/k, ema_decay), k counting accepted
+        estimates since the eigenbasis last changed; on the device, guarded like the factors."""
+        s_hats = OrderedDict((b, b.S_hat) for b in blocks if b.S_hat is not None)
+        for b in blocks:
+            b.S_hat = None
+        for b, s_hat in self._reduce(comm, s_hats).items():
+            S = b.inverse["S"]
+            ok = torch.isfinite(s_hat).all()
+            if reject is not None:      # the whole step was rejected
+                ok = ok & ~reject.to(ok.device)
+            count = b.ekfac_count + ok.to(b.ekfac_count.dtype)
+            rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.opts.ema_decay)
+            S.copy_(torch.where(ok, S * rho + s_hat * (1.0 - rho), S))   # in place: a stack view
+            b.ekfac_count = count
+
+    def after_decomposition(self, blocks, comm) -> None:
+        """S restarts in the new eigenbasis, from this step's statistics (kept by
+        :meth:`on_pass`) when there are any, else from the K-FAC eigenvalues lamG lamA^T."""
+        ests: "OrderedDict[object, torch.Tensor]" = OrderedDict()
+        for b in blocks:
+            inv = b.inverse
+            for inputs, grads, calls, alpha in self._stash.pop(b, []):
+                part = b.ekfac_sums(inputs, grads, calls, inv["QG"], inv.get("QA"))
+                part = part.to(b.factor_dtype) * alpha
+                ests[b] = part if b not in ests else ests[b] + part
+        ests = self._reduce(comm, ests)      # over ranks (identity in one process)
+        for b in blocks:
+            inv = b.inverse
+            lamA = inv["lamA"].clamp_min(0)
+            init = inv["lamG"].clamp_min(0).unsqueeze(-1) * lamA.unsqueeze(-2)
+            est = ests.get(b)
+            dev = init.device
+            if est is None:
+                inv["S"], b.ekfac_count = init, torch.zeros((), dtype=b.factor_dtype, device=dev)
+            else:
+                ok = torch.isfinite(est).all()
+                inv["S"] = torch.where(ok, est, init)
+                b.ekfac_count = ok.to(b.factor_dtype)
+        self._stash = defaultdict(list)
+
+    def end_step(self) -> None:
+        self._stash = defaultdict(list)
+
+    def drop_capture(self) -> None:
+        """The step's captures were dropped (stale): forget their stashed passes."""
+        self._stash = defaultdict(list)

@@ -1,0 +1,106 @@
+"""The step pipeline shared by :class:`kfac_kernels.KFAC` and :class:`kfac_kernels.KFACPreconditioner`.
+
+One K-FAC step, in order::
+
+    guard        gradients finite? (unscaled under a GradScaler)   -> ok (device flag) or None
+    curvature    factor update (rejected when not ok), inverse update when due
+    gradients    {block: V}: gradient matrices (+ weight decay)
+    directions   {block: U}, <U, V> sums, ok & finite(U), KL-clip factor nu
+    update       the optimiser's own rule (KFAC: heavy ball; KFACPreconditioner: writes .grad)
+    end          counters, capture switched for the next step
+
+Every per-step flag is an argument (``ok``, ``g_rescale``), never a write into another object.
+Everything stays on the device: no host synchronisation in a step without an inverse update.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional, Union
+
+import torch
+
+from . import amp
+from .blocks import Block
+
+__all__ = ["StepPipeline", "kl_factor"]
+
+
+def kl_factor(kl_clip: float, total: torch.Tensor) -> torch.Tensor:
+    """nu = min(1, sqrt(C / sum_b lr_b^2 <U_b, V_b>)), on the device (no host sync)."""
+    nu = torch.sqrt(kl_clip / total.clamp_min(0))
+    return torch.where(torch.isfinite(nu), nu.clamp(max=1.0), torch.ones_like(nu))
+
+
+class StepPipeline:
+    """The phases of a step over one engine (see the module docstring)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def guard(self, grads: Iterable[torch.Tensor], *, inv_scale: Optional[torch.Tensor] = None,
+              found_inf: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The step's ok flag (0-d bool on the device): every gradient finite and, under a
+        GradScaler, no overflow (``found_inf``); the same on every process. ``inv_scale``:
+        unscale the gradients in place on the way. None when nothing was checked."""
+        found = amp.check_and_unscale(grads, inv_scale)
+        if isinstance(found_inf, torch.Tensor):
+            found = found_inf.float() if found is None else found + found_inf.to(found.device)
+        if found is None:
+            return None
+        return self.engine.comm.agree(found) == 0
+
+    def g_rescale(self, scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The factor 1/S^2 on the empirical G of a loss scaled by ``scale`` (None: none), when
+        this step captures output-gradients of that loss."""
+        eng = self.engine
+        if scale is None or not eng.capturing or eng.opts.curvature != "empirical":
+            return None
+        return amp.inverse_scale(scale) ** 2
+
+    def curvature(self, ok: Optional[torch.Tensor],
+                  g_rescale: Optional[torch.Tensor] = None) -> None:
+        """Factor update (rejected on the device when ``ok`` is false) and, when due, the
+        inverse update."""
+        eng = self.engine
+        eng.finish_factor_update(reject=None if ok is None else ~ok, g_rescale=g_rescale)
+        if eng.inverse_due():
+            eng.update_inverses()
+
+    def gradients(self, weight_decay: Optional[Callable[[Block], float]] = None
+                  ) -> Dict[Block, torch.Tensor]:
+        """{block: V} for the blocks that have a decomposition and a gradient; ``weight_decay(b)``
+        adds ``wd * W`` (the block's parameters as one matrix)."""
+        eng = self.engine
+        grads = {}
+        for b in eng.blocks.values():
+            if not eng.has_inverse(b):
+                continue
+            V = b.grad_matrix()
+            if V is None:
+                continue
+            wd = weight_decay(b) if weight_decay is not None else 0.0
+            if wd:
+                V = V + wd * b.param_matrix()
+            grads[b] = V
+        return grads
+
+    def directions(self, grads: Dict[Block, torch.Tensor], ok: Optional[torch.Tensor],
+                   kl_clip: Optional[float], lr: Union[float, Dict[Block, float]]):
+        """``(U, ok, nu)``: the preconditioned directions, the ok flag extended by the finiteness
+        of the <U, V> sums (when ``ok`` is not None), and the KL-clip factor (None without a
+        clip). ``lr``: one learning rate (the clip bounds ``lr^2 sum <U, V>``) or one per block
+        (``sum lr_b^2 <U_b, V_b>``)."""
+        U, dots = self.engine.precondition(grads)
+        if ok is not None and dots:
+            total = torch.stack([d.double() for d in dots.values()]).sum()
+            ok = ok & torch.isfinite(total).to(ok.device)
+        nu = None
+        if kl_clip is not None and dots:
+            if isinstance(lr, dict):
+                total = sum(lr[b] ** 2 * d for b, d in dots.items())
+            else:
+                total = lr ** 2 * sum(dots.values())
+            nu = kl_factor(kl_clip, total)
+        return U, ok, nu
+
+    def end(self) -> None:
+        self.engine.end_step()
