@@ -199,13 +199,13 @@ class FSDPKFAC(DistributedKFAC):
                 self.layouts[id(p)] = _Layout(names.get(id(p), f"param {tuple(p.shape)}"), p)
         self.sharded_blocks = [b for b in blocks if any(id(p) in self.layouts for p in b.params)]
         self._sharded_set = set(self.sharded_blocks)
+        _check_fsdp_managed(model, blocks, self.layouts)
         for b in self.sharded_blocks:
             plain = [p for p in b.params if id(p) not in self.layouts]
             if plain:
                 raise NotImplementedError(
                     f"block {b.name!r} holds both DTensor and plain parameters; shard the whole "
                     f"module with fully_shard")
-        _check_fsdp_managed(model, blocks, self.layouts)
         group_ranks = tuple(sorted(dist.get_process_group_ranks(group)))
         for lay in self.layouts.values():
             if lay.mesh_ranks != group_ranks:

@@ -144,7 +144,11 @@ def fisher_matches_ddp(rank, world, cfg):
             dist.all_reduce(p.grad)
             p.grad.div_(world)
         opt2.step()
-    return max(_rel(_full(p), q.detach()) for p, q in zip(model.parameters(), plain.parameters()))
+    init = make_model(width=7, kind=cfg.get("model", "mixed"))
+    full = [_full(p) for p in model.parameters()]
+    return dict(err=max(_rel(p, q.detach()) for p, q in zip(full, plain.parameters())),
+                moved=_rel(torch.cat([p.flatten() for p in full]),
+                           torch.cat([q.detach().flatten() for q in init.parameters()])))
 
 
 def nonfinite(rank, world):
@@ -214,20 +218,34 @@ def checkpoint(rank, world, cfg, path):
     dist.barrier()
     ckpt = torch.load(path, weights_only=False)
     resumed = sharded_model(cfg, world, seed=99)
-    set_model_state_dict(resumed, ckpt["model"], options=StateDictOptions(full_state_dict=True))
+    # (set_model_state_dict replaces the values of the dict it is given by DTensors: a copy)
+    set_model_state_dict(resumed, dict(ckpt["model"]),
+                         options=StateDictOptions(full_state_dict=True))
     opt2, base2 = _build(resumed, cfg)
     opt2.load_state_dict(ckpt["opt"])
     kinds = {type(v).__name__ for st in opt2.state.values() for v in st.values()}
     _train(resumed, opt2, base2, cfg, 3, sizes, rank, start=3)
     same = all(torch.equal(_full(a), _full(b))
                for a, b in zip(straight.parameters(), resumed.parameters()))
+    # control: the same resume without the momentum buffers must differ (the test can fail)
+    control = sharded_model(cfg, world, seed=97)
+    set_model_state_dict(control, dict(ckpt["model"]),
+                         options=StateDictOptions(full_state_dict=True))
+    opt3, base3 = _build(control, cfg)
+    opt3.load_state_dict({**ckpt["opt"], "state": {}})
+    _train(control, opt3, base3, cfg, 3, sizes, rank, start=3)
+    control_same = all(torch.equal(_full(a), _full(b))
+                       for a, b in zip(straight.parameters(), control.parameters()))
     # the checkpoint is complete: one process (a plain model) loads it and trains on
     single = make_model(width=7, seed=98, kind=cfg.get("model", "mixed"))
     single.load_state_dict(ckpt["model"])
     opt1, base1 = _build(single, cfg, False)
     opt1.load_state_dict(ckpt["opt"])
+    before = [p.detach().clone() for p in single.parameters()]
     _train(single, opt1, base1, cfg, 1, sizes, None, start=3)
-    return dict(same=same, refused=refused, state_kinds=sorted(kinds),
+    single_moved = any(not torch.equal(a, b.detach()) for a, b in zip(before, single.parameters()))
+    return dict(same=same, control_same=control_same, refused=refused,
+                state_kinds=sorted(kinds), single_moved=single_moved,
                 params=[_full(p) for p in resumed.parameters()])
 
 
