@@ -289,3 +289,42 @@ def _fsdp1():
         warnings.simplefilter("ignore")
         wrapped = FullyShardedDataParallel(m, device_id=torch.device("cpu"))
     return kk.KFAC(wrapped, lr=0.1)
+
+
+def mixed_precision(rank, world, curvature):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32): the layers run
+    (and K-FAC captures) in bfloat16, the factors stay float32, and the run tracks the float32
+    run of the same data to bfloat16 accuracy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    out = {}
+    policies = {"fp32": None, "bf16": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                           reduce_dtype=torch.float32)}
+    sizes = [8] * world
+    for name, pol in policies.items():
+        model = make_model(width=7, kind="mixed").float()
+        kw = {} if pol is None else {"mp_policy": pol}
+        for n in LAYERS["mixed"]:
+            fully_shard(dict(model.named_modules())[n], **kw)
+        fully_shard(model, **kw)
+        seen = set()
+        model.fc.register_forward_hook(lambda m, a, o: seen.add(str(a[0].dtype)))
+        opt = kk.KFAC(model, lr=0.05, momentum=0.5, curvature=curvature,
+                      likelihood="categorical", inverse_every=2, damping=1e-2)
+        for s in range(6):
+            x, y = global_batch(s, sum(sizes))
+            x, y = shard(x, sizes, rank).float(), shard(y, sizes, rank)
+            opt.zero_grad()
+            o = model(x)
+            opt.backward(F.cross_entropy(o.float(), y), o)
+            opt.step()
+        out[name] = dict(params=[_full(p) for p in model.parameters()], inputs=sorted(seen),
+                         factors={str(b.A.dtype) for b in opt.blocks.values()}
+                         | {str(b.G.dtype) for b in opt.blocks.values()},
+                         params_dtype={str(p.dtype) for p in model.parameters()},
+                         skipped=opt.skipped_steps)
+    rel = max(_rel(a, b) for a, b in zip(out["bf16"]["params"], out["fp32"]["params"]))
+    init = [p.float() for p in make_model(width=7, kind="mixed").parameters()]
+    moved = max(_rel(a, b.detach()) for a, b in zip(out["fp32"]["params"], init))
+    for d in out.values():
+        d.pop("params")
+    return dict(rel=rel, moved=moved, **out)

@@ -151,3 +151,17 @@ def test_torchrun_fsdp_example_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-12000:]
     assert "fsdp: 3 of 3 blocks sharded" in proc.stdout, proc.stdout
     assert "checkpoint resumed bit-identically" in proc.stdout, proc.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("curvature", ["empirical", "ggn"])
+def test_bfloat16_mixed_precision_policy_keeps_float32_factors(curvature):
+    for out in run_ranks(FS.mixed_precision, 2, curvature, timeout=60):
+        assert out["bf16"]["inputs"] == ["torch.bfloat16"]      # the policy is in effect
+        assert out["fp32"]["inputs"] == ["torch.float32"]
+        for run in ("fp32", "bf16"):
+            assert out[run]["factors"] == {"torch.float32"}
+            assert out[run]["params_dtype"] == {"torch.float32"}
+            assert out[run]["skipped"] == 0
+        # bfloat16 layers move the parameters by about its precision, not more
+        assert 1e-5 < out["rel"] < 0.1 and out["moved"] > 0.1, out
