@@ -79,7 +79,6 @@ class _Layout:
 
     def __init__(self, name: str, p):
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
         self.name = name
         self.mesh = p.device_mesh
         self.placements = tuple(p.placements)
@@ -101,7 +100,8 @@ class _Layout:
                 f"parameter {name!r} is sharded over mesh dimensions {shard_dims} of {self.mesh} "
                 f"({list(self.placements)}): K-FAC supports one shard dimension (FSDP2, HSDP); "
                 f"FSDP combined with tensor parallelism is not supported")
-        self.dim = shard_dims[0] if shard_dims else None
+        # a shard dimension of size 1 holds everything: nothing to gather
+        self.dim = shard_dims[0] if shard_dims and self.mesh.size(shard_dims[0]) > 1 else None
         n = self.shape[0] if self.shape else 1
         if self.dim is None:
             self.world, self.coord, self.group = 1, 0, None
@@ -116,14 +116,20 @@ class _Layout:
         self.rest = 1
         for s in self.shape[1:]:
             self.rest *= s
-        local_shape, offset = compute_local_shape_and_global_offset(
-            p.shape, self.mesh, list(self.placements))
-        if self.dim is not None and (tuple(local_shape)[:1] != (self.rows,)
-                                     or tuple(offset)[:1] != (self.offset,)):
+        # check the chunked layout against DTensor's own (private helper: the public local
+        # shape is checked where it is missing)
+        try:
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+            local_shape, offset = compute_local_shape_and_global_offset(
+                p.shape, self.mesh, list(self.placements))
+            local_shape, offset = tuple(local_shape)[:1], tuple(offset)[:1]
+        except ImportError:   # pragma: no cover - other torch versions
+            local_shape, offset = tuple(p.to_local().shape)[:1], (self.offset,)
+        if self.shape and (local_shape != (self.rows,) or offset != (self.offset,)):
             raise NotImplementedError(
-                f"parameter {name!r}: this rank holds rows {tuple(offset)[:1]} + "
-                f"{tuple(local_shape)[:1]} of its DTensor, not the chunked layout "
-                f"({self.offset} + {self.rows}) K-FAC's gradient gather assumes")
+                f"parameter {name!r}: this rank holds rows {offset} + {local_shape} of its "
+                f"DTensor, not the chunked layout ({self.offset} + {self.rows}) K-FAC's gradient "
+                f"gather assumes")
         # the data-parallel ranks of the mesh (global ranks)
         self.mesh_ranks = tuple(sorted(int(r) for r in self.mesh.mesh.flatten().tolist()))
 
