@@ -380,11 +380,12 @@ class FSDPKFAC(DistributedKFAC):
         per_step = sum(self.layouts[id(p)].chunk * self.layouts[id(p)].rest * p.element_size()
                        for b in self.sharded_blocks for p in b.params
                        if self.layouts[id(p)].dim is not None)
+        size = (f"{per_step / _MB:.2f} MB" if per_step >= _MB else f"{per_step / 1024:.1f} KiB")
         return (super().describe() + f"\nfsdp: {len(self.sharded_blocks)} of {len(self.blocks)} "
                 f"blocks sharded (meshes {', '.join(meshes) or 'none'}); every step each rank "
-                f"all-gathers their gradients ({per_step / _MB:.2f} MB from this rank, "
-                f"more with weight decay: the parameter values too), preconditions full "
-                f"matrices and keeps its own rows")
+                f"all-gathers their gradients ({size} from this rank, twice that with weight "
+                f"decay: the parameter values too), preconditions whole matrices and keeps its "
+                f"own rows")
 
 
 def _local(t, lay: _Layout) -> torch.Tensor:

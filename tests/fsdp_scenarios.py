@@ -328,3 +328,23 @@ def mixed_precision(rank, world, curvature):
     for d in out.values():
         d.pop("params")
     return dict(rel=rel, moved=moved, **out)
+
+
+def mesh_subgroup(rank, world):
+    """A model sharded over ranks 0 and 1 of 3: K-FAC over the default (3-rank) group raises;
+    given a process group over the mesh's ranks it runs there (rank 2 stays out)."""
+    from torch.distributed.tensor import DeviceMesh
+    sub = dist.new_group([0, 1])
+    if rank == 2:
+        return None
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    fully_shard(m, mesh=DeviceMesh("cpu", [0, 1]))
+    refused = _expect(lambda: kk.KFAC(m, lr=0.1))
+    opt = kk.KFAC(m, lr=0.1, process_group=sub, curvature="empirical", inverse_every=1)
+    for s in range(2):
+        x = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+        opt.zero_grad()
+        F.cross_entropy(m(x), torch.arange(4) % 3).backward()
+        opt.step()
+    return dict(refused=refused, world=opt.engine.comm.world, updates=opt.engine.factor_updates)

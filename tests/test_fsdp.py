@@ -165,3 +165,13 @@ def test_bfloat16_mixed_precision_policy_keeps_float32_factors(curvature):
             assert out[run]["skipped"] == 0
         # bfloat16 layers move the parameters by about its precision, not more
         assert 1e-5 < out["rel"] < 0.1 and out["moved"] > 0.1, out
+
+
+@pytest.mark.timeout(60)
+def test_a_mesh_over_other_ranks_needs_a_matching_process_group():
+    res = run_ranks(FS.mesh_subgroup, 3, timeout=60)
+    assert res[2] is None
+    for out in res[:2]:
+        t, msg = out["refused"]
+        assert t == "ValueError" and "ranks [0, 1]" in msg and "process_group=" in msg
+        assert out["world"] == 2 and out["updates"] == 2
