@@ -24,7 +24,8 @@ import torch
 
 from ..ops.reference import pinv_cut
 
-__all__ = ["StepPlan", "reciprocal_or_zero", "eigen_reciprocal"]
+__all__ = ["StepPlan", "reciprocal_or_zero", "eigen_reciprocal", "damped_inverse_from_eigh",
+           "two_sided"]
 
 
 def reciprocal_or_zero(denom: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,13 @@ def eigen_reciprocal(lamG: torch.Tensor, lamA: torch.Tensor, damping: float) -> 
     if damping:
         denom = denom + float(damping)
     return reciprocal_or_zero(denom)
+
+
+def damped_inverse_from_eigh(Q: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``Q diag(1 / cut(lam)) Q^T`` (``cut``: the op's pseudo-inverse cut-off at damping 0,
+    ``ops.reference.pinv_cut``; an eigenvalue cut to 0 contributes 0)."""
+    r = reciprocal_or_zero(pinv_cut(lam, 0.0, 1))
+    return (Q * r.unsqueeze(-2)) @ Q.transpose(-1, -2)
 
 
 class StepPlan:
