@@ -9,8 +9,12 @@ damping does) instead of in every step. What is left per step and group is
     U = Lo ((Li V Ri) * R) Ro,   <U, V>
 
 with one ``mm`` (a group of one matrix) or ``bmm`` per product and any absent term skipped:
-eigh ``QG [(QG^T V QA) * R] QA^T``, EKFAC the same with ``R = 1 / (S + gamma)``, cholesky
-``G^-1 V A^-1``, a diagonal A ``QG [(QG^T V) * R]``. The plan is the torch backend's path: the
+eigh with eigenvalue damping ``QG [(QG^T V QA) * R] QA^T`` (four products: the damped
+eigenvalue products do not factorise), EKFAC the same with ``R = 1 / (S + gamma)``; pi damping
+factorises, so eigh builds the damped inverses ``QG diag(1/(lamG + g)) QG^T`` once and a step is
+two products ``G^-1 V A^-1``, as cholesky's is; a diagonal A ``QG [(QG^T V) * R]``. Plans that
+read what a factor update changes (pi from the running factors, EKFAC's scalings) are rebuilt
+after every factor update. The plan is the torch backend's path: the
 kinds build one only where the preconditioning op resolves to the torch backend and outside
 ``torch.compile`` (which sees the ops as custom ops); elsewhere the op is called. It computes the
 same quantity as the op's reference (``ops.reference``) up to rounding (``x * (1/d)`` for
