@@ -47,6 +47,9 @@ class Capture:
         self.g_active = False             # do output-gradient hooks record right now?
         self.grads: Dict[Block, List[torch.Tensor]] = defaultdict(list)
         self.grad_calls: Dict[Block, List[int]] = defaultdict(list)   # call index of each grad
+        # each captured call's output and its version (None: no hook on it), so that the
+        # curvature passes differentiate with respect to the layer outputs (nothing else)
+        self.outputs: Dict[Block, List[Optional[tuple]]] = defaultdict(list)
         self.pending_passes = 0           # backward passes folded into G_hat this step
         self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
         self.seen_backward = False        # captured statistics have seen a backward pass
@@ -94,6 +97,9 @@ class Capture:
             block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
+                self.outputs[block].append((output, output._version))
+            else:
+                self.outputs[block].append(None)
         return hook
 
     def _grad_hook(self, block: Block, call: int = 0):
@@ -124,6 +130,7 @@ class Capture:
         for b in self.blocks.values():
             mark = b._inputs_at_backward
             b.inputs = b.inputs[mark:]
+            self.outputs[b] = self.outputs[b][mark:]
             b._call_offset = b._call_offset + mark   # hooks know absolute calls
             b.A_hat = b.G_hat = None
             b.S_hat = None
@@ -145,8 +152,19 @@ class Capture:
             b._inputs_at_backward = b._call_offset = 0
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
+        self.outputs = defaultdict(list)
         self.pending_passes = 0
         self.seen_backward = self.stale = False
+
+    def pass_targets(self, weights: List[torch.Tensor]) -> List[torch.Tensor]:
+        """What a curvature pass differentiates: the captured layer outputs (their hooks record
+        the output-gradients, and autograd computes no weight gradient), unless an output was
+        modified in place after the layer (an in-place activation: its gradient would then be
+        the activation's), in which case the weights, as a plain backward pass would."""
+        outs = [o for lst in self.outputs.values() for o in lst if o is not None]
+        if not outs or any(t._version != v for t, v in outs):
+            return weights
+        return [t for t, _ in outs]
 
     # ------------------------------------------------------------------ folding passes
     def has_grads(self) -> bool:
@@ -221,10 +239,11 @@ class Capture:
                     f"coordinate: {cols} backward passes per factor update; curvature='fisher' "
                     f"estimates the same metric with mc_samples passes")
             vectors, weight = ggn_vectors(opts.likelihood, out), 1.0
+        targets = self.pass_targets(weights)
         self.g_active = True
         try:
             for v in vectors:
-                torch.autograd.grad(out, weights, grad_outputs=v, retain_graph=True,
+                torch.autograd.grad(out, targets, grad_outputs=v, retain_graph=True,
                                     allow_unused=True)
                 self.fold(weight, empirical=False)
         finally:

@@ -173,6 +173,8 @@ class KFACEngine:
                                       f"its factor update was skipped (warned once per block)")
                                      for b in stats])
         self.kind.after_factor_update(list(stats), reject, self.comm)
+        if self.kind.plan_reads_factors():
+            self.preconditioning.invalidate()
         return flags is not None
 
     # ------------------------------------------------------------------ inverse update

@@ -270,8 +270,10 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         U, ok, nu = self.pipeline.directions(grads, ok, self.kl_clip if kl_clip else None, lrs)
         direction: Dict[int, torch.Tensor] = {}
         for b, u in U.items():
+            if nu is not None:
+                u = u * (nu if nu.dtype == u.dtype else nu.to(u.dtype))
             for p, d in zip(b.params, b.split(u)):
-                direction[id(p)] = d if nu is None else d * nu.to(d.dtype)
+                direction[id(p)] = d
         for group in self.param_groups:       # fallback rule (and blocks not ready yet): SGD
             wd = group["weight_decay"]
             for p in group["params"]:
@@ -280,40 +282,48 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         return direction, ok
 
     def apply_update(self, direction: Dict[int, torch.Tensor], ok: Optional[torch.Tensor]) -> None:
-        """Apply the directions with each group's lr and momentum (heavy ball); with an ok flag,
-        a rejected step changes neither parameters nor momentum (on the device)."""
+        """Heavy ball with each group's lr and momentum: ``buf = mom buf + d; p -= lr buf``.
+        With an ok flag a rejected step changes neither parameters nor momentum (decided on the
+        device: ``d`` masked to 0, the momentum factor 1 and the step 0 where ``ok`` is false);
+        the flag's per-dtype factors are built once per group, so a parameter costs a few
+        in-place calls."""
+        masks: Dict[tuple, tuple] = {}
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
+            factors: Dict[tuple, tuple] = {}
             for p in group["params"]:
                 d = direction.get(id(p))
-                if d is not None:
-                    self._apply(p, d, lr, mom, ok)
-
-    def _apply(self, p, d, lr, mom, ok) -> None:
-        """Heavy-ball step ``buf = mom buf + d; p -= lr buf``; with an ok flag, a rejected step
-        leaves both untouched (on the device)."""
-        if ok is None:
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.detach().clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
-            return
-        keep = ok.to(device=p.device)
-        d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        if mom:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = d.detach().clone()
-            else:
-                buf.mul_(keep.to(buf.dtype) * (mom - 1.0) + 1.0).add_(d)
-            d = buf
-        p.addcmul_(d, keep.to(p.dtype) * -lr)
+                if d is None:
+                    continue
+                state = self.state[p] if mom else None
+                if ok is None:
+                    if mom:
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = state["momentum_buffer"] = d.detach().clone()
+                        else:
+                            buf.mul_(mom).add_(d)
+                        d = buf
+                    p.add_(d, alpha=-lr)
+                    continue
+                key = (p.device, p.dtype)
+                if key not in masks:     # the flag on this device, in this dtype, and a zero
+                    keep = ok.to(device=p.device)
+                    masks[key] = (keep, keep.to(p.dtype), torch.zeros((), dtype=p.dtype,
+                                                                      device=p.device))
+                keep, keepf, zero = masks[key]
+                if key not in factors:   # momentum factor (1 when rejected) and step factor
+                    factors[key] = (keepf * (mom - 1.0) + 1.0 if mom else None, keepf * -lr)
+                mom_f, step_f = factors[key]
+                d = torch.where(keep, d, zero if d.dtype == p.dtype else zero.to(d.dtype))
+                if mom:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(mom_f).add_(d)
+                    d = buf
+                p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:
         """Count a rejected step (warned once, read later: no host sync) and close the step."""

@@ -168,11 +168,13 @@ class Block:
         """[out, in(+1)] gradient (None when the module got no gradient this step)."""
         if self.weight.grad is None:
             return None
-        gw = self.weight.grad.reshape(self.out_dim, -1)
+        gw = self.weight.grad
+        if gw.dim() != 2:
+            gw = gw.reshape(self.out_dim, -1)
         if not self.has_bias:
             return gw
         gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+        return torch.cat([gw, gb.view(-1, 1)], dim=1)
 
     def param_matrix(self) -> torch.Tensor:
         w = self.weight.detach().reshape(self.out_dim, -1)
@@ -182,9 +184,11 @@ class Block:
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
         """Per-parameter views of an [out, in(+1)] matrix, in ``self.params`` order."""
+        shape = self.weight.shape
         if not self.has_bias:
-            return [U.reshape(self.weight.shape)]
-        return [U[:, :-1].reshape(self.weight.shape), U[:, -1].reshape(self.bias.shape)]
+            return [U if U.shape == shape else U.reshape(shape)]
+        w = U[:, :-1]
+        return [w if w.shape == shape else w.reshape(shape), U[:, -1]]
 
     # ------------------------------------------------------------------ dense view (tests)
     def to_dense(self) -> torch.Tensor:
