@@ -95,6 +95,15 @@ class Capture:
             if not isinstance(x, torch.Tensor):
                 return
             block.check_input(x)
+            if self.seen_backward and not self.stale:
+                self.health.warn_once(
+                    ("accumulation",), "a forward pass with gradients enabled after this step's "
+                    "backward pass and before step() (gradient accumulation?): K-FAC's factors "
+                    "do not combine micro-batches yet, so this step's A and G would be off by the "
+                    "number of micro-batches; on factor steps run the extra micro-batches inside "
+                    "`with opt.paused():` (the factors then come from the first one, exact for "
+                    "curvature='fisher'/'ggn', whose G does not depend on the loss scale; with "
+                    "'empirical' G carries the loss's 1/k^2) — docs/robustness.md (warned once)")
             self.modes.add(module.training)
             block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
