@@ -150,6 +150,7 @@ class KFACEngine:
             cap.reset()
             return False
         self.factors.check_batch_sizes(captured, cap.take_out_batch())
+        cap.check_modes()
         if cap.pending_passes == 0 or all(b.G_hat is None for b in captured):
             cap.reset()
             if opts.curvature == "empirical":

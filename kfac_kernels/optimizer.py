@@ -57,6 +57,15 @@ class _EngineViews:
         self.engine.curvature_backward(out)
         loss.backward(retain_graph=retain_graph)
 
+    def paused(self):
+        """Context manager: forward/backward passes inside are not captured for the factors
+        (evaluation batches with gradients on, probes, extra passes of step control)::
+
+            with opt.paused():
+                val_loss = loss_fn(model(x_val), y_val)
+        """
+        return self.engine.paused()
+
     def close(self) -> None:
         """Remove the hooks K-FAC put on the model."""
         self.engine.close()
