@@ -15,14 +15,24 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 
 setup() {  # $1: extra to install (demo | test)
   if [ ! -x "$VENV/bin/python" ]; then
+    echo "run.sh: creating $VENV (first run: installing torch and the $1 extra takes a minute or two)" >&2
     "$PYTHON" -m venv "$VENV"
   fi
   py="$VENV/bin/python"
+  # the package is installed in editable mode: Python changes need no reinstall; reinstall only
+  # when what the install reads changed (packaging files, the C++/CUDA sources) or the extra did
+  stamp="$VENV/.kfac_kernels_$1"
+  want="$(cat pyproject.toml setup.py CMakeLists.txt csrc/* 2>/dev/null | cksum) ${KFAC_KERNELS_CUDA:-}"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$py" -c "import torch, kfac_kernels" >/dev/null 2>&1; then
+    return 0
+  fi
   "$py" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "run.sh: installing $TORCH_SPEC" >&2
     # shellcheck disable=SC2086
     "$py" -m pip install -q $TORCH_SPEC
   fi
+  echo "run.sh: installing kfac_kernels[$1] (editable)" >&2
   "$py" -m pip install -q -e ".[$1]"
   if [ "$1" = "test" ]; then
     # curvlinops (a reference for the factor tests) without its torchvision requirement, which
@@ -30,10 +40,15 @@ setup() {  # $1: extra to install (demo | test)
     "$py" -m pip install -q --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1
     "$py" -m pip install -q einops einconv opt-einsum linear-operator unfoldNd scipy
   fi
+  echo "$want" > "$stamp"
 }
 
 case "$cmd" in
   demo)
+    # the demo runs on the CPU: build the CUDA module only where a GPU is present
+    if [ -z "${KFAC_KERNELS_CUDA:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
+      export KFAC_KERNELS_CUDA=0
+    fi
     setup demo
     exec "$VENV/bin/python" -m kfac_kernels demo "$@" ;;
   test)

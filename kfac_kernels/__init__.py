@@ -13,6 +13,10 @@ from . import ops
 __all__ = ["__version__", "ops", "nn", "KFAC", "KFACPreconditioner"]
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name):  # lazy, so `import kfac_kernels.ops` stays minimal
     if name in ("KFAC", "KFACPreconditioner"):
         from . import optimizer

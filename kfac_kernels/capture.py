@@ -47,6 +47,10 @@ class Capture:
         self.g_active = False             # do output-gradient hooks record right now?
         self.grads: Dict[Block, List[torch.Tensor]] = defaultdict(list)
         self.grad_calls: Dict[Block, List[int]] = defaultdict(list)   # call index of each grad
+        # each captured call's output and its version (None: no hook on it), so that the
+        # curvature passes differentiate with respect to the layer outputs (nothing else)
+        self.outputs: Dict[Block, List[Optional[tuple]]] = defaultdict(list)
+        self.modes: set = set()           # module.training of the calls captured this step
         self.pending_passes = 0           # backward passes folded into G_hat this step
         self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
         self.seen_backward = False        # captured statistics have seen a backward pass
@@ -96,9 +100,22 @@ class Capture:
             if not isinstance(x, torch.Tensor):
                 return
             block.check_input(x)
+            if self.seen_backward and not self.stale:
+                self.health.warn_once(
+                    ("accumulation",), "a forward pass with gradients enabled after this step's "
+                    "backward pass and before step() (gradient accumulation?): K-FAC's factors "
+                    "do not combine micro-batches yet, so this step's A and G would be off by the "
+                    "number of micro-batches; on factor steps run the extra micro-batches inside "
+                    "`with opt.paused():` (the factors then come from the first one, exact for "
+                    "curvature='fisher'/'ggn', whose G does not depend on the loss scale; with "
+                    "'empirical' G carries the loss's 1/k^2) — docs/robustness.md (warned once)")
+            self.modes.add(module.training)
             block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
+                self.outputs[block].append((output, output._version))
+            else:
+                self.outputs[block].append(None)
         return hook
 
     def _pre_hook(self, block: Block):
@@ -146,6 +163,7 @@ class Capture:
         for b in self.blocks.values():
             mark = b._inputs_at_backward
             b.inputs = b.inputs[mark:]
+            self.outputs[b] = self.outputs[b][mark:]
             b._call_offset = b._call_offset + mark   # hooks know absolute calls
             b.A_hat = b.G_hat = None
             b.S_hat = None
@@ -168,8 +186,30 @@ class Capture:
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
         self.used = {}
+        self.outputs = defaultdict(list)
+        self.modes = set()
         self.pending_passes = 0
         self.seen_backward = self.stale = False
+
+    def check_modes(self) -> None:
+        """Warn (once) when one step captured forward passes in training and in evaluation mode:
+        an evaluation pass run with gradients enabled enters the factors like a training one."""
+        if len(self.modes) > 1:
+            self.health.warn_once(
+                ("modes",), "this step captured forward passes in training mode and in eval mode: "
+                "a forward pass run with gradients enabled enters the factors, evaluation passes "
+                "included; run them under torch.no_grad() or inside `with opt.paused():` (warned "
+                "once)")
+
+    def pass_targets(self, weights: List[torch.Tensor]) -> List[torch.Tensor]:
+        """What a curvature pass differentiates: the captured layer outputs (their hooks record
+        the output-gradients, and autograd computes no weight gradient), unless an output was
+        modified in place after the layer (an in-place activation: its gradient would then be
+        the activation's), in which case the weights, as a plain backward pass would."""
+        outs = [o for lst in self.outputs.values() for o in lst if o is not None]
+        if not outs or any(t._version != v for t, v in outs):
+            return weights
+        return [t for t, _ in outs]
 
     # ------------------------------------------------------------------ folding passes
     def has_grads(self) -> bool:
@@ -221,9 +261,13 @@ class Capture:
         self.out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
-            raise ValueError(f"the output's batch size {out.shape[0]} does not match the batch "
-                             f"size of the captured layer inputs {sorted(batch)} (batch dimension "
-                             f"first, and one forward pass per step)")
+            seen = sorted({b.batch_size(x) for b in self.blocks.values() for x in b.inputs})
+            raise ValueError(
+                f"the output's batch size {out.shape[0]} does not match the batch sizes of the "
+                f"layer inputs captured this step {seen}: every forward pass run with gradients "
+                f"enabled since the last step() is captured, so an extra pass (an evaluation "
+                f"batch, a second micro-batch) mixes in; run extra passes under torch.no_grad() "
+                f"or inside `with opt.paused():`, and keep the batch dimension first")
         if self.used:      # the parameters the forward pass used (FSDP2: the unsharded ones)
             weights = []
             for b in self.blocks.values():
@@ -252,10 +296,11 @@ class Capture:
                     f"coordinate: {cols} backward passes per factor update; curvature='fisher' "
                     f"estimates the same metric with mc_samples passes")
             vectors, weight = ggn_vectors(opts.likelihood, out), 1.0
+        targets = self.pass_targets(weights)
         self.g_active = True
         try:
             for v in vectors:
-                torch.autograd.grad(out, weights, grad_outputs=v, retain_graph=True,
+                torch.autograd.grad(out, targets, grad_outputs=v, retain_graph=True,
                                     allow_unused=True)
                 self.fold(weight, empirical=False)
         finally:

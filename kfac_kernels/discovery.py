@@ -107,8 +107,17 @@ def discover(model, opts, trainable: Optional[set], conv_backend: str
         raise ValueError(
             "the model has no layer K-FAC supports (nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, "
             "normalisation layers, kfac_kernels.nn cells); fallback parameters: "
-            + (", ".join(f"{n} ({r})" for n, _, r in fallback) or "none"))
+            + (_by_module(fallback) or "none"))
     return blocks, fallback
+
+
+def _by_module(fallback) -> str:
+    """``module (reason): param, param; ...``: one reason per module, not one per parameter."""
+    groups: Dict[Tuple[str, str], List[str]] = OrderedDict()
+    for name, _, reason in fallback:
+        mod, _, pname = name.rpartition(".")
+        groups.setdefault((mod or "<model>", reason), []).append(pname or name)
+    return "; ".join(f"{mod} ({reason}): {', '.join(ps)}" for (mod, reason), ps in groups.items())
 
 
 _ON_PURPOSE = ("listed in skip=", "not listed in only=")

@@ -152,6 +152,7 @@ class KFACEngine:
             cap.reset()
             return False
         self.factors.check_batch_sizes(captured, cap.take_out_batch())
+        cap.check_modes()
         if cap.pending_passes == 0 or all(b.G_hat is None for b in captured):
             cap.reset()
             if opts.curvature == "empirical":
@@ -175,6 +176,8 @@ class KFACEngine:
                                       f"its factor update was skipped (warned once per block)")
                                      for b in stats])
         self.kind.after_factor_update(list(stats), reject, self.comm)
+        if self.kind.plan_reads_factors():
+            self.preconditioning.invalidate()
         return flags is not None
 
     # ------------------------------------------------------------------ inverse update

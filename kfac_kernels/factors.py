@@ -144,19 +144,84 @@ class FactorStatistics:
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat
             b.A_hat = None
-            a_hats[b] = a_hat.to(b.factor_dtype)
+            a_hats[b] = a_hat if a_hat.dtype == b.factor_dtype else a_hat.to(b.factor_dtype)
         return a_hats
 
     # ------------------------------------------------------------------ running average
     def merge(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
               ) -> Optional[torch.Tensor]:
         """Fold the step's estimates into the running factors (guarded, no host sync). Returns
-        the [blocks] device flags of non-finite statistics (None when nothing was merged)."""
-        # every verdict before any merge: merging cleans its (possibly shared) estimates in place
-        oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
-        flags = [self._merge(b, a_hat, g_hat, ok, reject)
-                 for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks)]
-        return torch.stack(flags) if flags else None
+        the [blocks] device flags of non-finite statistics (None when nothing was merged).
+
+        Blocks whose counters share a device and dtype (the usual case) are merged together:
+        one finiteness check, one counter update and one vector of averaging weights for all,
+        then two in-place calls per factor."""
+        if not stats:
+            return None
+        blocks = list(stats)
+        for b, (a_hat, g_hat) in stats.items():
+            if b.A is None:
+                self._init(b, a_hat, g_hat)
+        if len({(b.count.device, b.count.dtype) for b in blocks}) > 1:
+            # every verdict before any merge: merging cleans its (possibly shared) estimates
+            oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
+            return torch.stack([self._merge(b, a_hat, g_hat, ok, reject)
+                                for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks)])
+        # a sum is finite iff every entry is (or it overflowed, which also deserves rejecting)
+        sums = torch.stack([t.sum(dtype=b.count.dtype) for b, hats in stats.items()
+                            for t in hats])
+        ok = torch.isfinite(sums.view(-1, 2).sum(1))
+        bad_stats = ~ok
+        if reject is not None:
+            r = reject.to(ok.device)
+            ok = ok & ~r
+            bad_stats = bad_stats & ~r
+        counts, skipped = self._counters(blocks)
+        counts.add_(ok.to(counts.dtype))
+        skipped.add_((~ok).to(skipped.dtype))
+        rho = (1.0 - counts.clamp_min(1.0).reciprocal()).clamp_(0.0, self.opts.ema_decay)
+        keep = torch.where(ok, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
+        fresh = 1.0 - keep
+        for i, (b, hats) in enumerate(stats.items()):
+            k, f = keep[i], fresh[i]
+            for name, hat in zip(("A", "G"), hats):
+                self._average(getattr(b, name), hat, k, f)
+        return bad_stats
+
+    def _counters(self, blocks: List[Block]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[blocks] vectors whose entries ARE ``b.count`` / ``b.skipped`` (views, updated in
+        place); rebuilt when the block set changed or a counter was replaced (restart,
+        load_state_dict)."""
+        cache = getattr(self, "_counter_cache", None)
+        if (cache is None or cache[0] != blocks
+                or any(b.count is not c or b.skipped is not k
+                       for b, c, k in zip(blocks, cache[3], cache[4]))):
+            counts = torch.stack([b.count for b in blocks])
+            skipped = torch.stack([b.skipped for b in blocks])
+            cv, kv = list(counts.unbind(0)), list(skipped.unbind(0))
+            for b, c, k in zip(blocks, cv, kv):
+                b.count, b.skipped = c, k
+            cache = self._counter_cache = (list(blocks), counts, skipped, cv, kv)
+        return cache[1], cache[2]
+
+    def _init(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> None:
+        storage = self.opts.factor_storage_dtype
+        dev = A_hat.device
+        b.A = torch.zeros_like(A_hat, dtype=storage or A_hat.dtype)
+        b.G = torch.zeros_like(G_hat, dtype=storage or G_hat.dtype)
+        b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
+        b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+
+    @staticmethod
+    def _average(old: torch.Tensor, hat: torch.Tensor, keep: torch.Tensor,
+                 fresh: torch.Tensor) -> None:
+        """``old <- keep old + fresh hat`` in place (``keep`` 1 and ``fresh`` 0 on a rejected
+        update). ``hat`` is this step's scratch: it is cleaned first so that 0 * hat is 0."""
+        torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
+        if old.dtype == hat.dtype:
+            old.mul_(keep).addcmul_(hat, fresh)
+        else:       # narrower storage: average in the statistics' dtype, round once
+            old.copy_(torch.addcmul(old.to(hat.dtype) * keep, hat, fresh))
 
     @staticmethod
     def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
@@ -170,13 +235,8 @@ class FactorStatistics:
         rejected step. Returns whether the statistics were not finite (warned about); a step
         rejected as a whole (``reject``, reported by the optimiser) is counted in ``skipped``
         only."""
-        storage = self.opts.factor_storage_dtype
         if b.A is None:
-            dev = A_hat.device
-            b.A = torch.zeros_like(A_hat, dtype=storage or A_hat.dtype)
-            b.G = torch.zeros_like(G_hat, dtype=storage or G_hat.dtype)
-            b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
-            b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+            self._init(b, A_hat, G_hat)
         bad_stats = ~ok
         if reject is not None:
             reject = reject.to(ok.device)
@@ -186,13 +246,7 @@ class FactorStatistics:
         rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.opts.ema_decay)
         keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
         for name, hat in (("A", A_hat), ("G", G_hat)):
-            old = getattr(b, name)
-            # hat is this step's scratch: clean it so that 0 * hat is 0 when the step is rejected
-            torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
-            if old.dtype == hat.dtype:
-                old.mul_(keep).addcmul_(hat, 1.0 - keep)
-            else:       # narrower storage: average in the statistics' dtype, round once
-                old.copy_(torch.addcmul(old.to(hat.dtype) * keep, hat, 1.0 - keep))
+            self._average(getattr(b, name), hat, keep, 1.0 - keep)
         b.count = count
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats

@@ -57,6 +57,15 @@ class _EngineViews:
         self.engine.curvature_backward(out)
         loss.backward(retain_graph=retain_graph)
 
+    def paused(self):
+        """Context manager: forward/backward passes inside are not captured for the factors
+        (evaluation batches with gradients on, probes, extra passes of step control)::
+
+            with opt.paused():
+                val_loss = loss_fn(model(x_val), y_val)
+        """
+        return self.engine.paused()
+
     def close(self) -> None:
         """Remove the hooks K-FAC put on the model."""
         self.engine.close()
@@ -271,9 +280,10 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         direction: Dict[int, torch.Tensor] = {}
         local = self.engine.comm.local_part     # this process's shard of a sharded parameter
         for b, u in U.items():
+            if nu is not None:
+                u = u * (nu if nu.dtype == u.dtype else nu.to(u.dtype))
             for p, d in zip(b.params, b.split(u)):
-                d = local(p, d)
-                direction[id(p)] = d if nu is None else d * nu.to(d.dtype)
+                direction[id(p)] = local(p, d)
         for group in self.param_groups:       # fallback rule (and blocks not ready yet): SGD
             wd = group["weight_decay"]
             for p in group["params"]:
@@ -282,40 +292,48 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         return direction, ok
 
     def apply_update(self, direction: Dict[int, torch.Tensor], ok: Optional[torch.Tensor]) -> None:
-        """Apply the directions with each group's lr and momentum (heavy ball); with an ok flag,
-        a rejected step changes neither parameters nor momentum (on the device)."""
+        """Heavy ball with each group's lr and momentum: ``buf = mom buf + d; p -= lr buf``.
+        With an ok flag a rejected step changes neither parameters nor momentum (decided on the
+        device: ``d`` masked to 0, the momentum factor 1 and the step 0 where ``ok`` is false);
+        the flag's per-dtype factors are built once per group, so a parameter costs a few
+        in-place calls."""
+        masks: Dict[tuple, tuple] = {}
         for group in self.param_groups:
             lr, mom = group["lr"], group["momentum"]
+            factors: Dict[tuple, tuple] = {}
             for p in group["params"]:
                 d = direction.get(id(p))
-                if d is not None:
-                    self._apply(p, d, lr, mom, ok)
-
-    def _apply(self, p, d, lr, mom, ok) -> None:
-        """Heavy-ball step ``buf = mom buf + d; p -= lr buf``; with an ok flag, a rejected step
-        leaves both untouched (on the device)."""
-        if ok is None:
-            if mom:
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d.detach().clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = buf
-            p.add_(d, alpha=-lr)
-            return
-        keep = ok.to(device=p.device)
-        d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        if mom:
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = d.detach().clone()
-            else:
-                buf.mul_(keep.to(buf.dtype) * (mom - 1.0) + 1.0).add_(d)
-            d = buf
-        p.addcmul_(d, keep.to(p.dtype) * -lr)
+                if d is None:
+                    continue
+                state = self.state[p] if mom else None
+                if ok is None:
+                    if mom:
+                        buf = state.get("momentum_buffer")
+                        if buf is None:
+                            buf = state["momentum_buffer"] = d.detach().clone()
+                        else:
+                            buf.mul_(mom).add_(d)
+                        d = buf
+                    p.add_(d, alpha=-lr)
+                    continue
+                key = (p.device, p.dtype)
+                if key not in masks:     # the flag on this device, in this dtype, and a zero
+                    keep = ok.to(device=p.device)
+                    masks[key] = (keep, keep.to(p.dtype), torch.zeros((), dtype=p.dtype,
+                                                                      device=p.device))
+                keep, keepf, zero = masks[key]
+                if key not in factors:   # momentum factor (1 when rejected) and step factor
+                    factors[key] = (keepf * (mom - 1.0) + 1.0 if mom else None, keepf * -lr)
+                mom_f, step_f = factors[key]
+                d = torch.where(keep, d, zero if d.dtype == p.dtype else zero.to(d.dtype))
+                if mom:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(mom_f).add_(d)
+                    d = buf
+                p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:
         """Count a rejected step (warned once, read later: no host sync) and close the step."""

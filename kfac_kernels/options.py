@@ -314,6 +314,13 @@ def _check_combinations(v: Dict[str, Any]) -> None:
     if v["curvature"] != "empirical" and v["likelihood"] is None:
         raise ValueError(f"curvature={v['curvature']!r} needs a likelihood: one of "
                          f"{', '.join(map(repr, LIKELIHOODS))}")
+    if v["curvature"] == "empirical" and v["likelihood"] is not None:
+        import warnings
+        from .health import KFACWarning
+        warnings.warn(f"kfac_kernels: likelihood={v['likelihood']!r} is unused with "
+                      f"curvature='empirical' (the metric comes from the loss's own gradients); "
+                      f"pass curvature='fisher' or 'ggn' to use it, or drop likelihood=",
+                      KFACWarning, stacklevel=4)
     kind = KINDS[v["inverse"]]
     if v["damping_mode"] is None:
         v["damping_mode"] = kind.default_damping_mode

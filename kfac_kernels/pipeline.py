@@ -94,16 +94,27 @@ class StepPipeline:
         clip). ``lr``: one learning rate (the clip bounds ``lr^2 sum <U, V>``) or one per block
         (``sum lr_b^2 <U_b, V_b>``)."""
         U, dots = self.engine.precondition(grads)
-        if ok is not None and dots:
-            total = torch.stack([d.double() for d in dots.values()]).sum()
-            ok = ok & torch.isfinite(total).to(ok.device)
+        if not dots or (ok is None and kl_clip is None):
+            return U, ok, None
+        # one stack of the <U, V>, summed in float64 (a few calls, whatever the block count)
+        blocks = list(dots)
+        stacked = torch.stack([dots[b] for b in blocks])
+        if ok is not None:
+            ok = ok & torch.isfinite(stacked.sum(dtype=torch.float64)).to(ok.device)
         nu = None
-        if kl_clip is not None and dots:
-            if isinstance(lr, dict):
-                total = sum(lr[b] ** 2 * d for b, d in dots.items())
-            else:
-                total = lr ** 2 * sum(dots.values())
-            nu = kl_factor(kl_clip, total)
+        if kl_clip is not None:
+            if not isinstance(lr, dict):
+                total = lr ** 2 * stacked.sum(dtype=torch.float64)
+            else:   # group the blocks by learning rate (usually one)
+                by_lr: Dict[float, list] = {}
+                for i, b in enumerate(blocks):
+                    by_lr.setdefault(lr[b], []).append(i)
+                total = None
+                for rate, rows in by_lr.items():
+                    part = (stacked if len(rows) == len(blocks)
+                            else stacked[rows]).sum(dtype=torch.float64) * rate ** 2
+                    total = part if total is None else total + part
+            nu = kl_factor(kl_clip, total).to(stacked.dtype)
         return U, ok, nu
 
     def end(self) -> None:

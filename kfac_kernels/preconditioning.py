@@ -23,13 +23,17 @@ class ShapeGroup:
     """Blocks of one gradient shape/dtype/device, preconditioned in one batched call.
 
     A stacked block (grouped convolution, normalisation layer) contributes ``num_stack``
-    consecutive matrices to the stacks, a plain block one; ``slots`` records where each sits."""
+    consecutive matrices to the stacks, a plain block one; ``slots`` records where each sits.
+    ``plan``: the group's per-step plan (kfac_kernels/inverses/plan.py) when its kind has one;
+    ``single``: one unstacked matrix (plain [m, n] operands)."""
 
     def __init__(self, key, blocks: List[Block]):
         self.key = key
         self.blocks = blocks
         self.stacks: Dict[str, torch.Tensor] = {}
         self.slots: Dict[Block, slice] = {}
+        self.single = len(blocks) == 1 and not blocks[0].stacked
+        self.plan = None
 
     def restack(self) -> None:
         """Stack the members' decompositions and make each member's entries views of the stack."""
@@ -54,6 +58,7 @@ class Preconditioning:
     def __init__(self, kind):
         self.kind = kind
         self.groups: List[ShapeGroup] = []
+        self._plan_damping = None         # the damping the groups' plans were built for
 
     def regroup(self, blocks) -> None:
         groups: Dict[tuple, List[Block]] = OrderedDict()
@@ -64,26 +69,42 @@ class Preconditioning:
         self.groups = [ShapeGroup(k, v) for k, v in groups.items()]
         for g in self.groups:
             g.restack()
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """The plans are out of date (new decompositions, or what they read changed)."""
+        self._plan_damping = None
+
+    def _build_plans(self, damping: float) -> None:
+        for g in self.groups:
+            plan = self.kind.plan(g.blocks, g.stacks, damping)
+            g.plan = plan.single() if (plan is not None and g.single) else plan
+        self._plan_damping = damping
 
     def local(self, grads: Dict[Block, torch.Tensor], damping: float):
-        """``({block: U}, {block: <U, V>})`` with the decompositions this process holds."""
+        """``({block: U}, {block: <U, V>})`` with the decompositions this process holds: a
+        group whose members all have gradients runs its plan (built once per decomposition
+        and damping), otherwise the kind's op."""
+        compiling = torch.compiler.is_compiling()   # compiled: the custom ops, no plans
+        if not compiling and self._plan_damping != damping:
+            self._build_plans(damping)
         out_u: Dict[Block, torch.Tensor] = {}
         out_dot: Dict[Block, torch.Tensor] = {}
         for g in self.groups:
             members = [b for b in g.blocks if b in grads]
             if not members:
                 continue
-            if len(members) == len(g.blocks):
-                st = g.stacks
+            full = len(members) == len(g.blocks)
+            if full and g.plan is not None and not compiling:
+                if g.single:
+                    b0 = members[0]
+                    out_u[b0], out_dot[b0] = g.plan(grads[b0])
+                    continue
+                U, dot = g.plan(torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0)
+                                           for b in members]) if len(members) > 1
+                                else grads[members[0]])
             else:
-                idx = torch.tensor(g.rows(members), device=next(iter(g.stacks.values())).device)
-                st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
-            if len(members) == 1:
-                b0 = members[0]
-                V = grads[b0] if b0.stacked else grads[b0].unsqueeze(0)
-            else:
-                V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
-            U, dot = self.kind.precondition(members, st, V, damping)
+                U, dot = self._op_path(g, members, grads, damping, full)
             off = 0
             for b in members:
                 if b.stacked:
@@ -94,3 +115,17 @@ class Preconditioning:
                     out_dot[b] = dot[off]
                 off += b.num_stack
         return out_u, out_dot
+
+    def _op_path(self, g: ShapeGroup, members, grads, damping: float, full: bool):
+        """One call of the kind's op on the members' stack."""
+        if full:
+            st = g.stacks
+        else:
+            idx = torch.tensor(g.rows(members), device=next(iter(g.stacks.values())).device)
+            st = {k: v.index_select(0, idx) for k, v in g.stacks.items()}
+        if len(members) == 1:
+            b0 = members[0]
+            V = grads[b0] if b0.stacked else grads[b0].unsqueeze(0)
+        else:
+            V = torch.cat([grads[b] if b.stacked else grads[b].unsqueeze(0) for b in members])
+        return self.kind.precondition(members, st, V, damping)

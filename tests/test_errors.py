@@ -1,4 +1,5 @@
 """Bad input gets a clear error or a documented warning, never a silent wrong update."""
+import contextlib
 import subprocess
 import sys
 import warnings
@@ -18,9 +19,14 @@ def mlp():
 
 
 def test_model_without_supported_layer():
-    with pytest.raises(ValueError, match="no layer K-FAC supports.*0.weight \\(no block for "
-                                         "PReLU\\)"):
+    with pytest.raises(ValueError, match="no layer K-FAC supports.*0 \\(no block for "
+                                         "PReLU\\): weight"):
         kk.KFAC(nn.Sequential(nn.PReLU(4)))
+    # one reason per module, its parameters listed after it
+    with pytest.raises(ValueError) as exc:
+        kk.KFAC(nn.Sequential(nn.Bilinear(3, 3, 2)))
+    assert str(exc.value).count("no block for Bilinear") == 1
+    assert "0 (no block for Bilinear): weight, bias" in str(exc.value)
     with pytest.raises(TypeError, match="takes the model"):
         kk.KFAC(mlp().parameters())
 
@@ -215,3 +221,86 @@ def test_weight_matrices_left_to_the_first_order_rule_warn_once_at_construction(
     m = mlp()
     got = _fallback_warnings(lambda: kk.KFAC(m, params=list(m.parameters()) + [extra]))
     assert len(got) == 1 and "param (3, 4)" in got[0] and "not in a module" in got[0]
+
+
+def test_likelihood_with_empirical_curvature_warns_that_it_is_unused():
+    with pytest.warns(KFACWarning, match="likelihood='categorical' is unused with "
+                                         "curvature='empirical'"):
+        kk.KFAC(mlp(), likelihood="categorical")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KFACWarning)
+        kk.KFAC(mlp(), curvature="fisher", likelihood="categorical")
+
+
+def test_dir_of_the_package_lists_its_public_names():
+    names = dir(kk)
+    for n in ("KFAC", "KFACPreconditioner", "nn", "ops", "__version__"):
+        assert n in names
+
+
+def test_an_evaluation_pass_with_gradients_on_warns_and_paused_keeps_it_out():
+    def factors(use_pause):
+        torch.manual_seed(0)
+        m = mlp()
+        opt = kk.KFAC(m)
+        x, xv = torch.randn(8, 4), 100 * torch.randn(8, 4)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            loss = F.cross_entropy(m(x), torch.arange(8) % 3)
+            m.eval()
+            if use_pause:
+                with opt.paused():
+                    m(xv)                      # an evaluation pass with gradients on
+            else:
+                m(xv)
+            m.train()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        msgs = [str(w.message) for w in rec if issubclass(w.category, KFACWarning)]
+        return opt.blocks["0"].A.clone(), msgs
+    A_plain, msgs = factors(False)
+    assert any("training mode and in eval mode" in s and "opt.paused()" in s for s in msgs)
+    A_paused, msgs = factors(True)
+    assert not any("eval mode" in s for s in msgs)
+    assert not torch.allclose(A_plain, A_paused)     # the unpaused pass entered A
+
+
+def test_batch_size_mismatch_lists_every_captured_size_and_names_the_cause():
+    m = mlp()
+    opt = kk.KFAC(m, curvature="fisher", likelihood="categorical")
+    m(torch.randn(5, 4))                               # a stray pass with gradients on
+    out = m(torch.randn(8, 4))
+    with pytest.raises(ValueError, match=r"\[5, 8\].*torch.no_grad\(\).*opt.paused\(\)"):
+        opt.backward(F.cross_entropy(out, torch.arange(8) % 3), out)
+
+
+def test_gradient_accumulation_on_a_factor_step_is_not_silent():
+    """Micro-batches are not combined into the factors yet: the pattern (a forward pass after
+    the step's backward, no zero_grad in between) warns, and the documented remedy (the extra
+    micro-batches paused, curvature 'fisher'/'ggn') gives the factors of the first micro-batch."""
+    x, y = torch.randn(16, 4), torch.arange(16) % 3
+
+    def run(accumulate, pause):
+        torch.manual_seed(0)
+        m = mlp().double()
+        opt = kk.KFAC(m, curvature="ggn", likelihood="categorical")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            opt.zero_grad()
+            parts = (x[:8], x[8:]) if accumulate else (x[:8],)
+            for i, xs in enumerate(parts):
+                with (opt.paused() if (pause and i > 0) else contextlib.nullcontext()):
+                    out = m(xs.double())
+                    loss = F.cross_entropy(out, y[8 * i:8 * i + 8]) / len(parts)
+                    opt.backward(loss, out)
+            opt.step()
+        msgs = [str(w.message) for w in rec if issubclass(w.category, KFACWarning)]
+        return [(b.A.clone(), b.G.clone()) for b in opt.blocks.values()], msgs
+    _, msgs = run(True, False)
+    assert any("gradient accumulation" in s for s in msgs)
+    paused, msgs = run(True, True)
+    assert not any("gradient accumulation" in s for s in msgs)
+    first, _ = run(False, False)
+    for (a1, g1), (a2, g2) in zip(paused, first):
+        assert torch.allclose(a1, a2, rtol=1e-12) and torch.allclose(g1, g2, rtol=1e-12)

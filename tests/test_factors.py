@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kfac_kernels as kk
 from kfac_kernels.curvature import per_example_loss
@@ -131,3 +132,22 @@ def test_factor_every_skips_capture():
         opt.step()
         seen.append(opt.engine.factor_updates)
     assert seen == [1, 1, 1, 2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "fisher"])
+def test_curvature_passes_after_an_inplace_activation_give_the_layer_output_gradients(curvature):
+    """The curvature passes differentiate w.r.t. the captured layer outputs; an in-place
+    activation on an output (ReLU(inplace=True) after a Linear) must not turn its gradient into
+    the activation's: the factors equal those of the same model with an out-of-place ReLU."""
+    def run(inplace):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=inplace), nn.Linear(6, 4)).double()
+        opt = kk.KFACPreconditioner(m, curvature=curvature, likelihood="categorical", seed=0)
+        x = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out = m(x)
+        opt.backward(F.cross_entropy(out, torch.arange(9) % 4), out)
+        opt.step()
+        return [(b.A.clone(), b.G.clone()) for b in opt.blocks.values()]
+    for (a1, g1), (a2, g2) in zip(run(True), run(False)):
+        assert torch.allclose(a1, a2, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-14)

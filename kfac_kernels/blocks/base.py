@@ -199,10 +199,11 @@ class Block:
         gw, gb = self.param_grads(grads)
         if gw is None:
             return None
-        gw = gw.reshape(self.out_dim, -1)
+        if gw.dim() != 2:
+            gw = gw.reshape(self.out_dim, -1)
         if gb is None:
             return gw
-        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+        return torch.cat([gw, gb.view(-1, 1)], dim=1)
 
     def param_matrix(self, values: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """The parameters as one matrix of the gradient matrix's layout (``values``: see
@@ -215,9 +216,11 @@ class Block:
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
         """Per-parameter views of an [out, in(+1)] matrix, in ``self.params`` order."""
+        shape = self.weight.shape
         if not self.has_bias:
-            return [U.reshape(self.weight.shape)]
-        return [U[:, :-1].reshape(self.weight.shape), U[:, -1].reshape(self.bias.shape)]
+            return [U if U.shape == shape else U.reshape(shape)]
+        w = U[:, :-1]
+        return [w if w.shape == shape else w.reshape(shape), U[:, -1]]
 
     # ------------------------------------------------------------------ dense view (tests)
     def to_dense(self) -> torch.Tensor:

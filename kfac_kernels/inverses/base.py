@@ -8,6 +8,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import ops
+from ..ops.reference import pinv_cut
+from .plan import StepPlan, reciprocal_or_zero, two_sided
 
 __all__ = ["InverseKind", "Slice", "finite_each", "pi", "buckets", "select"]
 
@@ -170,6 +172,33 @@ class InverseKind:
         return ops.kron_precondition_diag(V, st["QG"], lamG.unsqueeze(-1) * lamA.unsqueeze(-2),
                                           float(damping), return_dot=True,
                                           backend=self.backend("kron_precondition_diag"))
+
+    # ---------------------------------------------------------------- per-step plans
+    def plan(self, members, st: Dict[str, torch.Tensor], damping: float) -> Optional[StepPlan]:
+        """The shape group's per-step plan from its stacked entries ``st`` (batched;
+        kfac_kernels/inverses/plan.py), or None to call the op every step (a backend other
+        than torch, or a kind without one)."""
+        return None
+
+    def plan_reads_factors(self) -> bool:
+        """Whether the plan reads what a factor update changes (the running factors through pi,
+        EKFAC's scalings): it is then rebuilt after every factor update."""
+        return self.opts.damping_mode == "pi"
+
+    def torch_path(self, op: str, device) -> bool:
+        """Whether ``op`` resolves to the torch backend on ``device`` (where a plan applies)."""
+        return ops._registry.resolve(op, self.backend(op), device) == "torch"
+
+    def plan_diag(self, members, st, damping: float) -> Optional[StepPlan]:
+        """The plan of :meth:`precondition_diag`."""
+        if not self.torch_path("kron_precondition_diag", st["QG"].device):
+            return None
+        lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
+        if self.opts.damping_mode == "pi":
+            lamG, lamA = self.pi_damped(members, lamG, lamA, damping)
+            damping = 0.0
+        scal = pinv_cut(lamG.unsqueeze(-1) * lamA.unsqueeze(-2), damping, 2)
+        return two_sided(st["QG"], None, reciprocal_or_zero(scal + float(damping)), batched=True)
 
     # ---------------------------------------------------------------- per-step hooks (EKFAC)
     def on_pass(self, block, grads, calls, alpha, n: int, basis_replaced: bool) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from .. import ops
 from .base import InverseKind, buckets, finite_each, pi, select
+from .plan import StepPlan
 from .eigh import eigh_units
 
 __all__ = ["CholeskyInverse"]
@@ -47,6 +48,13 @@ class CholeskyInverse(InverseKind):
             return self.precondition_diag(members, st, V, damping)
         return ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"], return_dot=True,
                                              backend=self.backend("kron_precondition_inverse"))
+
+    def plan(self, members, st, damping: float):
+        if "lamA" in st and "QA" not in st:
+            return self.plan_diag(members, st, damping)
+        if not self.torch_path("kron_precondition_inverse", st["G_inv"].device):
+            return None
+        return StepPlan(st["G_inv"].dtype, Li=st["G_inv"], Ri=st["A_inv"], batched=True)
 
     # ---------------------------------------------------------------- decompositions
     def _cholesky(self, units, only: Optional[set]) -> None:

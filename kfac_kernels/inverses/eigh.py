@@ -8,6 +8,7 @@ import torch
 
 from .. import ops
 from .base import InverseKind, buckets, finite_each, select
+from .plan import StepPlan, damped_inverse_from_eigh, eigen_reciprocal, two_sided
 
 __all__ = ["EighInverse", "eigh_units"]
 
@@ -32,6 +33,21 @@ class EighInverse(InverseKind):
                                                return_dot=True, backend=backend)
         return ops.kron_precondition_eigen(V, st["QG"], st["lamG"], st["QA"], st["lamA"],
                                            float(damping), return_dot=True, backend=backend)
+
+
+    def plan(self, members, st, damping: float):
+        if "lamA" in st and "QA" not in st:
+            return self.plan_diag(members, st, damping)
+        if not self.torch_path("kron_precondition_eigen", st["QG"].device):
+            return None
+        lamG, lamA = st["lamG"], st["lamA"]
+        if self.opts.damping_mode == "pi":
+            # pi damping factorises, 1/((lamG + g)(lamA + a)) = 1/(lamG + g) * 1/(lamA + a): the
+            # damped inverses are built once and a step is two products, G^-1 V A^-1
+            lamG, lamA = self.pi_damped(members, lamG.clamp_min(0), lamA.clamp_min(0), damping)
+            return StepPlan(st["QG"].dtype, Li=damped_inverse_from_eigh(st["QG"], lamG),
+                            Ri=damped_inverse_from_eigh(st["QA"], lamA), batched=True)
+        return two_sided(st["QG"], st["QA"], eigen_reciprocal(lamG, lamA, damping), batched=True)
 
 
 def eigh_units(kind: InverseKind, units, only: Optional[set], inverse_updates: int) -> None:

@@ -15,7 +15,9 @@ from typing import Dict
 import torch
 
 from .. import ops
+from ..ops.reference import pinv_cut
 from .eigh import EighInverse
+from .plan import reciprocal_or_zero, two_sided
 
 __all__ = ["EkfacInverse"]
 
@@ -63,6 +65,19 @@ class EkfacInverse(EighInverse):
                                               backend=self.backend("kron_precondition_diag"))
         return ops.ekfac_precondition(V, st["QG"], st["QA"], st["S"], damping, return_dot=True,
                                       backend=self.backend("ekfac_precondition"))
+
+    def plan(self, members, st, damping: float):
+        if "S" not in st:
+            return super().plan(members, st, damping)
+        diag = "lamA" in st and "QA" not in st
+        op = "kron_precondition_diag" if diag else "ekfac_precondition"
+        if not self.torch_path(op, st["QG"].device):
+            return None
+        R = reciprocal_or_zero(pinv_cut(st["S"], damping, 2) + float(damping))
+        return two_sided(st["QG"], None if diag else st["QA"], R, batched=True)
+
+    def plan_reads_factors(self) -> bool:
+        return True       # the scalings move with every factor update
 
     # ---------------------------------------------------------------- per-step statistics
     def on_pass(self, b, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
