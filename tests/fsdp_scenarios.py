@@ -7,6 +7,7 @@ on the whole batch inside each rank, so a rank compares itself with it directly.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -348,3 +349,22 @@ def mesh_subgroup(rank, world):
         F.cross_entropy(m(x), torch.arange(4) % 3).backward()
         opt.step()
     return dict(refused=refused, world=opt.engine.comm.world, updates=opt.engine.factor_updates)
+
+
+def no_host_sync(rank, world, curvature):
+    """A factor step between inverse updates of a sharded model reads no tensor on the host:
+    the factor reduction, the gradient all-gather and the cut back to shards stay on device."""
+    from helpers import host_sync_forbidden
+    cfg = dict(curvature=curvature, inverse="eigh", inv=100, kl=1e-3, seed=3)
+    model = sharded_model(cfg, world)
+    opt, _ = _build(model, cfg)
+    sizes = [4] * world
+    for s in range(2):
+        x, y = global_batch(s, sum(sizes))
+        x, y = shard(x, sizes, rank), shard(y, sizes, rank)
+        opt.zero_grad()
+        out = model(x)
+        opt.backward(F.cross_entropy(out, y), out)
+        with (host_sync_forbidden() if s == 1 else contextlib.nullcontext()):
+            opt.step()
+    return opt.engine.factor_updates

@@ -175,3 +175,9 @@ def test_a_mesh_over_other_ranks_needs_a_matching_process_group():
         t, msg = out["refused"]
         assert t == "ValueError" and "ranks [0, 1]" in msg and "process_group=" in msg
         assert out["world"] == 2 and out["updates"] == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("curvature", ["empirical", "fisher"])
+def test_factor_step_of_a_sharded_model_has_no_host_sync(curvature):
+    assert run_ranks(FS.no_host_sync, 2, curvature, timeout=60) == [2, 2]
