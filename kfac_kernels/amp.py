@@ -19,6 +19,7 @@ GradScaler contract (``torch.amp.GradScaler``, see docs/robustness.md):
 """
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -45,9 +46,14 @@ def check_and_unscale(grads: Iterable[torch.Tensor],
     tensor that is > 0 when any of them holds an inf or NaN (None when there are no gradients).
 
     One fused multi-tensor kernel per (device, dtype) (the one GradScaler uses), no host sync.
+    DTensor gradients (FSDP2) are checked and unscaled through their local shards: the flag
+    covers this process's part, and the strategy's ``agree`` combines the processes' flags.
     """
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     groups = defaultdict(list)
     for g in grads:
+        if dtensor is not None and isinstance(g, dtensor):
+            g = g.to_local()
         groups[(g.device, g.dtype)].append(g)
     if not groups:
         return None

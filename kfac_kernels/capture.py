@@ -57,6 +57,11 @@ class Capture:
         self.stale = False                # ... before the last zero_grad
         self.hooks = [b.module.register_forward_hook(self._forward_hook(b))
                       for b in blocks.values()]
+        # the weights the forward calls used, when the strategy asks (FSDP2 unshards them)
+        self.used: Dict[Block, List[torch.Tensor]] = {}
+        if comm.records_used_weights:
+            self.hooks += [b.module.register_forward_pre_hook(self._pre_hook(b))
+                           for b in blocks.values()]
         # the hooks hold the capture weakly: an optimiser dropped without close() frees its
         # factors, and its hooks are removed when it is collected
         weakref.finalize(self, _remove_hooks, self.hooks)
@@ -113,6 +118,23 @@ class Capture:
                 self.outputs[block].append(None)
         return hook
 
+    def _pre_hook(self, block: Block):
+        """Record the weight this call of the module uses (FSDP2 has just set its unsharded
+        parameter): the curvature passes differentiate with respect to it."""
+        ref = weakref.ref(self)
+
+        def hook(module, args):
+            self = ref()
+            if self is None or not self.capturing or not torch.is_grad_enabled():
+                return
+            if module is not block.module:
+                return
+            w = module.weight
+            used = self.used.setdefault(block, [])
+            if not any(u is w for u in used):
+                used.append(w)
+        return hook
+
     def _grad_hook(self, block: Block, call: int = 0):
         ref = weakref.ref(self)
 
@@ -163,6 +185,7 @@ class Capture:
             b._inputs_at_backward = b._call_offset = 0
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
+        self.used = {}
         self.outputs = defaultdict(list)
         self.modes = set()
         self.pending_passes = 0
@@ -245,7 +268,15 @@ class Capture:
                 f"enabled since the last step() is captured, so an extra pass (an evaluation "
                 f"batch, a second micro-batch) mixes in; run extra passes under torch.no_grad() "
                 f"or inside `with opt.paused():`, and keep the batch dimension first")
-        weights = [b.weight for b in self.blocks.values() if b.inputs]
+        if self.used:      # the parameters the forward pass used (FSDP2: the unsharded ones)
+            weights = []
+            for b in self.blocks.values():
+                if b.inputs:
+                    for w in self.used.get(b) or [b.weight]:
+                        if not any(w is u for u in weights):
+                            weights.append(w)
+        else:
+            weights = [b.weight for b in self.blocks.values() if b.inputs]
         if not weights:
             return
         self.comm.curvature_started(self.factors.a_statistics)

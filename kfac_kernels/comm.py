@@ -3,8 +3,9 @@
 The engine calls a strategy at fixed points of a step and never asks whether it is
 distributed; everything a strategy needs is passed in. :class:`LocalComm` (one process, no
 communication) is the default and documents the interface; ``kfac_kernels.distributed``
-implements it over torch.distributed (DDP-style data parallelism). A new strategy (FSDP2, ...)
-subclasses :class:`LocalComm` and overrides what it must.
+implements it over torch.distributed (DDP-style data parallelism) and ``kfac_kernels.fsdp`` for
+models sharded with FSDP2's ``fully_shard``. A new strategy subclasses :class:`LocalComm` and
+overrides what it must.
 
 Call points, in step order:
 
@@ -15,9 +16,11 @@ Call points, in step order:
   :meth:`reduce_scalings` (EKFAC), :meth:`agree` (one skip decision for all processes);
 * inverse update: :meth:`update_inverses` (who decomposes what, and sharing the results),
   :meth:`has_inverse`;
-* every step: :meth:`precondition`;
-* state: :meth:`fill_state_dict`, :meth:`load_state_dict`, :meth:`consolidate`;
-  :meth:`describe`.
+* every step: :meth:`full_tensors` (the block gradients as whole tensors), :meth:`precondition`,
+  :meth:`local_part` (this process's part of a parameter's direction);
+* state: :meth:`fill_state_dict`, :meth:`load_state_dict`, :meth:`consolidate`; the optimiser's
+  own state: :meth:`consolidate_optimizer_state`, :meth:`fill_optimizer_state`,
+  :meth:`load_optimizer_state`; :meth:`describe`.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ class LocalComm:
     #: whether :meth:`precondition` runs collectives (``opt.compile()`` then compiles only the
     #: local part)
     precondition_collectives = False
+    #: whether the capture records, at each forward call of a block's module, the weight tensor
+    #: that call used (FSDP2 swaps in an unsharded parameter): the curvature passes of
+    #: "fisher"/"ggn" then differentiate with respect to those instead of ``block.weight``
+    records_used_weights = False
 
     # ---------------------------------------------------------------- capture
     def backward_started(self, a_statistics: Callable) -> None:
@@ -82,10 +89,22 @@ class LocalComm:
         return len(b.inverse) > 0
 
     # ---------------------------------------------------------------- every step
+    def full_tensors(self, blocks, values_for) -> Dict:
+        """``{block: (grads, values)}``: whole (unsharded) gradients and, for the blocks in
+        ``values_for``, parameter values, in ``block.params`` order, of the blocks among
+        ``blocks`` whose parameters this process holds only part of. Blocks left out (all of them
+        here) read their own parameters."""
+        return {}
+
     def precondition(self, grads: Dict, local: Callable):
         """``(U, dots)`` for ``grads`` (``local(grads)`` preconditions with the decompositions
         this process holds)."""
         return local(grads)
+
+    def local_part(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """The part of ``full`` (shaped like parameter ``p``) that this process applies to its
+        part of ``p``: all of it here."""
+        return full
 
     # ---------------------------------------------------------------- state
     def fill_state_dict(self, sd: dict, inverse_updates: int) -> None:
@@ -96,6 +115,17 @@ class LocalComm:
 
     def consolidate(self, to: int, inverse_updates: int) -> None:
         """Collective: gather what rank ``to`` needs for a complete state_dict."""
+
+    def consolidate_optimizer_state(self, params, state, to: int, steps: int) -> None:
+        """Collective: gather the optimiser state (``state``: ``{param: {key: tensor}}`` of
+        ``params``, in param-group order) that rank ``to`` needs for a complete state_dict."""
+
+    def fill_optimizer_state(self, sd_state: dict, steps: int) -> dict:
+        """The ``state`` entry of the optimiser's state_dict, complete (whole tensors)."""
+        return sd_state
+
+    def load_optimizer_state(self, params, state) -> None:
+        """After the optimiser loaded its state: keep this process's part of it."""
 
     def describe(self) -> Optional[str]:
         return None

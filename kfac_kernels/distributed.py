@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -90,19 +91,39 @@ class DistributedOptions:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module DistributedDataParallel wraps (K-FAC names blocks without "module.")."""
+    """The module DistributedDataParallel wraps (K-FAC names blocks without "module."). Raises
+    for the FSDP1 wrapper (FSDP2's ``fully_shard`` is supported: kfac_kernels.fsdp)."""
     if _HAVE_DIST:
         from torch.nn.parallel import DistributedDataParallel
         while isinstance(model, DistributedDataParallel):
             model = model.module
+        if "torch.distributed.fsdp" in sys.modules:
+            from .fsdp import refuse_fsdp1
+            refuse_fsdp1(model)
     return model
 
 
-def setup(blocks, options, kind) -> Optional["DistributedKFAC"]:
+def setup(blocks, options, kind, *, model: Optional[nn.Module] = None, params: Sequence = (),
+          names: Optional[Dict[int, str]] = None) -> Optional["DistributedKFAC"]:
     """The strategy for an engine's ``blocks`` (``options``: its
     :class:`kfac_kernels.options.Options`; ``kind``: its inverse kind), or None where K-FAC runs
-    in a single process."""
+    in a single process. ``model``, ``params`` (the parameters outside blocks) and ``names``
+    ({id(param): name}): what the FSDP2 strategy checks when the parameters are DTensors."""
     opts = DistributedOptions.from_options(options)
+    fsdp = False
+    if _HAVE_DIST and "torch.distributed.tensor" in sys.modules:   # only FSDP2 made DTensors
+        from .fsdp import has_dtensors
+        fsdp = has_dtensors([p for b in blocks for p in b.params] + list(params))
+    if fsdp:
+        if opts.enabled is False:
+            raise ValueError("the model's parameters are DTensors (sharded with fully_shard): "
+                             "K-FAC must run distributed on it; drop distributed=False")
+        from .fsdp import FSDPKFAC
+        group = opts.process_group if opts.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) < 1:
+            raise ValueError("this process is not a member of the process_group given to K-FAC")
+        return FSDPKFAC(blocks, options, kind, opts, group, model=model, params=params,
+                        names=names)
     if opts.enabled is False:
         return None
     if not (_HAVE_DIST and dist.is_initialized()):

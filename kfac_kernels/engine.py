@@ -66,8 +66,10 @@ class KFACEngine:
         self.inverse_updates = 0
         self.needs_inverse = False         # set when the decompositions must be recomputed
         # the communication strategy: built (and the ranks' agreement checked) before any hook
-        self.comm: LocalComm = _dist.setup(list(self.blocks.values()), opts, self.kind) \
-            or LocalComm()
+        self.comm: LocalComm = _dist.setup(
+            list(self.blocks.values()), opts, self.kind, model=model,
+            params=[p for _, p, _ in self.fallback],
+            names={id(p): n for n, p, _ in self.fallback}) or LocalComm()
         self.preconditioning = Preconditioning(self.kind)
         self.capture = Capture(self.blocks, opts, factors=self.factors, kind=self.kind,
                                comm=self.comm, health=self.health,

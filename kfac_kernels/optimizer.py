@@ -278,11 +278,12 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         lrs = {b: group_of[id(b.weight)]["lr"] for b in grads}
         U, ok, nu = self.pipeline.directions(grads, ok, self.kl_clip if kl_clip else None, lrs)
         direction: Dict[int, torch.Tensor] = {}
+        local = self.engine.comm.local_part     # this process's shard of a sharded parameter
         for b, u in U.items():
             if nu is not None:
                 u = u * (nu if nu.dtype == u.dtype else nu.to(u.dtype))
             for p, d in zip(b.params, b.split(u)):
-                direction[id(p)] = d
+                direction[id(p)] = local(p, d)
         for group in self.param_groups:       # fallback rule (and blocks not ready yet): SGD
             wd = group["weight_decay"]
             for p in group["params"]:
@@ -347,8 +348,20 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         self.pipeline.end()
 
     # -------------------------------------------------------------- state
+    def _params(self) -> List[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective (call on every rank): gather on rank ``to`` what its ``state_dict()`` needs
+        to be complete: the decompositions held elsewhere (``grad_worker_fraction < 1``) and, on
+        a fully_shard model, the whole momentum buffers."""
+        super().consolidate_state_dict(to)
+        self.engine.comm.consolidate_optimizer_state(self._params(), self.state, to,
+                                                     self.engine.steps)
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        sd["state"] = self.engine.comm.fill_optimizer_state(sd["state"], self.engine.steps)
         sd["kfac"] = self.engine.state_dict()
         sd["kfac"]["kl_clip"] = self.kl_clip
         sd["kfac"]["optimizer"] = {"skipped_steps": self._skipped, "damping": self.damping,
@@ -363,6 +376,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         kfac = sd.pop("kfac")
         self.engine.load_state_dict(kfac)      # validates the model first
         super().load_state_dict(sd)
+        self.engine.comm.load_optimizer_state(self._params(), self.state)   # FSDP2: own shard
         extra = kfac.get("optimizer")
         if extra is not None:                  # damping included: adaptive damping changes it
             self.damping = extra["damping"]
@@ -423,8 +437,10 @@ class KFACPreconditioner(_EngineViews):
                                            "update was skipped (warned once)")])
         pipe.curvature(ok, g_rescale)
         U, _, nu = pipe.directions(pipe.gradients(), None, self.kl_clip, self.lr)
+        local = eng.comm.local_part
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):
+                d = local(p, d)
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(d if nu is None else d * nu.to(d.dtype))

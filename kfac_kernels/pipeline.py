@@ -68,18 +68,22 @@ class StepPipeline:
     def gradients(self, weight_decay: Optional[Callable[[Block], float]] = None
                   ) -> Dict[Block, torch.Tensor]:
         """{block: V} for the blocks that have a decomposition and a gradient; ``weight_decay(b)``
-        adds ``wd * W`` (the block's parameters as one matrix)."""
+        adds ``wd * W`` (the block's parameters as one matrix). V is the whole block's gradient
+        even where the parameters are sharded (the strategy's ``full_tensors``)."""
         eng = self.engine
+        todo = [(b, weight_decay(b) if weight_decay is not None else 0.0)
+                for b in eng.blocks.values() if eng.has_inverse(b)]
+        # whole tensors of sharded parameters (FSDP2: gathered); {} where each process holds
+        # its blocks' parameters whole
+        full = eng.comm.full_tensors([b for b, _ in todo], {b for b, wd in todo if wd})
         grads = {}
-        for b in eng.blocks.values():
-            if not eng.has_inverse(b):
-                continue
-            V = b.grad_matrix()
+        for b, wd in todo:
+            g, w = full.get(b, (None, None))
+            V = b.grad_matrix(g)
             if V is None:
                 continue
-            wd = weight_decay(b) if weight_decay is not None else 0.0
             if wd:
-                V = V + wd * b.param_matrix()
+                V = V + wd * b.param_matrix(w)
             grads[b] = V
         return grads
 

@@ -17,7 +17,8 @@ example (sequence positions, conv patches, repeated calls):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+import math
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,7 +71,8 @@ class Block:
         self.params: List[torch.Tensor] = [self.weight] + ([self.bias] if self.bias is not None else [])
         self.has_bias = self.bias is not None
         self.out_dim = self.weight.shape[0]
-        self.in_dim = self.weight[0].numel() + int(self.has_bias)  # including the homogeneous coord
+        # including the homogeneous coord (from the shape: a sharded weight is not indexed)
+        self.in_dim = math.prod(self.weight.shape[1:]) + int(self.has_bias)
         if factor_dtype is None:
             factor_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         self.factor_dtype = factor_dtype
@@ -164,23 +166,53 @@ class Block:
         return pairs
 
     # ------------------------------------------------------------------ gradients
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        """[out, in(+1)] gradient (None when the module got no gradient this step)."""
-        if self.weight.grad is None:
+    def param_grads(self, grads: Optional[Sequence[Optional[torch.Tensor]]] = None
+                    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(weight gradient, bias gradient) as the gradient matrix reads them: ``grads`` in
+        ``self.params`` order when given (a communication strategy's full, gathered gradients of
+        sharded parameters), else the parameters' ``.grad``. (None, None) when the weight has no
+        gradient; a missing bias gradient reads as zeros (None without a bias)."""
+        if grads is None:
+            grads = [p.grad for p in self.params]
+        gw = grads[0]
+        if gw is None:
+            return None, None
+        if not self.has_bias:
+            return gw, None
+        gb = grads[1]
+        if gb is None:
+            gb = torch.zeros(self.bias.shape, dtype=self.bias.dtype, device=gw.device)
+        return gw, gb
+
+    def param_values(self, values: Optional[Sequence[torch.Tensor]] = None
+                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias or None), detached: ``values`` in ``self.params`` order when given (full
+        tensors of sharded parameters), else the parameters themselves."""
+        if values is None:
+            values = [p.detach() for p in self.params]
+        return values[0], (values[1] if self.has_bias else None)
+
+    def grad_matrix(self, grads: Optional[Sequence[Optional[torch.Tensor]]] = None
+                    ) -> Optional[torch.Tensor]:
+        """[out, in(+1)] gradient (None when the module got no gradient this step); ``grads``:
+        see :meth:`param_grads`."""
+        gw, gb = self.param_grads(grads)
+        if gw is None:
             return None
-        gw = self.weight.grad
         if gw.dim() != 2:
             gw = gw.reshape(self.out_dim, -1)
-        if not self.has_bias:
+        if gb is None:
             return gw
-        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
         return torch.cat([gw, gb.view(-1, 1)], dim=1)
 
-    def param_matrix(self) -> torch.Tensor:
-        w = self.weight.detach().reshape(self.out_dim, -1)
-        if not self.has_bias:
+    def param_matrix(self, values: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """The parameters as one matrix of the gradient matrix's layout (``values``: see
+        :meth:`param_values`)."""
+        w, b = self.param_values(values)
+        w = w.reshape(self.out_dim, -1)
+        if b is None:
             return w
-        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+        return torch.cat([w, b.reshape(-1, 1)], dim=1)
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
         """Per-parameter views of an [out, in(+1)] matrix, in ``self.params`` order."""

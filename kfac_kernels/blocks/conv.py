@@ -173,7 +173,7 @@ class GroupedConvBlock(ConvBlock):
         super().__init__(name, module, **kw)
         self.groups = module.groups
         self.out_dim = module.out_channels // self.groups          # per group
-        self.in_dim = self.weight[0].numel() + int(self.has_bias)  # (C/g)*K (+1)
+        self.in_dim = math.prod(self.weight.shape[1:]) + int(self.has_bias)  # (C/g)*K (+1)
 
     @property
     def num_stack(self) -> int:
@@ -219,22 +219,23 @@ class GroupedConvBlock(ConvBlock):
             total = s if total is None else total + s
         return [SyrkJob(total.reshape(n, g, mo).transpose(0, 1), scale / n, False)]
 
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        if self.weight.grad is None:
+    def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:
+        gw, gb = self.param_grads(grads)
+        if gw is None:
             return None
         g = self.groups
-        gw = self.weight.grad.reshape(g, self.out_dim, -1)
-        if not self.has_bias:
+        gw = gw.reshape(g, self.out_dim, -1)
+        if gb is None:
             return gw
-        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
         return torch.cat([gw, gb.reshape(g, self.out_dim, 1)], dim=2)
 
-    def param_matrix(self) -> torch.Tensor:
+    def param_matrix(self, values=None) -> torch.Tensor:
+        w, b = self.param_values(values)
         g = self.groups
-        w = self.weight.detach().reshape(g, self.out_dim, -1)
-        if not self.has_bias:
+        w = w.reshape(g, self.out_dim, -1)
+        if b is None:
             return w
-        return torch.cat([w, self.bias.detach().reshape(g, self.out_dim, 1)], dim=2)
+        return torch.cat([w, b.reshape(g, self.out_dim, 1)], dim=2)
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
         if not self.has_bias:
@@ -301,20 +302,21 @@ class ConvTransposeBlock(ConvBlock):
             flat += [left, right]
         return F.pad(up, flat)
 
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        if self.weight.grad is None:
+    def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:
+        gw, gb = self.param_grads(grads)
+        if gw is None:
             return None
-        gw = self._as_conv(self.weight.grad)
-        if not self.has_bias:
+        gw = self._as_conv(gw)
+        if gb is None:
             return gw
-        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
         return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
 
-    def param_matrix(self) -> torch.Tensor:
-        w = self._as_conv(self.weight.detach())
-        if not self.has_bias:
+    def param_matrix(self, values=None) -> torch.Tensor:
+        w, b = self.param_values(values)
+        w = self._as_conv(w)
+        if b is None:
             return w
-        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+        return torch.cat([w, b.reshape(-1, 1)], dim=1)
 
     def _as_conv(self, w: torch.Tensor) -> torch.Tensor:
         """[C_in, C_out, k...] transposed-conv weight -> [C_out, C_in * prod(k)] conv layout."""

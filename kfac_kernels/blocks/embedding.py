@@ -133,17 +133,18 @@ class EmbeddingBlock(Block):
         raise NotImplementedError("EmbeddingBlock needs pass_jobs (padding masks per call)")
 
     # ------------------------------------------------------------------ gradients
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        if self.weight.grad is None:
+    def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:
+        gw, _ = self.param_grads(grads)
+        if gw is None:
             return None
-        V = self.weight.grad.t()
+        V = gw.t()
         if self.padding_idx is not None:
             V = V.clone()
             V[:, self.padding_idx] = 0
         return V
 
-    def param_matrix(self) -> torch.Tensor:
-        W = self.weight.detach().t()
+    def param_matrix(self, values=None) -> torch.Tensor:
+        W = self.param_values(values)[0].t()
         if self.padding_idx is not None:
             W = W.clone()
             W[:, self.padding_idx] = 0

@@ -78,20 +78,19 @@ class TransposedLinearBlock(LinearBlock):
         self.out_dim = self.weight.shape[1]
         self.in_dim = self.weight.shape[0] + int(self.has_bias)
 
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        if self.weight.grad is None:
+    def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:
+        gw, gb = self.param_grads(grads)
+        if gw is None:
             return None
-        gw = self.weight.grad.T
-        if not self.has_bias:
-            return gw
-        gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
-        return torch.cat([gw, gb.reshape(-1, 1)], dim=1)
+        if gb is None:
+            return gw.T
+        return torch.cat([gw.T, gb.reshape(-1, 1)], dim=1)
 
-    def param_matrix(self) -> torch.Tensor:
-        w = self.weight.detach().T
-        if not self.has_bias:
-            return w
-        return torch.cat([w, self.bias.detach().reshape(-1, 1)], dim=1)
+    def param_matrix(self, values=None) -> torch.Tensor:
+        w, b = self.param_values(values)
+        if b is None:
+            return w.T
+        return torch.cat([w.T, b.reshape(-1, 1)], dim=1)
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
         if not self.has_bias:

@@ -132,19 +132,20 @@ class NormBlock(Block):
         self._xhat = {}
 
     # ------------------------------------------------------------------ gradients
-    def grad_matrix(self) -> Optional[torch.Tensor]:
-        if self.weight.grad is None:
+    def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:
+        gw, gb = self.param_grads(grads)
+        if gw is None:
             return None
-        cols = [self.weight.grad.reshape(-1)]
-        if self.has_bias:
-            cols.append(self.bias.grad.reshape(-1) if self.bias.grad is not None
-                        else torch.zeros_like(self.bias).reshape(-1))
+        cols = [gw.reshape(-1)]
+        if gb is not None:
+            cols.append(gb.reshape(-1))
         return torch.stack(cols, -1).unsqueeze(-1)                          # [C, 2, 1]
 
-    def param_matrix(self) -> torch.Tensor:
-        cols = [self.weight.detach().reshape(-1)]
-        if self.has_bias:
-            cols.append(self.bias.detach().reshape(-1))
+    def param_matrix(self, values=None) -> torch.Tensor:
+        w, b = self.param_values(values)
+        cols = [w.reshape(-1)]
+        if b is not None:
+            cols.append(b.reshape(-1))
         return torch.stack(cols, -1).unsqueeze(-1)
 
     def split(self, U: torch.Tensor) -> List[torch.Tensor]:
