@@ -52,6 +52,9 @@ class Capture:
         self.outputs: Dict[Block, List[Optional[tuple]]] = defaultdict(list)
         self.modes: set = set()           # module.training of the calls captured this step
         self.pending_passes = 0           # backward passes folded into G_hat this step
+        self.micro_batches = 0            # micro-batches of this step combined so far
+        self.compiled = False             # captured inside torch.compile(model)
+        self.boundary = False             # a forward pass came after this step's backward
         self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
         self.seen_backward = False        # captured statistics have seen a backward pass
         self.stale = False                # ... before the last zero_grad
@@ -101,18 +104,22 @@ class Capture:
                 return
             block.check_input(x)
             if self.seen_backward and not self.stale:
-                self.health.warn_once(
-                    ("accumulation",), "a forward pass with gradients enabled after this step's "
-                    "backward pass and before step() (gradient accumulation?): K-FAC's factors "
-                    "do not combine micro-batches yet, so this step's A and G would be off by the "
-                    "number of micro-batches; on factor steps run the extra micro-batches inside "
-                    "`with opt.paused():` (the factors then come from the first one, exact for "
-                    "curvature='fisher'/'ggn', whose G does not depend on the loss scale; with "
-                    "'empirical' G carries the loss's 1/k^2) — docs/robustness.md (warned once)")
+                # a forward pass after this step's backward: a new micro-batch (gradient
+                # accumulation) if a backward pass follows before zero_grad(), else the next
+                # step's forward run before its zero_grad() (decided by what comes next)
+                self.boundary = True
             self.modes.add(module.training)
             block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._grad_hook(block, len(block.inputs) - 1))
+                # the call's absolute index (inputs of closed micro-batches were dropped)
+                hook = self._grad_hook(block, len(block.inputs) - 1 + block._call_offset)
+                if torch.compiler.is_compiling():
+                    self.compiled = True
+                    # inside torch.compile(model) the hook would be traced with this step's
+                    # flags frozen into it (g_active is off during the forward pass of
+                    # "fisher"/"ggn"): keep it an opaque call that reads them when it runs
+                    hook = torch.compiler.disable(hook)
+                output.register_hook(hook)
                 self.outputs[block].append((output, output._version))
             else:
                 self.outputs[block].append(None)
@@ -143,7 +150,10 @@ class Capture:
             if self is not None and self.g_active:
                 if self.stale:
                     self.drop_stale()
-                self.comm.backward_started(self.factors.a_statistics)
+                if self.boundary:
+                    self.close_micro_batch()
+                if not self.micro_batches:    # (accumulating: reduced once, at step())
+                    self.comm.backward_started(self.factors.a_statistics)
                 self.grads[block].append(grad.detach())
                 # call index among the inputs kept (stale ones dropped: see drop_stale)
                 self.grad_calls[block].append(call - block._call_offset)
@@ -156,6 +166,7 @@ class Capture:
         """Called by ``zero_grad``: statistics that have already seen a backward pass belong to
         an earlier step; if another backward pass comes before ``step()``, they are dropped."""
         self.stale = self.seen_backward
+        self.boundary = False
 
     def drop_stale(self) -> None:
         """Drop the captures of a step that was never taken; layer inputs captured after its
@@ -167,7 +178,11 @@ class Capture:
             b._call_offset = b._call_offset + mark   # hooks know absolute calls
             b.A_hat = b.G_hat = None
             b.S_hat = None
+            b.A_acc = b.G_acc = b.A_ready = None
+            b.acc_examples = 0
             b._inputs_at_backward = 0
+        self.micro_batches = 0
+        self.boundary = False
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
         self.kind.drop_capture()
@@ -189,7 +204,93 @@ class Capture:
         self.outputs = defaultdict(list)
         self.modes = set()
         self.pending_passes = 0
+        self.micro_batches = 0
+        self.boundary = False
         self.seen_backward = self.stale = False
+
+    # ------------------------------------------------------------------ gradient accumulation
+    @torch.no_grad()
+    def close_micro_batch(self) -> None:
+        """A backward pass (or curvature pass) after a forward pass that followed this step's
+        backward: the micro-batch before is complete. Combine its statistics into each block's
+        weighted sums (A by its example count, G and EKFAC's scalings by
+        :meth:`FactorStatistics.micro_batch_weights`) and free its inputs, so that the step's
+        factors are those of the concatenated batch, uneven sizes included; the new micro-batch's
+        inputs (captured after the mark) stay. :meth:`finish_micro_batches` turns the sums into
+        the step's estimates."""
+        self.boundary = False
+        empirical = self.opts.curvature == "empirical"
+        self.comm.clear()    # reductions launched for the first micro-batch alone: not needed
+        if empirical and self.has_grads():
+            self.fold(1.0, empirical=True)     # a loss scale (GradScaler) is applied at the end
+        live = [b for b in self.blocks.values() if b.inputs]
+        marks = {b: b._inputs_at_backward for b in live}
+        got = [b for b in live if b.G_hat is not None and marks[b]]
+        if got:
+            rest = {b: b.inputs[marks[b]:] for b in got}
+            for b in got:                     # this micro-batch's inputs only
+                b.inputs = b.inputs[:marks[b]]
+            self.factors.check_batch_sizes(got, self.take_out_batch())
+            a_hats = self.factors.a_statistics(got)
+            for b in got:
+                n = b.batch_size(b.inputs[0])
+                u, _ = self.factors.micro_batch_weights(n, 0, empirical)
+                a, g = a_hats[b] * float(n), b.G_hat * u
+                b.A_acc = a if b.A_acc is None else b.A_acc + a
+                b.G_acc = g if b.G_acc is None else b.G_acc + g
+                b.acc_examples += n
+                self.kind.close_micro_batch(b, u)
+                b.inputs = b.inputs + rest[b]
+            self.micro_batches += 1
+        for b in live:
+            mark = marks[b]
+            b.keep_inputs_from(mark)
+            self.outputs[b] = self.outputs[b][mark:]
+        self.grads = defaultdict(list)
+        self.grad_calls = defaultdict(list)
+        self.out_batch = None
+        self.seen_backward = False
+
+    def drop_unbackwarded(self) -> None:
+        """At ``step()``: layer inputs captured after the step's last backward pass had no backward
+        pass of their own (an evaluation batch with gradients on): leave them out, warning once."""
+        if not self.boundary:
+            return
+        self.boundary = False
+        for b in self.blocks.values():
+            mark = b._inputs_at_backward
+            if b.inputs and mark < len(b.inputs):
+                b.inputs = b.inputs[:mark]
+                self.outputs[b] = self.outputs[b][:mark]
+        self.health.warn_once(
+            ("no-backward",), "a forward pass with gradients enabled reached step() without a "
+            "backward pass (an evaluation batch?): its layer inputs were left out of the factors; "
+            "run such passes under torch.no_grad() or inside `with opt.paused():` (warned once)")
+
+    def finish_micro_batches(self, g_rescale: Optional[torch.Tensor] = None) -> bool:
+        """At ``step()`` after gradient accumulation (False, nothing done, without it): close the
+        last micro-batch and leave every block the step's estimates, A in ``A_ready`` and G in
+        ``G_hat``. ``g_rescale``: the device factor of a GradScaler's loss scale ("empirical")."""
+        self.drop_unbackwarded()
+        if not self.micro_batches:
+            return False
+        self.boundary = True         # the last micro-batch is complete too
+        for b in self.blocks.values():
+            if b.inputs:
+                b._inputs_at_backward = len(b.inputs)
+        self.close_micro_batch()
+        empirical = self.opts.curvature == "empirical"
+        for b in self.blocks.values():
+            if not b.acc_examples:
+                continue
+            _, f = self.factors.micro_batch_weights(1, b.acc_examples, empirical)
+            if empirical and g_rescale is not None:
+                f = g_rescale.to(b.G_acc.dtype) * f
+            b.A_ready = b.A_acc / float(b.acc_examples)
+            b.G_hat = b.G_acc * f
+            b.A_acc = b.G_acc = None
+            self.kind.finish_micro_batches(b, f, b.acc_examples)
+        return True
 
     def check_modes(self) -> None:
         """Warn (once) when one step captured forward passes in training and in evaluation mode:
@@ -207,7 +308,9 @@ class Capture:
         modified in place after the layer (an in-place activation: its gradient would then be
         the activation's), in which case the weights, as a plain backward pass would."""
         outs = [o for lst in self.outputs.values() for o in lst if o is not None]
-        if not outs or any(t._version != v for t, v in outs):
+        # a compiled model's layer outputs are outputs of one compiled graph, beside the model's
+        # output rather than before it: the weights are the way into its backward
+        if not outs or self.compiled or any(t._version != v for t, v in outs):
             return weights
         return [t for t, _ in outs]
 
@@ -258,6 +361,8 @@ class Capture:
         check_likelihood_output(opts.likelihood, out)
         if self.stale:
             self.drop_stale()
+        if self.boundary:
+            self.close_micro_batch()
         self.out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:
@@ -279,8 +384,10 @@ class Capture:
             weights = [b.weight for b in self.blocks.values() if b.inputs]
         if not weights:
             return
-        self.comm.curvature_started(self.factors.a_statistics)
-        if opts.curvature == "fisher":    # a strategy may seed every rank's draws per step
+        if not self.micro_batches:
+            self.comm.curvature_started(self.factors.a_statistics)
+        # a strategy may seed every rank's draws per step (later micro-batches draw on)
+        if opts.curvature == "fisher" and not self.micro_batches:
             gen = self.comm.sampler(self.generator, out.device, step)
             if gen is not None:
                 self.generator = gen
@@ -305,7 +412,8 @@ class Capture:
                 self.fold(weight, empirical=False)
         finally:
             self.g_active = False
-        self.comm.curvature_finished(self.pending_passes)   # G complete: reduce it now
+        if not self.micro_batches:       # G complete (unless more micro-batches come): reduce
+            self.comm.curvature_finished(self.pending_passes)
 
     def _sampler(self, out: torch.Tensor) -> torch.Tensor:
         """The sampling generator on the output's device, seeded once (``seed``, else from the

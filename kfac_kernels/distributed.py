@@ -534,22 +534,22 @@ class DistributedKFAC(LocalComm):
         return out
 
     def _input_counts(self):
-        return tuple(len(b.inputs) for b in self.blocks)
+        return tuple((len(b.inputs), b.A_ready is not None) for b in self.blocks)
 
     def _launch_a(self, a_statistics) -> Optional[_Pending]:
-        captured = [b for b in self.blocks if b.inputs]
+        captured = [b for b in self.blocks if b.captured()]
         if not captured:
             return None
         a_hats = a_statistics(captured)
-        weights = {b: float(b.batch_size(b.inputs[0])) for b in captured}
+        weights = {b: float(b.step_examples()) for b in captured}
         pend = self._reduce(self.a_buckets, {(b, "A"): a for b, a in a_hats.items()}, weights,
                             scale=True)
         pend.snapshot = self._input_counts()
         return pend
 
     def _launch_g(self, pending_passes: int) -> _Pending:
-        ready = {b: b.G_hat for b in self.blocks if b.inputs and b.G_hat is not None}
-        weights = {b: float(b.batch_size(b.inputs[0])) for b in ready}
+        ready = {b: b.G_hat for b in self.blocks if b.captured() and b.G_hat is not None}
+        weights = {b: float(b.step_examples()) for b in ready}
         pend = self._reduce(self.g_buckets, {(b, "G"): g for b, g in ready.items()}, weights,
                             scale=self.g_divided)
         pend.snapshot = pending_passes

@@ -141,17 +141,19 @@ class KFACEngine:
         if not cap.capturing:
             cap.reset()
             return False
+        accumulated = cap.finish_micro_batches(g_rescale)   # several micro-batches combined
         if opts.curvature == "empirical" and cap.has_grads():
             cap.fold(1.0, empirical=True, g_rescale=g_rescale)
             if g_rescale is not None:   # output-gradients of a scaled loss: G_hat / S^2
                 for b in self.blocks.values():
                     if b.G_hat is not None:
                         b.G_hat = b.G_hat * g_rescale.to(b.G_hat.dtype)
-        captured = [b for b in self.blocks.values() if b.inputs]
+        captured = [b for b in self.blocks.values() if b.captured()]
         if not captured:
             cap.reset()
             return False
-        self.factors.check_batch_sizes(captured, cap.take_out_batch())
+        if not accumulated:       # (checked per micro-batch otherwise)
+            self.factors.check_batch_sizes(captured, cap.take_out_batch())
         cap.check_modes()
         if cap.pending_passes == 0 or all(b.G_hat is None for b in captured):
             cap.reset()

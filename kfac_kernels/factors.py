@@ -39,6 +39,19 @@ class FactorStatistics:
         red = float(n) if not mean else 1.0
         return weight * c * c * red
 
+    def micro_batch_weights(self, n: int, total: int, empirical: bool) -> Tuple[float, float]:
+        """Gradient accumulation: (weight of a micro-batch of ``n`` examples, final factor for
+        ``total`` examples), so that ``final * sum_i weight_i * G_i`` is the G of one step on the
+        concatenated batch, each G_i normalised as a step of its own (:meth:`g_scale`). A batch-mean
+        loss: "fisher"/"ggn" average the micro-batches by size (n, 1/N); "empirical" rescales
+        output-gradients that carry the big batch's 1/N (1/n, N). A summed loss adds them (1, 1).
+        ``total`` may be 0 while micro-batches still come (only the weight is used then)."""
+        if self.opts.loss_reduction != "mean":
+            return 1.0, 1.0
+        if empirical:
+            return 1.0 / n, float(total)
+        return float(n), (1.0 / total if total else 0.0)
+
     # ------------------------------------------------------------------ batched syrk
     def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
         """Execute syrk jobs, one batched ``ops.syrk_update`` per group of equal shapes.
@@ -130,7 +143,10 @@ class FactorStatistics:
     def a_statistics(self, captured: List[Block]) -> "OrderedDict[Block, torch.Tensor]":
         """This step's A_hat of each captured block (batched), in the block's factor dtype."""
         a_jobs, a_ready = [], {}
+        combined = {b: b.A_ready for b in captured if b.A_ready is not None}  # accumulation
         for b in captured:
+            if b in combined:
+                continue
             jobs, mat = b.a_jobs(b.inputs)
             a_jobs += [(b, j) for j in jobs]
             if mat is not None:
@@ -140,6 +156,9 @@ class FactorStatistics:
         self.run_jobs(a_jobs, target="A_hat", accumulate=False)
         a_hats: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
         for b in captured:
+            if b in combined:
+                a_hats[b] = combined[b]
+                continue
             a_hat = a_ready.get(b, b.A_hat)
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat

@@ -124,9 +124,12 @@ def _train(net, params, opt, base, cfg, steps, sizes, rank, start=0, plain_allre
             base.zero_grad()
         else:
             opt.zero_grad()
-        for x, y in _micro_batches(s, sizes, rank, accum):
-            out = net(x)
-            opt.backward(_loss(out, y, red) / accum, out)
+        for k, (x, y) in enumerate(_micro_batches(s, sizes, rank, accum)):
+            # DDP's no_sync: the gradients are reduced in the last micro-batch's backward only
+            quiet = rank is not None and cfg.get("no_sync") and k < accum - 1
+            with (net.no_sync() if quiet else contextlib.nullcontext()):
+                out = net(x)
+                opt.backward(_loss(out, y, red) / accum, out)
         if plain_allreduce:   # the user's own gradient reduction (no DDP)
             for p in params:
                 if red == "mean":   # the global mean loss: weight each rank's mean by N_r / N

@@ -240,3 +240,56 @@ def test_compiled_preconditioner_matches_eager():
             b.step()
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert rel_err(a.detach(), b.detach()) <= 1e-6
+
+
+_FRESH = r'''
+import sys, torch, torch.nn as nn, torch.nn.functional as F
+import kfac_kernels as kk
+curv, backend = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+kw = dict(lr=0.1, curvature=curv, factor_every=1, inverse_every=2, seed=5)
+if curv != "empirical":
+    kw["likelihood"] = "categorical"
+eager, comp = net(), net()
+oe, oc = kk.KFAC(eager, **kw), kk.KFAC(comp, **kw)
+fwd = torch.compile(comp, backend=backend)
+g = torch.Generator().manual_seed(1)
+for step in range(4):
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=g)
+    for f, opt in ((eager, oe), (fwd, oc)):
+        opt.zero_grad()
+        out = f(x)
+        loss = F.cross_entropy(out, y)
+        if curv == "empirical":
+            loss.backward()
+        else:
+            opt.backward(loss, out)
+        opt.step()
+err = max(float((q - p).norm() / p.norm()) for p, q in zip(eager.parameters(), comp.parameters()))
+ferr = max(float((oc.blocks[n].G - b.G).norm() / b.G.norm()) for n, b in oe.blocks.items())
+print("ERR", err, ferr, oc.engine.factor_updates)
+'''
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("curvature", ["fisher", "ggn", "empirical"])
+def test_compiled_model_matches_eager_for_every_curvature_in_a_fresh_process(curvature, tmp_path):
+    """torch.compile(model) with "fisher" and "ggn": the capture's output-gradient hooks are
+    traced into the compiled forward pass; they must still see the curvature passes (which run
+    with flags that are off during the forward pass). A fresh process: nothing compiled before."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "fresh.py"
+    script.write_text(_FRESH)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, str(script), curvature, "inductor"], env=env,
+                          capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [s for s in proc.stdout.splitlines() if s.startswith("ERR")][-1]
+    err, ferr, updates = line.split()[1:]
+    assert float(err) <= 1e-10 and float(ferr) <= 1e-10 and int(updates) == 4, line

@@ -88,7 +88,10 @@ SPECIAL = {
              model="mixed", ddp=True, inv=3, steps=5, sizes=[32, 32, 32]),
         dict(name="unequal-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky",
              frac=1 / 3, sizes=[4, 1, 6], assign="memory"),
-        dict(name="ddp-ggn-eigh-f0.33", curvature="ggn", inverse="eigh", frac=1 / 3, ddp=True)],
+        dict(name="ddp-ggn-eigh-f0.33", curvature="ggn", inverse="eigh", frac=1 / 3, ddp=True),
+        # gradient accumulation under DDP's no_sync (3 micro-batches, the last one uneven)
+        dict(name="nosync-ggn-eigh-f0.33-ddp", curvature="ggn", inverse="eigh", frac=1 / 3,
+             model="mixed", ddp=True, no_sync=True, accum=3, sizes=[8, 8, 8])],
     4: [dict(name="ddp-empirical-cholesky-f0.5", curvature="empirical", inverse="cholesky",
              frac=0.5, ddp=True)],
 }

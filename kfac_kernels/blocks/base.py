@@ -90,6 +90,13 @@ class Block:
         self.A_hat: Optional[torch.Tensor] = None
         self.G_hat: Optional[torch.Tensor] = None
         self.S_hat: Optional[torch.Tensor] = None        # EKFAC: this step's scalings estimate
+        # gradient accumulation (several micro-batches in one step, kfac_kernels.capture): the
+        # weighted sums of the micro-batches closed so far, their example count, and the step's
+        # A estimate once all are in
+        self.A_acc: Optional[torch.Tensor] = None
+        self.G_acc: Optional[torch.Tensor] = None
+        self.acc_examples = 0
+        self.A_ready: Optional[torch.Tensor] = None
         # capture bookkeeping (kfac_kernels.capture): inputs captured before the first backward
         # pass of a step, and calls dropped from ``inputs`` with a stale step
         self._inputs_at_backward = 0
@@ -233,10 +240,37 @@ class Block:
             return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
         return torch.kron(A if A.dim() == 2 else torch.diag(A), G)
 
-    def clear_capture(self) -> None:
+    def clear_inputs(self) -> None:
+        """Forget the current micro-batch's inputs and estimates (not the combined ones)."""
         self.inputs = []
         self.A_hat = None
         self.G_hat = None
+        self._inputs_at_backward = self._call_offset = 0
+
+    def keep_inputs_from(self, mark: int) -> None:
+        """Drop the first ``mark`` captured inputs (a closed micro-batch's) and this micro-batch's
+        estimates; hooks registered on the calls kept still know their absolute call index."""
+        self.inputs = self.inputs[mark:]
+        self.A_hat = self.G_hat = None
+        self._call_offset += mark
+        self._inputs_at_backward = 0
+
+    def clear_capture(self) -> None:
+        self.clear_inputs()
+        self.A_acc = self.G_acc = self.A_ready = None
+        self.acc_examples = 0
+
+    def captured(self) -> bool:
+        """Has this step captured statistics for the block (inputs of the current micro-batch, or
+        micro-batches already combined)?"""
+        return bool(self.inputs) or self.A_ready is not None
+
+    def step_examples(self) -> int:
+        """Examples behind this step's statistics on this process: the combined micro-batches', or
+        the batch size of the captured inputs."""
+        if self.A_ready is not None:
+            return self.acc_examples
+        return self.batch_size(self.inputs[0])
 
 
 def rows_jobs_expand(xs: List[torch.Tensor], k: int, homogeneous: bool) -> List[SyrkJob]:

@@ -127,8 +127,12 @@ class NormBlock(Block):
     def g_jobs(self, grads, scale):  # pragma: no cover - the engine calls pass_jobs
         raise NotImplementedError("NormBlock needs pass_jobs (pairs gradients with inputs)")
 
-    def clear_capture(self) -> None:
-        super().clear_capture()
+    def clear_inputs(self) -> None:
+        super().clear_inputs()
+        self._xhat = {}
+
+    def keep_inputs_from(self, mark: int) -> None:
+        super().keep_inputs_from(mark)
         self._xhat = {}
 
     # ------------------------------------------------------------------ gradients

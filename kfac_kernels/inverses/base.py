@@ -210,6 +210,14 @@ class InverseKind:
     def after_decomposition(self, blocks, comm) -> None:
         """After new decompositions of ``blocks`` exist on this rank."""
 
+    def close_micro_batch(self, block, weight: float) -> None:
+        """Gradient accumulation: the passes of one micro-batch are in; weigh what was kept of
+        them by ``weight`` (:meth:`FactorStatistics.micro_batch_weights`)."""
+
+    def finish_micro_batches(self, block, final, examples: int) -> None:
+        """Gradient accumulation: every micro-batch is in; scale the weighted sums by ``final``
+        (a float or a device scalar); ``examples``: the step's example count."""
+
     def end_step(self) -> None:
         """Forget per-step state."""
 

@@ -36,6 +36,9 @@ class EkfacInverse(EighInverse):
         # exists: {block: [(inputs, grads, calls, alpha)]}
         self._stash: Dict[object, list] = defaultdict(list)
         self._n: Dict[object, int] = {}   # local examples behind each block's estimate
+        # gradient accumulation: weighted S sums of closed micro-batches, stash entries weighed
+        self._acc: Dict[object, torch.Tensor] = {}
+        self._closed: Dict[object, int] = {}
 
     @classmethod
     def check_options(cls, values: dict) -> None:
@@ -92,6 +95,24 @@ class EkfacInverse(EighInverse):
         part = part.to(b.factor_dtype) * alpha
         b.S_hat = part if b.S_hat is None else b.S_hat + part
 
+    def close_micro_batch(self, b, weight: float) -> None:
+        if b.S_hat is not None:
+            s = b.S_hat * weight
+            self._acc[b] = s if b not in self._acc else self._acc[b] + s
+            b.S_hat = None
+        stash, done = self._stash.get(b, []), self._closed.get(b, 0)
+        stash[done:] = [(x, g, c, alpha * weight) for x, g, c, alpha in stash[done:]]
+        self._closed[b] = len(stash)
+
+    def finish_micro_batches(self, b, final, examples: int) -> None:
+        if b in self._acc:
+            s = self._acc.pop(b)
+            b.S_hat = s * (final.to(s.dtype) if isinstance(final, torch.Tensor) else final)
+        if b in self._stash:
+            self._stash[b] = [(x, g, c, alpha * final) for x, g, c, alpha in self._stash[b]]
+        self._closed.pop(b, None)
+        self._n[b] = examples
+
     def _reduce(self, comm, s_hats):
         """Combine estimates across processes (identity without communication), weighted by each
         rank's example count like G."""
@@ -142,7 +163,9 @@ class EkfacInverse(EighInverse):
 
     def end_step(self) -> None:
         self._stash = defaultdict(list)
+        self._acc, self._closed = {}, {}
 
     def drop_capture(self) -> None:
         """The step's captures were dropped (stale): forget their stashed passes."""
         self._stash = defaultdict(list)
+        self._acc, self._closed = {}, {}
