@@ -57,6 +57,23 @@ class _EngineViews:
         self.engine.curvature_backward(out)
         loss.backward(retain_graph=retain_graph)
 
+    def stats(self, sync: bool = False) -> dict:
+        """A flat ``{name: scalar}`` dict for loggers (TensorBoard, wandb): damping, the KL-clip
+        factor of the last step, counters, the last inverse update's seconds, and per block the
+        gradient and update norms and the factors' eigenvalue ranges (keys:
+        :mod:`kfac_kernels.stats`). Device values stay 0-d tensors (no host sync) unless
+        ``sync=True``, which turns every value into a float with one transfer per device. Update
+        norms are recorded from the first step after the first call."""
+        from . import stats as _stats
+        self._track_updates = True
+        return _stats.collect(self, sync)
+
+    def _record(self, U, nu) -> None:
+        """Keep what :meth:`stats` reports of this step's directions (references only)."""
+        self._last_nu = nu
+        if getattr(self, "_track_updates", False):
+            self._last_updates = {b.name: u for b, u in U.items()}
+
     def paused(self):
         """Context manager: forward/backward passes inside are not captured for the factors
         (evaluation batches with gradients on, probes, extra passes of step control)::
@@ -123,10 +140,13 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         params = opts.params
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        # damping and kl_clip live in the param groups too, so that schedulers and callbacks
+        # can drive them like lr (one value for all groups: K-FAC damps every block alike)
         super().__init__(params, dict(lr=opts.lr, momentum=opts.momentum,
-                                      weight_decay=opts.weight_decay))
+                                      weight_decay=opts.weight_decay, damping=opts.damping,
+                                      kl_clip=opts.kl_clip))
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
-        self.kl_clip = opts.kl_clip
+        self._kl_clip = opts.kl_clip
         self.grad_scaler = opts.grad_scaler
         self.skip_nonfinite = bool(opts.skip_nonfinite)
         self.control = None          # step control from the quadratic model (adaptive.py)
@@ -149,6 +169,44 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         self.pipeline = StepPipeline(self.engine)
         self._check_groups()
         self._warn_fallback(self._outside_model(), "a plain SGD step with K-FAC's lr")
+
+    @property
+    def damping(self) -> float:
+        return self.engine.damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.engine.damping = value     # checked (a finite number >= 0)
+        for g in self.param_groups:
+            g["damping"] = self.engine.damping
+
+    @property
+    def kl_clip(self) -> Optional[float]:
+        return self._kl_clip
+
+    @kl_clip.setter
+    def kl_clip(self, value: Optional[float]) -> None:
+        options.check_kl_clip("kl_clip", value)
+        self._kl_clip = value
+        for g in self.param_groups:
+            g["kl_clip"] = value
+
+    def _sync_groups(self) -> None:
+        """Take ``damping`` / ``kl_clip`` from the param groups (a scheduler or callback may have
+        set them); every group must hold the same value."""
+        for key, current in (("damping", self.engine.damping), ("kl_clip", self._kl_clip)):
+            vals = []
+            for g in self.param_groups:
+                v = g.setdefault(key, current)     # a group from an older state_dict
+                if not any(v == w for w in vals):
+                    vals.append(v)
+            if len(vals) > 1:
+                raise ValueError(
+                    f"the param groups hold different {key} values {vals}: K-FAC applies one "
+                    f"{key} to every block; set the same value in every group (or opt.{key} = "
+                    f"value, which does)")
+            if vals[0] != current:
+                setattr(self, key, vals[0])
 
     def _check_groups(self) -> None:
         where = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -243,6 +301,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         unscales) the gradients on the device; returns the step's ok flag (0-d bool on the
         device), or None when nothing is checked (``skip_nonfinite=False`` and no scaler)."""
         eng = self.engine
+        self._sync_groups()
         driven = hasattr(self, "found_inf")       # scaler.step(opt) set grad_scale / found_inf
         grad_scale = getattr(self, "grad_scale", None)
         scaler_on = self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -277,6 +336,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         grads = self.pipeline.gradients(lambda b: group_of[id(b.weight)]["weight_decay"])
         lrs = {b: group_of[id(b.weight)]["lr"] for b in grads}
         U, ok, nu = self.pipeline.directions(grads, ok, self.kl_clip if kl_clip else None, lrs)
+        self._record(U, nu)
         direction: Dict[int, torch.Tensor] = {}
         local = self.engine.comm.local_part     # this process's shard of a sharded parameter
         for b, u in U.items():
@@ -437,6 +497,7 @@ class KFACPreconditioner(_EngineViews):
                                            "update was skipped (warned once)")])
         pipe.curvature(ok, g_rescale)
         U, _, nu = pipe.directions(pipe.gradients(), None, self.kl_clip, self.lr)
+        self._record(U, nu)
         local = eng.comm.local_part
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):

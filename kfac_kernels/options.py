@@ -25,7 +25,7 @@ from .curvature import CURVATURES, LIKELIHOODS
 
 __all__ = ["Option", "OPTIONS", "OPTION", "Options", "resolve", "signature", "names"]
 
-LOSS_REDUCTIONS = ("mean", "sum")
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 DAMPING_MODES = ("eigen", "pi")
 WEIGHT_SHARING = ("expand", "reduce")
 ASSIGNMENTS = ("compute", "memory", "round_robin")
@@ -188,8 +188,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("params", None, "update", "param groups over the model's parameters (default: its "
            "trainable parameters); a block's weight and bias share a group", agree=False,
            owners=_K),
-    Option("loss_reduction", "mean", "engine", "'mean' (the loss is a mean over examples) or "
-           "'sum'", choice(*LOSS_REDUCTIONS)),
+    Option("loss_reduction", "mean", "engine", "'mean' (the loss is a mean over examples, "
+           "summed over each example's positions), 'sum', or 'token_mean' (a mean over examples "
+           "and positions, as Hugging Face's outputs.loss: the metric is then per position; "
+           "docs/math.md)", choice(*LOSS_REDUCTIONS)),
     Option("factor_dtype", None, "engine", "dtype factors are accumulated, decomposed and "
            "applied in (default float32, float64 for a float64 model)", _factor_dtype),
     Option("seed", None, "engine", "seed of curvature='fisher''s sampler (distributed: rank "
