@@ -21,6 +21,20 @@ from .pipeline import StepPipeline
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 
+def _compile_pays(engine) -> bool:
+    """Whether ``opt.compile()`` engages: not on CPU, where the compiled step measured slower
+    than the eager one (it warns and says how to force it)."""
+    devs = {b.weight.device.type for b in engine.blocks.values()}
+    if devs and devs <= {"cpu"}:
+        engine.health.warn_once(
+            ("compile-cpu",), "opt.compile() does not engage on CPU: the eager step (its "
+            "per-step plan) measured faster than the compiled one (e.g. 2.5 vs 4.5 ms/step on an "
+            "MLP; benchmarks/results/compile_vs_eager_cpu_2026-12-03.md); pass force=True to "
+            "compile anyway")
+        return False
+    return True
+
+
 def _compile_precondition(engine, compile_kwargs) -> None:
     """Compile the engine's local preconditioning (the batched ops of this process's blocks);
     a communication strategy's collectives around it stay eager."""
@@ -233,7 +247,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         return self.engine.describe([(n, r) for n, _, r in self._outside_model()])
 
     # -------------------------------------------------------------- training
-    def compile(self, **compile_kwargs) -> "KFAC":
+    def compile(self, *, force: bool = False, **compile_kwargs) -> "KFAC":
         """Compile the per-step phases with ``torch.compile`` (``fullgraph=True`` unless given):
         the gradient matrices, the batched preconditioning of every block (its ops are
         torch.library custom ops, so nothing breaks on them), the finiteness check and KL clip
@@ -241,7 +255,13 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         (:meth:`apply_update`). The factor and inverse updates stay eager (the inverse update
         reads decomposition health on the host by design). Compile the model yourself
         (``torch.compile(model)``); see docs/robustness.md for measured times and for the
-        capture hooks, which split a compiled forward on factor steps. Returns ``self``."""
+        capture hooks, which split a compiled forward on factor steps. Returns ``self``.
+
+        On CPU it does not engage unless ``force=True``: there the eager step (the per-step
+        plan's few mm calls) is faster than the compiled op path (measured:
+        benchmarks/results/compile_vs_eager_cpu_2026-12-03.md); it warns once and says so."""
+        if not force and not _compile_pays(self.engine):
+            return self
         compile_kwargs.setdefault("fullgraph", True)
         if not self.engine.comm.precondition_collectives:
             self.directions = torch.compile(type(self).directions.__get__(self),
@@ -476,8 +496,11 @@ class KFACPreconditioner(_EngineViews):
     def describe(self) -> str:
         return self.engine.describe()
 
-    def compile(self, **compile_kwargs) -> "KFACPreconditioner":
-        """Compile the preconditioning phase (see :meth:`KFAC.compile`). Returns ``self``."""
+    def compile(self, *, force: bool = False, **compile_kwargs) -> "KFACPreconditioner":
+        """Compile the preconditioning phase (see :meth:`KFAC.compile`; on CPU only with
+        ``force=True``). Returns ``self``."""
+        if not force and not _compile_pays(self.engine):
+            return self
         _compile_precondition(self.engine, compile_kwargs)
         return self
 

@@ -155,7 +155,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("weight_decay", 0.0, "update", "L2 weight decay added to the gradient before "
            "preconditioning", _weight_decay, owners=_K, positional=True),
     Option("damping", 1e-3, "engine", "Tikhonov damping gamma of the inverses (changeable "
-           "between steps: opt.damping = ...)", check_damping, positional=True),
+           "between steps: opt.damping = ..., or KFAC's param_groups[i]['damping'] from a "
+           "scheduler; one value for all groups)", check_damping, positional=True),
     Option("damping_mode", None, "engine", "'eigen' (add gamma to the eigenvalue products) or "
            "'pi' (split sqrt(gamma) between A and G by pi); default: the inverse kind's",
            optional_choice(*DAMPING_MODES), positional=True),
@@ -176,7 +177,8 @@ OPTIONS: Tuple[Option, ...] = (
            "(damped inverses, pi damping) or 'ekfac' (eigenvalue-corrected)", _inverse,
            positional=True),
     Option("kl_clip", None, "step", "bound C on sum lr^2 <U, V> (the update is scaled by "
-           "min(1, sqrt(C / sum lr^2 <U, V>))); None: off", check_kl_clip, positional=True),
+           "min(1, sqrt(C / sum lr^2 <U, V>))); None: off; KFAC keeps it in param_groups too",
+           check_kl_clip, positional=True),
     Option("weight_sharing", "expand", "engine", "layers applied at several positions "
            "(sequences, conv patches): 'expand' or 'reduce' (docs/math.md)",
            choice(*WEIGHT_SHARING), positional=True),
