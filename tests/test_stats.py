@@ -153,3 +153,18 @@ def test_preconditioner_stats():
         base.step()
     st = pre.stats(sync=True)
     assert st["factor_updates"] == 2 and "0/G_eig_max" in st
+
+
+def test_logging_example_runs_and_writes_the_stats(tmp_path, monkeypatch, capsys):
+    import json
+    from kfac_kernels.examples import log_stats
+    monkeypatch.setattr(log_stats, "writer_for", lambda d: (log_stats.JsonLines(d), "jsonl"))
+    assert log_stats.main(["--logdir", str(tmp_path), "--steps", "21", "--log-every", "10"]) == 0
+    rows = [json.loads(s) for s in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    tags = {r["tag"] for r in rows}
+    assert {"loss", "damping", "kl_clip/factor", "0/grad_norm", "2/G_eig_max",
+            "0/update_norm"} <= tags
+    damp = [r["value"] for r in rows if r["tag"] == "damping"]
+    assert damp[0] > damp[-1]                  # the schedule through param_groups took effect
+    loss = [r["value"] for r in rows if r["tag"] == "loss"]
+    assert loss[-1] < loss[0]
