@@ -4,7 +4,7 @@ Variants (same model, data and settings; steps interleaved so that machine noise
 
 * eager: model and KFAC.step in eager mode;
 * compiled model: ``torch.compile(model)`` (forward + backward), KFAC.step eager;
-* compiled model + ``opt.compile()``: also the gradient matrices, batched preconditioning, KL clip
+* compiled model + ``opt.compile(force=True)   # measured here on CPU too``: also the gradient matrices, batched preconditioning, KL clip
   and parameter update compiled (inductor).
 
 The capture hooks split the compiled forward on factor steps (dynamo cannot trace tensor hooks

@@ -22,7 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .blocks import Block
-from .curvature import check_likelihood_output, ggn_num_columns, ggn_vectors, sample_vectors
+from .curvature import (check_likelihood_output, ggn_num_columns, ggn_vectors, positions,
+                        sample_vectors)
 
 __all__ = ["Capture"]
 
@@ -55,6 +56,7 @@ class Capture:
         self.micro_batches = 0            # micro-batches of this step combined so far
         self.compiled = False             # captured inside torch.compile(model)
         self.boundary = False             # a forward pass came after this step's backward
+        self.positions: Optional[int] = None   # loss terms per example (token_mean)
         self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
         self.seen_backward = False        # captured statistics have seen a backward pass
         self.stale = False                # ... before the last zero_grad
@@ -206,6 +208,7 @@ class Capture:
         self.pending_passes = 0
         self.micro_batches = 0
         self.boundary = False
+        self.positions = None
         self.seen_backward = self.stale = False
 
     # ------------------------------------------------------------------ gradient accumulation
@@ -330,7 +333,7 @@ class Capture:
                 continue
             n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
             calls = self.grad_calls[block]
-            scale = self.factors.g_scale(n, weight, empirical)
+            scale = self.factors.g_scale(n, weight, empirical, self._positions())
             for job in block.pass_jobs(grads, calls, scale):
                 jobs.append((block, job))
             if wants and block.inputs:
@@ -345,6 +348,15 @@ class Capture:
         if jobs:
             self.pending_passes += 1
 
+    def _positions(self) -> int:
+        if self.opts.loss_reduction != "token_mean":
+            return 1
+        if self.positions is None:
+            raise ValueError(
+                "loss_reduction='token_mean' needs the model output to count each example's "
+                "positions: call opt.backward(loss, out) (also with curvature='empirical')")
+        return self.positions
+
     def take_out_batch(self) -> Optional[int]:
         n, self.out_batch = self.out_batch, None
         return n
@@ -353,6 +365,12 @@ class Capture:
     def curvature_backward(self, out: Optional[torch.Tensor], step: int) -> None:
         """The extra backward passes of "fisher" / "ggn" (before the loss's own backward)."""
         opts = self.opts
+        if self.capturing and self.boundary and not self.stale:
+            self.close_micro_batch()         # the micro-batch before is complete
+        if (self.capturing and opts.loss_reduction == "token_mean" and out is not None
+                and isinstance(out, torch.Tensor)):
+            self.positions = positions(opts.likelihood if opts.curvature != "empirical" else None,
+                                       out)
         if not self.capturing or opts.curvature == "empirical":
             return
         if out is None:

@@ -27,6 +27,14 @@ CURVATURES = ("empirical", "fisher", "ggn")
 LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 
+def positions(likelihood: Optional[str], out: torch.Tensor) -> int:
+    """Loss terms per example that ``loss_reduction="token_mean"`` averages over: every dimension
+    of ``out`` but the batch, and for "categorical" (or no likelihood: "empirical") the last one
+    (the classes, or a position's features)."""
+    shape = out.shape[1:] if likelihood in ("gaussian", "bernoulli") else out.shape[1:-1]
+    return max(1, math.prod(shape))
+
+
 def check_likelihood_output(likelihood: str, out: torch.Tensor) -> None:
     """Raise a clear error when ``out`` cannot be the output of ``likelihood``."""
     if not isinstance(out, torch.Tensor):

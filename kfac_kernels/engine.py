@@ -24,6 +24,7 @@ The optimisers (:mod:`kfac_kernels.optimizer`) drive it through :mod:`kfac_kerne
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -204,11 +205,13 @@ class KFACEngine:
         ready = [b for b in self.blocks.values() if b.A is not None]
         if not ready:
             return
+        t0 = time.perf_counter()
         self.comm.update_inverses(ready, self.decompose, self.inverse_updates)
         self.kind.after_decomposition(ready, self.comm)
         self.needs_inverse = False
         self.inverse_updates += 1
         self.preconditioning.regroup(self.blocks.values())
+        self.last_inverse_seconds = time.perf_counter() - t0   # host time (opt.stats())
 
     def decompose(self, blocks, only: Optional[set] = None) -> None:
         """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs)."""

@@ -30,11 +30,16 @@ class FactorStatistics:
         self.backend = backend
 
     # ------------------------------------------------------------------ scales
-    def g_scale(self, n: int, weight: float, empirical: bool) -> float:
+    def g_scale(self, n: int, weight: float, empirical: bool, positions: int = 1) -> float:
         """Scale turning captured output-gradients into the g_n of the metric (docs/math.md): a
         batch-mean loss gives grad = g_n / N, so "empirical" multiplies by N; a summed loss is
-        N times the mean loss, so its curvature is N times larger."""
-        mean = self.opts.loss_reduction == "mean"
+        N times the mean loss, so its curvature is N times larger; a mean over examples and
+        their ``positions`` ("token_mean") has the metric of the per-example mean divided by the
+        positions, and its gradients carry 1 / (N positions)."""
+        red = self.opts.loss_reduction
+        if red == "token_mean":
+            return weight * float(n) * float(n) * positions if empirical else weight / positions
+        mean = red == "mean"
         c = float(n) if (empirical and mean) else 1.0
         red = float(n) if not mean else 1.0
         return weight * c * c * red
@@ -46,7 +51,7 @@ class FactorStatistics:
         loss: "fisher"/"ggn" average the micro-batches by size (n, 1/N); "empirical" rescales
         output-gradients that carry the big batch's 1/N (1/n, N). A summed loss adds them (1, 1).
         ``total`` may be 0 while micro-batches still come (only the weight is used then)."""
-        if self.opts.loss_reduction != "mean":
+        if self.opts.loss_reduction == "sum":
             return 1.0, 1.0
         if empirical:
             return 1.0 / n, float(total)

@@ -21,6 +21,20 @@ from .pipeline import StepPipeline
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 
+def _compile_pays(engine) -> bool:
+    """Whether ``opt.compile()`` engages: not on CPU, where the compiled step measured slower
+    than the eager one (it warns and says how to force it)."""
+    devs = {b.weight.device.type for b in engine.blocks.values()}
+    if devs and devs <= {"cpu"}:
+        engine.health.warn_once(
+            ("compile-cpu",), "opt.compile() does not engage on CPU: the eager step (its "
+            "per-step plan) measured faster than the compiled one (e.g. 2.5 vs 4.5 ms/step on an "
+            "MLP; benchmarks/results/compile_vs_eager_cpu_2026-12-03.md); pass force=True to "
+            "compile anyway")
+        return False
+    return True
+
+
 def _compile_precondition(engine, compile_kwargs) -> None:
     """Compile the engine's local preconditioning (the batched ops of this process's blocks);
     a communication strategy's collectives around it stay eager."""
@@ -56,6 +70,23 @@ class _EngineViews:
         """
         self.engine.curvature_backward(out)
         loss.backward(retain_graph=retain_graph)
+
+    def stats(self, sync: bool = False) -> dict:
+        """A flat ``{name: scalar}`` dict for loggers (TensorBoard, wandb): damping, the KL-clip
+        factor of the last step, counters, the last inverse update's seconds, and per block the
+        gradient and update norms and the factors' eigenvalue ranges (keys:
+        :mod:`kfac_kernels.stats`). Device values stay 0-d tensors (no host sync) unless
+        ``sync=True``, which turns every value into a float with one transfer per device. Update
+        norms are recorded from the first step after the first call."""
+        from . import stats as _stats
+        self._track_updates = True
+        return _stats.collect(self, sync)
+
+    def _record(self, U, nu) -> None:
+        """Keep what :meth:`stats` reports of this step's directions (references only)."""
+        self._last_nu = nu
+        if getattr(self, "_track_updates", False):
+            self._last_updates = {b.name: u for b, u in U.items()}
 
     def paused(self):
         """Context manager: forward/backward passes inside are not captured for the factors
@@ -123,10 +154,13 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         params = opts.params
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        # damping and kl_clip live in the param groups too, so that schedulers and callbacks
+        # can drive them like lr (one value for all groups: K-FAC damps every block alike)
         super().__init__(params, dict(lr=opts.lr, momentum=opts.momentum,
-                                      weight_decay=opts.weight_decay))
+                                      weight_decay=opts.weight_decay, damping=opts.damping,
+                                      kl_clip=opts.kl_clip))
         trainable = {id(p) for g in self.param_groups for p in g["params"]}
-        self.kl_clip = opts.kl_clip
+        self._kl_clip = opts.kl_clip
         self.grad_scaler = opts.grad_scaler
         self.skip_nonfinite = bool(opts.skip_nonfinite)
         self.control = None          # step control from the quadratic model (adaptive.py)
@@ -149,6 +183,44 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         self.pipeline = StepPipeline(self.engine)
         self._check_groups()
         self._warn_fallback(self._outside_model(), "a plain SGD step with K-FAC's lr")
+
+    @property
+    def damping(self) -> float:
+        return self.engine.damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        self.engine.damping = value     # checked (a finite number >= 0)
+        for g in self.param_groups:
+            g["damping"] = self.engine.damping
+
+    @property
+    def kl_clip(self) -> Optional[float]:
+        return self._kl_clip
+
+    @kl_clip.setter
+    def kl_clip(self, value: Optional[float]) -> None:
+        options.check_kl_clip("kl_clip", value)
+        self._kl_clip = value
+        for g in self.param_groups:
+            g["kl_clip"] = value
+
+    def _sync_groups(self) -> None:
+        """Take ``damping`` / ``kl_clip`` from the param groups (a scheduler or callback may have
+        set them); every group must hold the same value."""
+        for key, current in (("damping", self.engine.damping), ("kl_clip", self._kl_clip)):
+            vals = []
+            for g in self.param_groups:
+                v = g.setdefault(key, current)     # a group from an older state_dict
+                if not any(v == w for w in vals):
+                    vals.append(v)
+            if len(vals) > 1:
+                raise ValueError(
+                    f"the param groups hold different {key} values {vals}: K-FAC applies one "
+                    f"{key} to every block; set the same value in every group (or opt.{key} = "
+                    f"value, which does)")
+            if vals[0] != current:
+                setattr(self, key, vals[0])
 
     def _check_groups(self) -> None:
         where = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -175,7 +247,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         return self.engine.describe([(n, r) for n, _, r in self._outside_model()])
 
     # -------------------------------------------------------------- training
-    def compile(self, **compile_kwargs) -> "KFAC":
+    def compile(self, *, force: bool = False, **compile_kwargs) -> "KFAC":
         """Compile the per-step phases with ``torch.compile`` (``fullgraph=True`` unless given):
         the gradient matrices, the batched preconditioning of every block (its ops are
         torch.library custom ops, so nothing breaks on them), the finiteness check and KL clip
@@ -183,7 +255,13 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         (:meth:`apply_update`). The factor and inverse updates stay eager (the inverse update
         reads decomposition health on the host by design). Compile the model yourself
         (``torch.compile(model)``); see docs/robustness.md for measured times and for the
-        capture hooks, which split a compiled forward on factor steps. Returns ``self``."""
+        capture hooks, which split a compiled forward on factor steps. Returns ``self``.
+
+        On CPU it does not engage unless ``force=True``: there the eager step (the per-step
+        plan's few mm calls) is faster than the compiled op path (measured:
+        benchmarks/results/compile_vs_eager_cpu_2026-12-03.md); it warns once and says so."""
+        if not force and not _compile_pays(self.engine):
+            return self
         compile_kwargs.setdefault("fullgraph", True)
         if not self.engine.comm.precondition_collectives:
             self.directions = torch.compile(type(self).directions.__get__(self),
@@ -243,6 +321,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         unscales) the gradients on the device; returns the step's ok flag (0-d bool on the
         device), or None when nothing is checked (``skip_nonfinite=False`` and no scaler)."""
         eng = self.engine
+        self._sync_groups()
         driven = hasattr(self, "found_inf")       # scaler.step(opt) set grad_scale / found_inf
         grad_scale = getattr(self, "grad_scale", None)
         scaler_on = self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -277,6 +356,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         grads = self.pipeline.gradients(lambda b: group_of[id(b.weight)]["weight_decay"])
         lrs = {b: group_of[id(b.weight)]["lr"] for b in grads}
         U, ok, nu = self.pipeline.directions(grads, ok, self.kl_clip if kl_clip else None, lrs)
+        self._record(U, nu)
         direction: Dict[int, torch.Tensor] = {}
         local = self.engine.comm.local_part     # this process's shard of a sharded parameter
         for b, u in U.items():
@@ -416,8 +496,11 @@ class KFACPreconditioner(_EngineViews):
     def describe(self) -> str:
         return self.engine.describe()
 
-    def compile(self, **compile_kwargs) -> "KFACPreconditioner":
-        """Compile the preconditioning phase (see :meth:`KFAC.compile`). Returns ``self``."""
+    def compile(self, *, force: bool = False, **compile_kwargs) -> "KFACPreconditioner":
+        """Compile the preconditioning phase (see :meth:`KFAC.compile`; on CPU only with
+        ``force=True``). Returns ``self``."""
+        if not force and not _compile_pays(self.engine):
+            return self
         _compile_precondition(self.engine, compile_kwargs)
         return self
 
@@ -437,6 +520,7 @@ class KFACPreconditioner(_EngineViews):
                                            "update was skipped (warned once)")])
         pipe.curvature(ok, g_rescale)
         U, _, nu = pipe.directions(pipe.gradients(), None, self.kl_clip, self.lr)
+        self._record(U, nu)
         local = eng.comm.local_part
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):

@@ -25,7 +25,7 @@ from .curvature import CURVATURES, LIKELIHOODS
 
 __all__ = ["Option", "OPTIONS", "OPTION", "Options", "resolve", "signature", "names"]
 
-LOSS_REDUCTIONS = ("mean", "sum")
+LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 DAMPING_MODES = ("eigen", "pi")
 WEIGHT_SHARING = ("expand", "reduce")
 ASSIGNMENTS = ("compute", "memory", "round_robin")
@@ -155,7 +155,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("weight_decay", 0.0, "update", "L2 weight decay added to the gradient before "
            "preconditioning", _weight_decay, owners=_K, positional=True),
     Option("damping", 1e-3, "engine", "Tikhonov damping gamma of the inverses (changeable "
-           "between steps: opt.damping = ...)", check_damping, positional=True),
+           "between steps: opt.damping = ..., or KFAC's param_groups[i]['damping'] from a "
+           "scheduler; one value for all groups)", check_damping, positional=True),
     Option("damping_mode", None, "engine", "'eigen' (add gamma to the eigenvalue products) or "
            "'pi' (split sqrt(gamma) between A and G by pi); default: the inverse kind's",
            optional_choice(*DAMPING_MODES), positional=True),
@@ -176,7 +177,8 @@ OPTIONS: Tuple[Option, ...] = (
            "(damped inverses, pi damping) or 'ekfac' (eigenvalue-corrected)", _inverse,
            positional=True),
     Option("kl_clip", None, "step", "bound C on sum lr^2 <U, V> (the update is scaled by "
-           "min(1, sqrt(C / sum lr^2 <U, V>))); None: off", check_kl_clip, positional=True),
+           "min(1, sqrt(C / sum lr^2 <U, V>))); None: off; KFAC keeps it in param_groups too",
+           check_kl_clip, positional=True),
     Option("weight_sharing", "expand", "engine", "layers applied at several positions "
            "(sequences, conv patches): 'expand' or 'reduce' (docs/math.md)",
            choice(*WEIGHT_SHARING), positional=True),
@@ -188,8 +190,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("params", None, "update", "param groups over the model's parameters (default: its "
            "trainable parameters); a block's weight and bias share a group", agree=False,
            owners=_K),
-    Option("loss_reduction", "mean", "engine", "'mean' (the loss is a mean over examples) or "
-           "'sum'", choice(*LOSS_REDUCTIONS)),
+    Option("loss_reduction", "mean", "engine", "'mean' (the loss is a mean over examples, "
+           "summed over each example's positions), 'sum', or 'token_mean' (a mean over examples "
+           "and positions, as Hugging Face's outputs.loss: the metric is then per position; "
+           "docs/math.md)", choice(*LOSS_REDUCTIONS)),
     Option("factor_dtype", None, "engine", "dtype factors are accumulated, decomposed and "
            "applied in (default float32, float64 for a float64 model)", _factor_dtype),
     Option("seed", None, "engine", "seed of curvature='fisher''s sampler (distributed: rank "

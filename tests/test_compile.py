@@ -155,7 +155,7 @@ def test_compiled_training_step_matches_eager():
               kl_clip=1e-2, factor_every=2, inverse_every=3)
     eager, comp = mlp(), mlp()
     o_eager = kk.KFAC(eager, **kw)
-    o_comp = kk.KFAC(comp, **kw).compile(backend=BACKEND)
+    o_comp = kk.KFAC(comp, **kw).compile(backend=BACKEND, force=True)
     comp_fwd = torch.compile(comp, backend=BACKEND)
     g = torch.Generator().manual_seed(0)
     for step in range(6):
@@ -225,7 +225,8 @@ def test_cuda_compiled_training_step_matches_eager():
 def test_compiled_preconditioner_matches_eager():
     torch._dynamo.reset()
     m1, m2 = mlp(), mlp()
-    p1 = kk.KFACPreconditioner(m1, damping=1e-2, kl_clip=1e-2).compile(backend=BACKEND)
+    p1 = kk.KFACPreconditioner(m1, damping=1e-2, kl_clip=1e-2).compile(backend=BACKEND,
+                                                                           force=True)
     p2 = kk.KFACPreconditioner(m2, damping=1e-2, kl_clip=1e-2)
     b1 = torch.optim.SGD(m1.parameters(), lr=0.1)
     b2 = torch.optim.SGD(m2.parameters(), lr=0.1)
@@ -293,3 +294,13 @@ def test_compiled_model_matches_eager_for_every_curvature_in_a_fresh_process(cur
     line = [s for s in proc.stdout.splitlines() if s.startswith("ERR")][-1]
     err, ferr, updates = line.split()[1:]
     assert float(err) <= 1e-10 and float(ferr) <= 1e-10 and int(updates) == 4, line
+
+
+def test_opt_compile_does_not_engage_on_cpu_and_says_why():
+    model = mlp()
+    opt = kk.KFAC(model, curvature="empirical")
+    with pytest.warns(UserWarning, match=r"does not engage on CPU.*force=True"):
+        assert opt.compile() is opt
+    assert opt.directions.__func__ is kk.KFAC.directions       # still the eager method
+    pre = kk.KFACPreconditioner(mlp())
+    assert pre.compile() is pre

@@ -165,3 +165,25 @@ def test_set_overrides_are_parsed():
                             "inverse_every": 1, "factor_storage_dtype": torch.bfloat16},
                    "adam": {"lr": 1e-3, "amsgrad": True}}
     assert isinstance(got["kfac"]["inverse_every"], int)
+
+
+def test_plot_legend_explains_the_line_styles(tmp_path, monkeypatch):
+    """The dashed (test loss) and dotted (thresholds) lines are named in every legend."""
+    import matplotlib.figure
+    from kfac_kernels.demo import report
+    from kfac_kernels.demo.train import Run, Task
+    task = Task("autoencoder", "AE", "gaussian", "loss", "mse", False, 0, 3, (2.0, 1.0))
+    run = Run("autoencoder", "kfac", "K-FAC", "", steps=[0, 1, 2], seconds=[0.0, 0.1, 0.2],
+              train_loss=[3.0, 2.0, 1.0], test_loss=[3.1, 2.2, 1.3], test_metric=[0, 0, 0])
+    legends = []
+    real = matplotlib.figure.Figure.savefig
+
+    def grab(fig, *a, **k):
+        legends.extend([[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes])
+        return real(fig, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", grab)
+    report.plot(str(tmp_path / "p.png"), [task], {"autoencoder": [run]}, "sub")
+    steps_panel, time_panel = legends
+    assert "test loss (dashed)" in steps_panel and "K-FAC (train)" in steps_panel
+    assert all("thresholds" in " ".join(lg) for lg in legends)
+    assert "test loss (dashed)" not in time_panel

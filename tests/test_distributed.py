@@ -269,6 +269,9 @@ def test_torchrun_example_runs_on_cpu(tmp_path):
                           timeout=110)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-12000:]
     assert "ranks agree" in proc.stdout, proc.stdout
+    line = [s for s in proc.stdout.splitlines() if s.startswith("test loss ") and "->" in s][-1]
+    before, after = (float(v) for v in line.split()[2::2])
+    assert after < 0.8 * before, line            # it learns, not only agrees
 
 
 @pytest.mark.gpu

@@ -87,6 +87,7 @@ def plot(path: str, tasks: Sequence[Task], runs_by_task: Dict[str, Sequence[Run]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import LogLocator, ScalarFormatter
 
     def finite(vs):
@@ -120,7 +121,15 @@ def plot(path: str, tasks: Sequence[Task], runs_by_task: Dict[str, Sequence[Run]
                 "train loss vs training time"
             ax.set_title(f"{task.name}: {what}", fontsize=10)
             ax.grid(True, which="both", alpha=0.25)
-            ax.legend(fontsize=8, frameon=False)
+            # the line styles, explained once per panel (grey keys beside the optimisers)
+            handles, labels = ax.get_legend_handles_labels()
+            if col == 0:
+                handles.append(Line2D([], [], color="0.3", lw=1.0, ls="--"))
+                labels.append("test loss (dashed)")
+            if task.thresholds:
+                handles.append(Line2D([], [], color="0.5", lw=0.7, ls=":"))
+                labels.append("loss thresholds of the table (dotted)")
+            ax.legend(handles, labels, fontsize=8, frameon=False)
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

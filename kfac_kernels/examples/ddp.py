@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     ap.add_argument("--curvature", default="fisher", choices=("empirical", "fisher", "ggn"))
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--momentum", type=float, default=0.0,
+                    help="heavy-ball momentum (0: with the KL clip binding, momentum 0.9 "
+                         "overshoots on this task and plateaus)")
     ap.add_argument("--log-every", type=int, default=20)
     args = ap.parse_args(argv)
 
@@ -59,12 +62,21 @@ def main(argv=None) -> int:
     model = nn.Sequential(nn.Linear(dim, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
                           nn.Linear(128, classes)).to(device)
     ddp = DDP(model, device_ids=[local_rank] if cuda else None)
-    opt = kk.KFAC(ddp, lr=args.lr, momentum=0.9, damping=1e-2, curvature=args.curvature,
+    opt = kk.KFAC(ddp, lr=args.lr, momentum=args.momentum, damping=1e-2, curvature=args.curvature,
                   likelihood="categorical", inverse_every=10, kl_clip=1e-2, seed=0,
                   grad_worker_fraction=args.fraction)
     if rank == 0:
         print(opt.describe(), flush=True)
 
+    xt, yt = teacher_batch(-1, 2048, dim, classes, device)     # held out: the same on every rank
+
+    def test_loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(model(xt), yt))
+
+    first = test_loss()
+    if rank == 0:
+        print(f"test loss before training {first:.4f}", flush=True)
     start = time.perf_counter()
     for step in range(args.steps):
         x, y = teacher_batch(step, args.batch * world, dim, classes, device)
@@ -82,6 +94,9 @@ def main(argv=None) -> int:
                       f"({(time.perf_counter() - start) / (step + 1) * 1e3:.1f} ms/step)",
                       flush=True)
 
+    last = test_loss()
+    if rank == 0:
+        print(f"test loss {first:.4f} -> {last:.4f}", flush=True)
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     spread = flat.clone()
     lo = flat.clone()

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     ap = _text.parser(__doc__.splitlines()[0], steps=300)
     ap.add_argument("--cell", choices=["gru", "lstm"], default="gru")
     ap.add_argument("--kfac-lr", type=float, default=1.0)
-    ap.add_argument("--damping", type=float, default=0.03)
-    ap.add_argument("--kl-clip", type=float, default=0.01)
+    ap.add_argument("--damping", type=float, default=0.03 / CTX)   # per position (token_mean)
+    ap.add_argument("--kl-clip", type=float, default=0.01 / CTX)   # per position (token_mean)
     ap.add_argument("--adamw-lr", type=float, default=1e-2)
     args = ap.parse_args(argv)
     if args.threads:
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     print(kk.KFAC(make_model()).describe())
     runs = [("K-FAC", lambda m: kk.KFAC(m, lr=args.kfac_lr, momentum=0.9, damping=args.damping,
                                         curvature="fisher", likelihood="categorical",
+                                        loss_reduction="token_mean",   # the loss's per-token mean
                                         inverse_every=10, kl_clip=args.kl_clip,
                                         seed=args.seed)),
             ("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=args.adamw_lr,

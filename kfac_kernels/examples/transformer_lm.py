@@ -69,6 +69,7 @@ def make_kfac(model, args):
     # lr^2 nu^2 <U, V> = kl_clip, a trust region of radius kl_clip in the metric
     return kk.KFAC(model, lr=args.kfac_lr, momentum=0.9, damping=args.damping,
                    curvature="fisher", likelihood="categorical", factor_every=1,
+                   loss_reduction="token_mean",      # the loss is a per-token mean
                    inverse_every=10, ema_decay=0.95, kl_clip=args.kl_clip, seed=args.seed)
 
 
@@ -80,8 +81,8 @@ def make_adamw(model, args):
 def main(argv=None) -> int:
     ap = _text.parser(__doc__.splitlines()[0], steps=400)
     ap.add_argument("--kfac-lr", type=float, default=10.0)
-    ap.add_argument("--damping", type=float, default=0.3)
-    ap.add_argument("--kl-clip", type=float, default=0.03)
+    ap.add_argument("--damping", type=float, default=0.3 / CTX)   # per position (token_mean)
+    ap.add_argument("--kl-clip", type=float, default=0.03 / CTX)   # per position (token_mean)
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
     if args.threads:
