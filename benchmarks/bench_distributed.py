@@ -165,11 +165,14 @@ def _rank_main(rank, world, args, store, out):
     dist.destroy_process_group()
 
 
-def launch(world, args):
+def launch(world, args, rank_main=None):
+    """Run ``rank_main(rank, world, args, store, out)`` (default: this benchmark's) on ``world``
+    local processes; returns what rank 0 saved to ``out`` (bench_fsdp.py uses it too)."""
+    rank_main = rank_main or _rank_main
     ctx = mp.get_context("forkserver")
     with tempfile.TemporaryDirectory() as tmp:
         store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        procs = [ctx.Process(target=_rank_main, args=(r, world, args, store, out))
+        procs = [ctx.Process(target=rank_main, args=(r, world, args, store, out))
                  for r in range(world)]
         for p in procs:
             p.start()

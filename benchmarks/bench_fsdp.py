@@ -34,7 +34,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import timedelta
 
@@ -42,6 +41,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)           # bench_distributed (the process launcher)
 
 
 def _model(width, depth, dim_in, classes, device):
@@ -164,23 +164,8 @@ def _rank_main(rank, world, args, store, out):
 
 
 def launch(world, args):
-    ctx = mp.get_context("forkserver")
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "out.pt")
-        procs = [ctx.Process(target=_rank_main, args=(r, world, args, store, out))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        if any(p.is_alive() for p in procs):
-            for p in procs:
-                p.kill()
-            raise TimeoutError(f"world {world}: did not finish within {args.timeout} s")
-        if any(p.exitcode for p in procs):
-            raise RuntimeError(f"world {world}: exit codes {[p.exitcode for p in procs]}")
-        return torch.load(out, weights_only=False)
+    from bench_distributed import launch as launch_ranks
+    return launch_ranks(world, args, _rank_main)
 
 
 def _kb(v):

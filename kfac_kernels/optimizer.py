@@ -60,6 +60,10 @@ class _EngineViews:
     @damping.setter
     def damping(self, value: float) -> None:
         self.engine.damping = value     # checked (a finite number >= 0)
+        self._damping_set()
+
+    def _damping_set(self) -> None:
+        """After ``damping`` was set (KFAC mirrors it into its param groups)."""
 
     def backward(self, loss: torch.Tensor, out: Optional[torch.Tensor] = None, *,
                  retain_graph: bool = False) -> None:
@@ -184,13 +188,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         self._check_groups()
         self._warn_fallback(self._outside_model(), "a plain SGD step with K-FAC's lr")
 
-    @property
-    def damping(self) -> float:
-        return self.engine.damping
-
-    @damping.setter
-    def damping(self, value: float) -> None:
-        self.engine.damping = value     # checked (a finite number >= 0)
+    def _damping_set(self) -> None:
         for g in self.param_groups:
             g["damping"] = self.engine.damping
 
