@@ -166,6 +166,7 @@ class KFACTrainer(transformers.Trainer):
         self._kfac_step_seen: Optional[int] = None     # engine.steps of the last micro-batch
         super().__init__(*args, **kwargs)
         self._kfac_check_supported()
+        self.kfac_optimizer      # noqa: B018 - type check of an optimiser given to Trainer
 
     # ------------------------------------------------------------------ checks
     @property
