@@ -113,6 +113,43 @@ def test_hf_trainer_steps_kfac(tmp_path, curvature, vocab, length, bf16):
     assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
 
 
+@pytest.mark.parametrize("curvature", ["empirical", "ggn"])
+def test_hf_trainer_step_equals_the_hand_written_kfac_loop(tmp_path, curvature):
+    """One batch of 8 (so the data order does not matter), no gradient clipping: two Trainer
+    steps equal two steps of ``opt.backward(loss, logits[:, :-1]); opt.step()``."""
+    import copy
+    transformers = _hf()
+    data = _Sequences(8, 32, 8, pad_from=6)        # the last two labels of each row ignored
+    trainer = _trainer(transformers, tmp_path, curvature, vocab=32, length=8, steps=2, data=data,
+                       max_grad_norm=0.0)
+    model = copy.deepcopy(trainer.model)
+    w0 = model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+    counts = []      # the loss divisor Trainer computes (transformers 5.24 counts GPT-2's labels
+    orig = trainer.compute_loss  # before the shift: loss_type is None, see the hf module doc)
+
+    def compute_loss(*a, num_items_in_batch=None, **k):
+        counts.append(num_items_in_batch)
+        return orig(*a, num_items_in_batch=num_items_in_batch, **k)
+    trainer.compute_loss = compute_loss
+    trainer.train()
+    assert len(counts) == 2
+    opt = kk.KFAC(model, lr=0.1, **trainer.kfac_kwargs)
+    ids = data.ids
+    labels = torch.stack([data[i]["labels"] for i in range(len(data))])
+    keep = (labels[:, 1:] != -100).unsqueeze(-1)
+    for count in counts:
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=count)
+        logits = out.logits[:, :-1]
+        opt.zero_grad()
+        opt.backward(out.loss, torch.where(keep, logits, logits.detach()))
+        opt.step()
+    for (name, a), b in zip(trainer.model.named_parameters(), model.parameters()):
+        # the batch rows come in another order: float rounding only (the steps move ~1e-3)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (name, float((a - b).abs().max()))
+    assert opt.engine.factor_updates == trainer.kfac_optimizer.engine.factor_updates == 2
+    assert (model.transformer.h[0].mlp.c_fc.weight - w0).abs().max() > 1e-3
+
+
 def test_hf_evaluation_does_not_enter_the_factors(tmp_path):
     transformers = _hf()
     plain = _trainer(transformers, tmp_path / "a", "fisher")

@@ -34,7 +34,9 @@ unless ``kfac_kwargs`` says otherwise) means a mean over the N examples of per-e
 * ``"empirical"`` is self-consistent: its G is built from the loss's own gradients, i.e. the
   empirical Fisher of the per-sequence mean token loss.
 * ``"fisher"`` / ``"ggn"`` build the metric of the per-sequence *summed* loss, T' times that of the
-  loss being minimised (T' = predicted tokens per sequence, ``num_items_in_batch / N``). The
+  loss being minimised (T' = ``num_items_in_batch / N``, Trainer's divisor per sequence: the
+  predicted tokens per sequence; transformers 5.24 counts a GPT-2 batch's labels before the
+  shift, one more per sequence, because GPT-2's config has ``loss_type=None``). The
   update at (lr, damping) is the exact natural-gradient update of the token-mean loss at
   (lr / T', damping / T'): tune lr and damping for that, or pass ``lr = eta * T'`` and
   ``damping = gamma * T'`` to get (eta, gamma) exactly. A ``loss_reduction="token_mean"`` option
