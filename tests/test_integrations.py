@@ -81,6 +81,10 @@ def _trainer(transformers, tmp_path, curvature, *, vocab=V, length=T, steps=3, e
                          skip=["transformer.wpe", "transformer.wte"]))
 
 
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def _train_losses(trainer):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
@@ -104,7 +108,7 @@ def test_hf_trainer_steps_kfac(tmp_path, curvature, vocab, length, bf16):
     opt = trainer.kfac_optimizer
     assert isinstance(opt, kk.KFAC)
     assert trainer.optimizer.optimizer is opt               # accelerate's wrapper around it
-    assert opt.opts.curvature == curvature and opt.opts.loss_reduction == "mean"
+    assert opt.opts.curvature == curvature and opt.opts.loss_reduction == "token_mean"
     assert opt.engine.steps == 4 and opt.engine.factor_updates == 4   # every step stepped it
     assert opt.blocks["transformer.h.0.mlp.c_fc"].A is not None
     assert (model.transformer.h[0].mlp.c_fc.weight - w0).abs().max() > 1e-4
@@ -133,7 +137,7 @@ def test_hf_trainer_step_equals_the_hand_written_kfac_loop(tmp_path, curvature):
     trainer.compute_loss = compute_loss
     trainer.train()
     assert len(counts) == 2
-    opt = kk.KFAC(model, lr=0.1, **trainer.kfac_kwargs)
+    opt = kk.KFAC(model, lr=0.1, loss_reduction="token_mean", **trainer.kfac_kwargs)
     ids = data.ids
     labels = torch.stack([data[i]["labels"] for i in range(len(data))])
     keep = (labels[:, 1:] != -100).unsqueeze(-1)
@@ -171,15 +175,28 @@ def test_hf_evaluation_does_not_enter_the_factors(tmp_path):
     assert _train_losses(plain) == _train_losses(evaluated)
 
 
-def test_hf_gradient_accumulation_with_fisher_takes_factors_from_the_first_micro_batch(tmp_path):
+@pytest.mark.parametrize("curvature", ["empirical", "ggn"])
+def test_hf_gradient_accumulation_equals_the_whole_batch(tmp_path, curvature):
+    """gradient_accumulation_steps=2 of 4 examples = one batch of 8 (the whole 8-example data
+    set each step, so the order inside does not matter): K-FAC combines the micro-batches."""
     transformers = _hf()
-    trainer = _trainer(transformers, tmp_path, "fisher", steps=2, gradient_accumulation_steps=2,
-                       per_device_train_batch_size=4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", KFACWarning)     # no accumulation warning: paused
-        trainer.train()
-    opt = trainer.kfac_optimizer
-    assert opt.engine.steps == 2 and opt.engine.factor_updates == 2
+    data = _Sequences(8, 32, 8, pad_from=6)
+    runs = []
+    for batch, accum in ((8, 1), (4, 2)):
+        trainer = _trainer(transformers, tmp_path / f"b{batch}", curvature, vocab=32, length=8,
+                           steps=2, data=data, max_grad_norm=0.0,
+                           per_device_train_batch_size=batch, gradient_accumulation_steps=accum)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KFACWarning)
+            trainer.train()
+        runs.append(trainer)
+    big, acc = (t.kfac_optimizer for t in runs)
+    assert big.engine.factor_updates == acc.engine.factor_updates == 2
+    for name, b in big.blocks.items():
+        assert _rel(acc.blocks[name].A, b.A) <= 1e-4, (name, _rel(acc.blocks[name].A, b.A))
+        assert _rel(acc.blocks[name].G, b.G) <= 1e-4, (name, _rel(acc.blocks[name].G, b.G))
+    for (name, a), b in zip(runs[1].model.named_parameters(), runs[0].model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (name, float((a - b).abs().max()))
 
 
 def test_hf_label_mask_and_shift_cut_positions_out_of_the_metric():
@@ -218,9 +235,6 @@ def test_hf_param_groups_keep_weight_and_bias_together(tmp_path):
 
 def test_hf_unsupported_setups_are_refused(tmp_path):
     transformers = _hf()
-    with pytest.raises(NotImplementedError, match="gradient_accumulation_steps=2 with "
-                                                  "curvature='empirical'"):
-        _trainer(transformers, tmp_path, "empirical", gradient_accumulation_steps=2)
     for flag, match in (("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")):
         trainer = _trainer(transformers, tmp_path, "fisher")
         setattr(trainer, flag, True)
@@ -340,5 +354,31 @@ def test_lightning_misuse_is_refused():
     from kfac_kernels.integrations.lightning import KFACLightningModule
     with pytest.raises(RuntimeError, match=r"self.kfac_output\(...\)"):
         _fit(pl, _classifier(KFACLightningModule, "fisher", record=False))
-    with pytest.raises(NotImplementedError, match="accumulate_grad_batches=2"):
-        _fit(pl, _classifier(KFACLightningModule, "fisher"), accumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize("curvature", ["empirical", "fisher"])
+def test_lightning_accumulate_grad_batches_equals_the_whole_batch(curvature):
+    """accumulate_grad_batches=2 of 16 = batches of 32 (the same examples in order)."""
+    pl = _pl()
+    from kfac_kernels.integrations.lightning import KFACLightningModule
+    base = pl.LightningModule if curvature == "empirical" else KFACLightningModule
+    mods = []
+    for batch, accum in ((32, 1), (16, 2)):
+        m = _classifier(base, curvature, record=curvature != "empirical")
+        args = dict(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False,
+                    accumulate_grad_batches=accum)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KFACWarning)
+            pl.Trainer(**args).fit(m, _data(batch=batch))
+        mods.append(m)
+    big, acc = mods
+    assert acc.kfac.engine.factor_updates == big.kfac.engine.factor_updates == 3
+    for name, b in big.kfac.blocks.items():
+        ka = acc.kfac.blocks[name]
+        assert _rel(ka.A, b.A) <= 1e-4, (name, _rel(ka.A, b.A))
+        if curvature == "empirical":    # fisher: each micro-batch draws its own targets
+            assert _rel(ka.G, b.G) <= 1e-4, (name, _rel(ka.G, b.G))
+    if curvature == "empirical":
+        for a, b in zip(acc.parameters(), big.parameters()):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

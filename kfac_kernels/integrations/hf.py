@@ -27,26 +27,20 @@ Half-precision logits are upcast to float32 for the passes, as HF's loss does. P
 ``kfac_output_fn=lambda outputs, inputs: ...`` for anything else.
 
 Scale of the metric. HF's language-model loss is a mean over the predicted tokens of the batch
-(``sum / num_items_in_batch``); kfac_kernels' ``loss_reduction="mean"`` (what this trainer passes
-unless ``kfac_kwargs`` says otherwise) means a mean over the N examples of per-example losses that
-*sum* over the positions. So:
-
-* ``"empirical"`` is self-consistent: its G is built from the loss's own gradients, i.e. the
-  empirical Fisher of the per-sequence mean token loss.
-* ``"fisher"`` / ``"ggn"`` build the metric of the per-sequence *summed* loss, T' times that of the
-  loss being minimised (T' = ``num_items_in_batch / N``, Trainer's divisor per sequence: the
-  predicted tokens per sequence; transformers 5.24 counts a GPT-2 batch's labels before the
-  shift, one more per sequence, because GPT-2's config has ``loss_type=None``). The
-  update at (lr, damping) is the exact natural-gradient update of the token-mean loss at
-  (lr / T', damping / T'): tune lr and damping for that, or pass ``lr = eta * T'`` and
-  ``damping = gamma * T'`` to get (eta, gamma) exactly. A ``loss_reduction="token_mean"`` option
-  would remove this; kfac_kernels does not have one yet.
+(``sum / num_items_in_batch``), so this trainer passes ``loss_reduction="token_mean"`` unless
+``kfac_kwargs`` says otherwise: the metric is then per position (docs/math.md), the curvature of
+the loss being minimised, for every curvature. T, the positions per sequence K-FAC divides by, is
+read off the output the curvature passes start from (``logits[:, :-1]``: L - 1 for sequences of
+L tokens), while Trainer divides by its token count: the two differ by the fraction of positions
+labelled -100, and (transformers 5.24, GPT-2's ``loss_type=None``) by L / (L - 1), because
+Trainer counts the labels before the shift. That residual is a constant rescaling of G (a slightly
+different damping), not a change of the metric. ``loss_reduction="mean"`` (per-sequence sums) is
+the other choice; its fisher/ggn metric is then T times larger.
 
 What is supported, and what is refused with an error: see :class:`KFACTrainer`.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional
 
@@ -139,7 +133,7 @@ class KFACTrainer(transformers.Trainer):
     ``lr = args.learning_rate`` (Trainer's scheduler then drives it), ``weight_decay =
     args.weight_decay`` (on Trainer's decay group, with each layer's bias joining its weight:
     :func:`kfac_param_groups`), ``grad_scaler`` = accelerate's GradScaler when ``fp16=True``;
-    ``loss_reduction="mean"`` (see the module docstring for the scale this implies).
+    ``loss_reduction="token_mean"`` (HF's loss is a per-token mean; see the module docstring).
     ``kfac_output_fn(outputs, inputs) -> tensor``: the output the curvature passes start from
     (default :func:`curvature_output`). An optimiser passed as ``optimizers=(opt, sched)`` must
     be a ``kk.KFAC``.
@@ -149,15 +143,15 @@ class KFACTrainer(transformers.Trainer):
     mixed precision through accelerate, Trainer's lr schedules, evaluation (run under
     ``torch.no_grad()`` by Trainer, so nothing of it enters the factors), gradient clipping
     (``max_grad_norm`` clips the raw gradient before K-FAC preconditions it; K-FAC's own bound
-    is ``kl_clip``), and ``gradient_accumulation_steps > 1`` with ``"fisher"`` / ``"ggn"``: the
-    micro-batches after the first of each step run inside ``opt.paused()``, so the factors come
-    from the first micro-batch (exact for that micro-batch; an estimate from 1/k of the batch)
-    while the gradient is the whole accumulated one (docs/robustness.md, section 5).
+    is ``kl_clip``), and ``gradient_accumulation_steps > 1`` with every curvature: Trainer divides
+    each micro-batch's summed loss by the step's token count, so the gradient is the whole
+    batch's, and K-FAC combines the micro-batches into the factors of one step on the whole
+    batch (docs/robustness.md, section 5).
 
     Refused with an error naming the alternative: DeepSpeed and FSDP through accelerate,
     SageMaker model parallelism, torch.nn.DataParallel (several GPUs in one process), an
     optimiser that is not ``kk.KFAC`` (``KFACPreconditioner`` needs a second optimiser, which
-    Trainer does not step), and ``gradient_accumulation_steps > 1`` with ``"empirical"``.
+    Trainer does not step).
     """
 
     def __init__(self, *args, kfac_kwargs: Optional[Dict[str, Any]] = None,
@@ -165,7 +159,6 @@ class KFACTrainer(transformers.Trainer):
         self.kfac_kwargs = dict(kfac_kwargs or {})
         self.kfac_output_fn = kfac_output_fn
         self._kfac_in_training_step = False
-        self._kfac_step_seen: Optional[int] = None     # engine.steps of the last micro-batch
         super().__init__(*args, **kwargs)
         self._kfac_check_supported()
         self.kfac_optimizer      # noqa: B018 - type check of an optimiser given to Trainer
@@ -203,13 +196,6 @@ class KFACTrainer(transformers.Trainer):
                 f"KFACTrainer does not support torch.nn.DataParallel ({args.n_gpu} GPUs in one "
                 f"process: K-FAC's hooks do not see the replicas): launch one process per GPU "
                 f"with torchrun / accelerate launch (DDP), or set CUDA_VISIBLE_DEVICES to one GPU")
-        if args.gradient_accumulation_steps > 1 and self.kfac_curvature == "empirical":
-            raise NotImplementedError(
-                f"KFACTrainer: gradient_accumulation_steps={args.gradient_accumulation_steps} "
-                f"with curvature='empirical' would put wrongly scaled micro-batch statistics into "
-                f"the factors: use curvature='fisher' or 'ggn' (the factors then come from the "
-                f"first micro-batch of each step), or gradient_accumulation_steps=1 with a larger "
-                f"per_device_train_batch_size")
 
     @property
     def kfac_optimizer(self) -> Optional[KFAC]:
@@ -235,7 +221,7 @@ class KFACTrainer(transformers.Trainer):
             kw = dict(self.kfac_kwargs)
             kw.setdefault("lr", self.args.learning_rate)
             kw.setdefault("weight_decay", self.args.weight_decay)
-            kw.setdefault("loss_reduction", "mean")
+            kw.setdefault("loss_reduction", "token_mean")
             if "params" not in kw:
                 kw["params"] = kfac_param_groups(opt_model,
                                                  self.get_decay_parameter_names(opt_model),
@@ -249,24 +235,17 @@ class KFACTrainer(transformers.Trainer):
 
     # ------------------------------------------------------------------ training step
     def training_step(self, model, inputs, num_items_in_batch=None):
-        opt = self.kfac_optimizer
-        ctx = contextlib.nullcontext()
-        if opt is not None:
-            step = opt.engine.steps
-            if self._kfac_step_seen == step and self.args.gradient_accumulation_steps > 1:
-                ctx = opt.paused()     # a later micro-batch of this step: not in the factors
-            self._kfac_step_seen = step
         self._kfac_in_training_step = True
         try:
-            with ctx:
-                return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._kfac_in_training_step = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         opt = self.kfac_optimizer
-        if not (self._kfac_in_training_step and opt is not None
-                and opt.opts.curvature != "empirical" and opt.engine.capturing
+        # on a factor step of training: the curvature passes ("fisher"/"ggn"; with "empirical"
+        # the call only reads the positions token_mean divides by)
+        if not (self._kfac_in_training_step and opt is not None and opt.engine.capturing
                 and torch.is_grad_enabled()):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

@@ -29,8 +29,9 @@ The mixin's ``backward`` hook (which Lightning calls for automatic optimisation,
 ``opt.backward(loss, out)``. Validation, test and prediction run under ``torch.no_grad()`` /
 ``torch.inference_mode()``, so they never enter the factors.
 
-Refused with an error naming the alternative: ``accumulate_grad_batches > 1`` (micro-batches
-are not combined into the factors), DeepSpeed and FSDP strategies, several K-FAC optimisers.
+``accumulate_grad_batches > 1`` works: the micro-batches are combined into the factors of one
+step on the whole batch (docs/robustness.md, section 5). Refused with an error naming the
+alternative: DeepSpeed and FSDP strategies, several K-FAC optimisers.
 Not supported: the adaptive options (``adaptive_lr`` & co. need a closure returning
 ``(loss, out)``; Lightning's returns the loss). DDP and 16-bit mixed precision (Lightning's
 GradScaler drives ``KFAC.step``, which unscales itself) are expected to work but are not run by
@@ -103,13 +104,6 @@ class KFACMixin:
                 f"strategy='ddp' (K-FAC averages its factors over the ranks), or for a sharded "
                 f"model fully_shard it yourself and train with kk.KFAC in your own loop (README, "
                 f"'Several processes')")
-        if trainer.accumulate_grad_batches > 1:
-            raise NotImplementedError(
-                f"KFACMixin: accumulate_grad_batches={trainer.accumulate_grad_batches}: K-FAC does "
-                f"not combine micro-batches into its factors yet; use accumulate_grad_batches=1 "
-                f"with a larger batch, or manual optimisation with the extra micro-batches run "
-                f"inside `with opt.paused():` (curvature 'fisher'/'ggn'; docs/robustness.md, "
-                f"section 5)")
         if getattr(opt, "control", None) is not None:
             raise NotImplementedError(
                 "KFACMixin: the adaptive options (adaptive_lr / adaptive_momentum / "
