@@ -1,4 +1,4 @@
-"""Shared pieces of the optimizer step benchmarks (bench_optim.py, optim_step_time.py).
+"""Shared pieces of the optimizer step benchmarks (optim_step_time.py).
 
 Parameter sets with fixed random gradients (an optimizer step's cost does not depend on what the
 gradient holds; random gradients are full rank, as real ones of large batches are):
@@ -76,14 +76,32 @@ def make_params(case: str, device="cpu", blocks: int = 2, seed: int = 0) -> Para
 
 def steps(opt, params, n, device="cpu"):
     """``n`` optimizer steps, the gradients re-attached before each."""
-    for _ in range(n):
-        params.feed()
-        opt.step()
-    sync(device)
+    mode = getattr(opt, "_bench_compile_mode", False)
+    if mode is False:
+        for _ in range(n):
+            params.feed()
+            opt.step()
+        sync(device)
+        return
+    # heavyball reads ``heavyball.utils.compile_mode`` (a module global) at every call, so an
+    # eager and a compiled instance timed in interleaved rounds must each set it while stepping;
+    # otherwise both would run in whichever mode was set last. Restored afterwards.
+    hb_utils = heavyball_module().utils
+    saved, hb_utils.compile_mode = hb_utils.compile_mode, mode
+    try:
+        for _ in range(n):
+            params.feed()
+            opt.step()
+        sync(device)
+    finally:
+        hb_utils.compile_mode = saved
 
 
 OPTIMIZERS = ("kk-soap", "kk-shampoo", "kk-soap-looped", "kk-shampoo-looped", "heavyball-soap",
               "heavyball-soap-compiled")
+
+
+HB_COMPILE_MODE = "max-autotune-no-cudagraphs"     # heavyball 3.2.1's default compile_mode
 
 
 def heavyball_module():
@@ -108,8 +126,9 @@ def make(name: str, params):
         hb = heavyball_module()
         if hb is None:
             raise RuntimeError("heavyball not installed")
-        hb.utils.compile_mode = "max-autotune-no-cudagraphs" if name.endswith("compiled") else None
-        return hb.SOAP(params, **SOAP_KW)
+        opt = hb.SOAP(params, **SOAP_KW)
+        opt._bench_compile_mode = HB_COMPILE_MODE if name.endswith("compiled") else None
+        return opt
     raise ValueError(f"unknown optimizer {name!r}")
 
 

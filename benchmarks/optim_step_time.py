@@ -81,9 +81,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="default: per case")
     ap.add_argument("--blocks", type=int, default=2, help="GPT-2 blocks of the 'gpt2' case")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hb-compile-mode", default="default",
+                    help="torch.compile mode of heavyball-soap-compiled (heavyball's own default, "
+                         "max-autotune-no-cudagraphs, autotunes every GEMM on CPU: 140 s of "
+                         "warm-up on the 'tiny' set alone on a 2-core EPYC)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    B.HB_COMPILE_MODE = a.hb_compile_mode
     names = [n for n in a.optimizers.split(",") if n]
     if B.heavyball_module() is None:
         print("heavyball not installed: its rows are skipped")
@@ -115,7 +120,8 @@ def write(path, results, names, a, started):
              f"{a.threads} torch thread(s); python {platform.python_version()}, torch "
              f"{torch.__version__}, kfac_kernels {kfac_kernels.__version__}, heavyball "
              f"{ver('heavyball')}. `python benchmarks/optim_step_time.py --threads {a.threads} "
-             f"--period {a.period}`.", "",
+             f"--period {a.period} --blocks {a.blocks} --hb-compile-mode {a.hb_compile_mode}` "
+             f"(cases {a.cases}).", "",
              "`optimizer.step()` only, on fixed random gradients; one warm-up period, then "
              f"interleaved rounds of {a.period} steps per optimizer (each round holds one "
              "preconditioner refresh: precondition_frequency=10 for all; heavyball's float "
@@ -126,8 +132,11 @@ def write(path, results, names, a, started):
                  f"{k}={v}" for k, v in B.SHAMPOO_KW.items()) + ". kfac_kernels runs its ops' "
              "torch backend here (backend='auto' on CPU); heavyball-soap is eager "
              "(`heavyball.utils.compile_mode = None`, as TORCHDYNAMO_DISABLE=1), "
-             "heavyball-soap-compiled its default torch.compile (inductor, C++ on CPU; compile "
-             "time is in the warm-up column, not in the timings).", ""]
+             f"heavyball-soap-compiled its torch.compile path (its own inductor backend, C++ "
+             f"on CPU) with mode `{a.hb_compile_mode}` (heavyball's default "
+             f"`max-autotune-no-cudagraphs` autotunes every GEMM shape, minutes of warm-up on "
+             f"CPU); compile time is in the warm-up column (it depends on the inductor cache: "
+             f"a second run is faster), not in the timings.", ""]
     desc = {"autoencoder": "demo autoencoder 64-256-128-64-16-64-128-256-64 (16 parameters, "
                            "all shapes distinct)",
             "gpt2-d64": "GPT-2 layout at width 64, 12 blocks (wpe, ln, c_attn, c_proj, c_fc, "
