@@ -1,14 +1,16 @@
-"""Optimizer step time on CPU: kfac_kernels SOAP / Shampoo against heavyball SOAP, and batched
-(one op call per shape group) against looped (one call per parameter).
+"""Optimizer step time (CPU, or a GPU with --device cuda): kfac_kernels SOAP / Shampoo against
+heavyball SOAP, and batched (one op call per shape group) against looped (one call per parameter).
 
 Only ``optimizer.step()`` is timed, on fixed random gradients (benchmarks/_optim_bench.py has the
 parameter sets and settings). Every optimizer is warmed up first (one period; heavyball's
 compiled variant compiles there), then timed in interleaved rounds of ``--period`` steps (a period
 of 10 holds one preconditioner refresh at precondition_frequency=10), so load drift hits all
 alike; ratios are the median over rounds of the per-round ratio. Writes
-``benchmarks/results/optim_step_time_cpu_<date>.md``.
+``benchmarks/results/optim_step_time_<cpu|cuda>_<date>.md``, rewritten after every case (so a run
+stopped by a time limit keeps the cases it finished).
 
-    python benchmarks/optim_step_time.py --threads 1
+    python benchmarks/optim_step_time.py --threads 1                  # about 7 min on 2 cores
+    python benchmarks/optim_step_time.py --device cuda --cases autoencoder,gpt2 --blocks 12
 """
 from __future__ import annotations
 
@@ -32,14 +34,14 @@ import _optim_bench as B  # noqa: E402
 ROUNDS = {"autoencoder": 7, "gpt2-d64": 5, "gpt2": 3}
 
 
-def bench_case(case, names, period, rounds, blocks):
+def bench_case(case, names, period, rounds, blocks, device="cpu"):
     runs = {}
     for name in names:
-        params = B.make_params(case, blocks=blocks)
+        params = B.make_params(case, device=device, blocks=blocks)
         try:
             opt = B.make(name, params)
             t0 = time.perf_counter()
-            B.steps(opt, params, period + 1)           # warm-up (and compile)
+            B.steps(opt, params, period + 1, device)   # warm-up (and compile)
             runs[name] = dict(opt=opt, params=params, warm=time.perf_counter() - t0, times=[])
         except Exception as exc:                        # report, do not hide
             runs[name] = dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -51,7 +53,7 @@ def bench_case(case, names, period, rounds, blocks):
             if "error" in run:
                 continue
             t0 = time.perf_counter()
-            B.steps(run["opt"], run["params"], period)
+            B.steps(run["opt"], run["params"], period, device)
             run["times"].append(1e3 * (time.perf_counter() - t0) / period)
         print(f"  {case} round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {runs[n]['times'][-1]:.1f}" for n in names if "times" in runs[n]), flush=True)
@@ -81,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="default: per case")
     ap.add_argument("--blocks", type=int, default=2, help="GPT-2 blocks of the 'gpt2' case")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--hb-compile-mode", default="default",
                     help="torch.compile mode of heavyball-soap-compiled (heavyball's own default, "
                          "max-autotune-no-cudagraphs, autotunes every GEMM on CPU: 140 s of "
@@ -93,19 +96,27 @@ def main(argv=None):
     if B.heavyball_module() is None:
         print("heavyball not installed: its rows are skipped")
         names = [n for n in names if not n.startswith("heavyball")]
+    dev = torch.device(a.device)
     started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.perf_counter()
+    out = a.out or os.path.join(HERE, "results",
+                                f"optim_step_time_{dev.type}_{started.date().isoformat()}.md")
     results = {}
     for case in a.cases.split(","):
         results[case] = bench_case(case, names, a.period, a.rounds or ROUNDS.get(case, 3),
-                                   a.blocks if case == "gpt2" else 12)
-    out = a.out or os.path.join(HERE, "results",
-                                f"optim_step_time_cpu_{started.date().isoformat()}.md")
-    write(out, results, names, a, started)
-    print(f"wrote {out}")
+                                   a.blocks if case == "gpt2" else 12, dev)
+        write(out, results, names, a, started, time.perf_counter() - t_start)
+        print(f"wrote {out}", flush=True)
     return 0
 
 
-def write(path, results, names, a, started):
+def device_name(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+
+
+def write(path, results, names, a, started, wall):
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(pkg):
@@ -115,13 +126,16 @@ def write(path, results, names, a, started):
             return "absent"
 
     import kfac_kernels
-    lines = ["# Optimizer step time on CPU: kfac_kernels SOAP / Shampoo vs heavyball SOAP", "",
-             f"{started.strftime('%Y-%m-%d %H:%M UTC')}; {cpu_name()}, {os.cpu_count()} cores, "
-             f"{a.threads} torch thread(s); python {platform.python_version()}, torch "
+    dev = torch.device(a.device)
+    lines = [f"# Optimizer step time on {'CPU' if dev.type == 'cpu' else 'GPU'}: kfac_kernels "
+             f"SOAP / Shampoo vs heavyball SOAP", "",
+             f"{started.strftime('%Y-%m-%d %H:%M UTC')}; {device_name(dev)}; python "
+             f"{platform.python_version()}, torch "
              f"{torch.__version__}, kfac_kernels {kfac_kernels.__version__}, heavyball "
-             f"{ver('heavyball')}. `python benchmarks/optim_step_time.py --threads {a.threads} "
-             f"--period {a.period} --blocks {a.blocks} --hb-compile-mode {a.hb_compile_mode}` "
-             f"(cases {a.cases}).", "",
+             f"{ver('heavyball')}. `python benchmarks/optim_step_time.py --device {a.device} "
+             f"--threads {a.threads} --period {a.period} --blocks {a.blocks} --hb-compile-mode "
+             f"{a.hb_compile_mode}` (cases {a.cases}); {wall:.0f} s wall for the cases below.",
+             "",
              "`optimizer.step()` only, on fixed random gradients; one warm-up period, then "
              f"interleaved rounds of {a.period} steps per optimizer (each round holds one "
              "preconditioner refresh: precondition_frequency=10 for all; heavyball's float "
@@ -129,12 +143,13 @@ def write(path, results, names, a, started):
              "ratios: median over rounds of the per-round ratio. Settings "
              "(benchmarks/_optim_bench.py): SOAP " + ", ".join(
                  f"{k}={v}" for k, v in B.SOAP_KW.items()) + "; Shampoo " + ", ".join(
-                 f"{k}={v}" for k, v in B.SHAMPOO_KW.items()) + ". kfac_kernels runs its ops' "
-             "torch backend here (backend='auto' on CPU); heavyball-soap is eager "
+                 f"{k}={v}" for k, v in B.SHAMPOO_KW.items()) + ". kfac_kernels runs its ops "
+             "with backend='auto' (the torch reference on CPU; Triton / CUDA kernels where "
+             "they apply on a GPU); heavyball-soap is eager "
              "(`heavyball.utils.compile_mode = None`, as TORCHDYNAMO_DISABLE=1), "
              f"heavyball-soap-compiled its torch.compile path (its own inductor backend, C++ "
-             f"on CPU) with mode `{a.hb_compile_mode}` (heavyball's default "
-             f"`max-autotune-no-cudagraphs` autotunes every GEMM shape, minutes of warm-up on "
+             f"on CPU, Triton on GPUs) with mode `{a.hb_compile_mode}` (heavyball's default "
+             f"`max-autotune-no-cudagraphs` autotunes every GEMM shape: minutes of warm-up on "
              f"CPU); compile time is in the warm-up column (it depends on the inductor cache: "
              f"a second run is faster), not in the timings.", ""]
     desc = {"autoencoder": "demo autoencoder 64-256-128-64-16-64-128-256-64 (16 parameters, "
