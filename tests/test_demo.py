@@ -157,6 +157,49 @@ def test_tune_keeps_the_best_value_and_runs_the_demo_with_it(monkeypatch, tmp_pa
     assert "*lr=0.01" in capsys.readouterr().out.replace(" ", "")
 
 
+def test_default_run_keeps_its_three_optimisers():
+    from kfac_kernels.demo import settings
+    assert settings.OPTIMIZERS == ("kfac", "adam", "sgd")
+    assert demo._parser().parse_args([]).optimizers == "kfac,adam,sgd"
+    assert set(settings.CHOICES) == {"kfac", "adam", "sgd", "soap", "shampoo"}
+    for task in settings.DEFAULTS.values():          # every choice has defaults and a --tune grid
+        assert set(task) == set(settings.CHOICES)
+    assert set(settings.GRIDS) == set(settings.CHOICES)
+
+
+def test_quick_demo_with_soap_and_shampoo(tmp_path):
+    """--optimizers kfac,adam,sgd,soap,shampoo: kfac_kernels.optim's SOAP and Shampoo run beside
+    the three defaults (quick mode, both models), finite, from the same initial weights, and their
+    losses go down; --set reaches their constructors."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    with redirect_stdout(io.StringIO()) as out, redirect_stderr(io.StringIO()) as err:
+        rc = demo.main(["--quick", "--optimizers", "kfac,adam,sgd,soap,shampoo", "--out",
+                        str(tmp_path), "--no-progress", "--set", "shampoo.epsilon=1e-6"])
+    assert rc == 0, err.getvalue()[-2000:]
+    with open(tmp_path / "results.json") as fh:
+        results = json.load(fh)
+    md = (tmp_path / "results.md").read_text()
+    for model in MODELS:
+        runs = _runs(results, model)
+        assert list(runs) == ["kfac", "adam", "sgd", "soap", "shampoo"]
+        assert len({r["train_loss"][0] for r in runs.values()}) == 1
+        for opt in ("soap", "shampoo"):
+            r = runs[opt]
+            assert r["final"]["steps"] == demo.QUICK_STEPS and r["diverged_at"] is None
+            assert all(math.isfinite(v) for v in r["train_loss"])
+            assert r["train_loss"][-1] < r["train_loss"][0], (model, opt, r["train_loss"])
+        assert "epsilon=1e-06" in runs["shampoo"]["settings"]
+    assert md.count("| SOAP |") == len(MODELS) and md.count("| Shampoo |") == len(MODELS)
+    assert "SOAP" in out.getvalue() and "Shampoo" in out.getvalue()
+
+
+def test_unknown_soap_setting_is_refused(capsys, tmp_path):
+    assert demo.main(["--quick", "--optimizers", "soap", "--set", "soap.momentum=0.9",
+                      "--out", str(tmp_path)]) == 2
+    assert "soap.momentum" in capsys.readouterr().err
+
+
 def test_set_overrides_are_parsed():
     got = demo.parse_overrides(["kfac.damping=0.1", "kfac.kl_clip=none", "kfac.curvature=ggn",
                                 "kfac.inverse_every=1", "adam.lr=1e-3", "adam.amsgrad=true",

@@ -20,7 +20,8 @@ from kfac_kernels.ops.triton import _aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
-KERNELS = ("_syrk_kernel", "sym_finalize_kernel", "_conv_factor_kernel", "_kron_mm_kernel")
+KERNELS = ("_syrk_kernel", "sym_finalize_kernel", "_conv_factor_kernel", "_kron_mm_kernel",
+           "_gram_pair_kernel")
 
 
 def _need_ptxas():
@@ -62,7 +63,7 @@ def test_core_configurations_compile_without_spills(tmp_path):
 @pytest.mark.slow
 def test_every_configuration_compiles_without_spills(tmp_path, request):
     if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("full compile sweep (302 compiles, ~10 min on two cores): run with -m slow")
+        pytest.skip("full compile sweep (312 compiles, ~10 min on two cores): run with -m slow")
     _need_ptxas()
     proc, text = _run_aot(tmp_path)
     _assert_clean(proc, text)

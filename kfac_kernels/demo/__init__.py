@@ -1,4 +1,5 @@
-"""``python -m kfac_kernels demo``: K-FAC against Adam and SGD with momentum on real models.
+"""``python -m kfac_kernels demo``: K-FAC against Adam and SGD with momentum on real models
+(and, with ``--optimizers ...,soap,shampoo``, against kfac_kernels.optim's SOAP and Shampoo).
 
 Trains a deep autoencoder (the K-FAC benchmark of Martens & Grosse 2015, scaled to 8x8 digits) and
 a small CNN classifier on scikit-learn's handwritten digits, with the same initial weights and the
@@ -35,7 +36,7 @@ def missing_dependencies() -> List[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .settings import OPTIMIZERS
+    from .settings import CHOICES, OPTIMIZERS
     ap = argparse.ArgumentParser(
         prog="python -m kfac_kernels demo",
         description="Train a deep autoencoder and a CNN on scikit-learn's handwritten digits with "
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                     "a table and write results (markdown, JSON) and loss curves (PNG) to --out.")
     ap.add_argument("--models", choices=("autoencoder", "cnn", "all"), default="all")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                    help="comma-separated subset of %(default)s")
+                    help=f"comma-separated list from {', '.join(CHOICES)} (soap and shampoo: "
+                         f"kfac_kernels.optim, built on the kernel ops; default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None,
                     help="optimiser steps per run (default: per model, 200 for both)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -123,16 +125,16 @@ def _value(text: str):
 def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
     """``["kfac.damping=0.1", ...]`` -> ``{"kfac": {"damping": 0.1}}`` (numbers, none, true/false
     and torch dtypes such as bfloat16 are parsed; anything else stays a string)."""
-    from .settings import OPTIMIZERS
+    from .settings import CHOICES
     out: Dict[str, Dict[str, object]] = {}
     for item in items:
         key, sep, val = item.partition("=")
         opt, dot, name = key.strip().partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"expected OPT.KEY=VALUE, got {item!r}")
-        if opt not in OPTIMIZERS:
+        if opt not in CHOICES:
             raise ValueError(f"unknown optimiser {opt!r} in {item!r}; choose from "
-                             f"{', '.join(OPTIMIZERS)}")
+                             f"{', '.join(CHOICES)}")
         out.setdefault(opt, {})[name] = _value(val)
     return out
 
@@ -141,8 +143,10 @@ def unknown_override_keys(overrides: Dict[str, Dict[str, object]]) -> List[str]:
     import inspect
 
     import torch
+    from ..optim import SOAP, Shampoo
     from ..optimizer import KFAC
-    ctor = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+    ctor = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "soap": SOAP,
+            "shampoo": Shampoo}
     bad = []
     for opt, kv in overrides.items():
         params = inspect.signature(ctor[opt]).parameters
@@ -169,11 +173,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"demo extras with:\n    pip install 'kfac_kernels[demo]'\nor:\n    pip install "
               f"{' '.join(missing)}", file=sys.stderr)
         return 1
-    from .settings import OPTIMIZERS
+    from .settings import CHOICES
     opts = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
-    bad = [o for o in opts if o not in OPTIMIZERS]
+    bad = [o for o in opts if o not in CHOICES]
     if bad or not opts:
-        print(f"--optimizers: unknown {bad or 'empty list'}; choose from {', '.join(OPTIMIZERS)}",
+        print(f"--optimizers: unknown {bad or 'empty list'}; choose from {', '.join(CHOICES)}",
               file=sys.stderr)
         return 2
     for name in ("steps", "eval_every", "threads"):

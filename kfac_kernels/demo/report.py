@@ -8,7 +8,8 @@ from typing import Dict, List, Sequence
 
 from .train import Run, Task
 
-COLORS = {"kfac": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c"}
+COLORS = {"kfac": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c", "soap": "#9467bd",
+          "shampoo": "#ff7f0e"}
 
 
 def _fmt_loss(v: float) -> str:

@@ -70,13 +70,14 @@ TASKS: Dict[str, Task] = {
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimiser and its settings (``kwargs`` go to the constructor besides ``lr``)."""
-    name: str                                   # "kfac" | "adam" | "sgd"
+    name: str                                   # "kfac" | "adam" | "sgd" | "soap" | "shampoo"
     lr: float
     kwargs: Dict[str, object] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return {"kfac": "K-FAC", "adam": "Adam", "sgd": "SGD+momentum"}[self.name]
+        return {"kfac": "K-FAC", "adam": "Adam", "sgd": "SGD+momentum", "soap": "SOAP",
+                "shampoo": "Shampoo"}[self.name]
 
     def describe(self) -> str:
         parts = [f"lr={self.lr:g}"] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -93,6 +94,10 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module, task: Task, seed: int)
         return torch.optim.SGD(model.parameters(), lr=spec.lr, **spec.kwargs)
     if spec.name == "adam":
         return torch.optim.Adam(model.parameters(), lr=spec.lr, **spec.kwargs)
+    if spec.name in ("soap", "shampoo"):
+        from ..optim import SOAP, Shampoo
+        cls = SOAP if spec.name == "soap" else Shampoo
+        return cls(model.parameters(), lr=spec.lr, **spec.kwargs)
     if spec.name == "kfac":
         from ..optimizer import KFAC
         kw = dict(spec.kwargs)

@@ -33,6 +33,10 @@ __all__ = [
     "kron_precondition_diag",
     "ekfac_scalings",
     "ekfac_scalings_embedding",
+    "gradient_factor_update",
+    "kron_rotate",
+    "inverse_root",
+    "eigenbasis_power_step",
     "reference",
     "BackendUnavailable",
     "NotSupported",
@@ -46,7 +50,8 @@ _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OPS = ("syrk_update", "ema_factor_update", "conv_input_factor", "symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
         "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
-        "ekfac_scalings_embedding")
+        "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
+        "eigenbasis_power_step")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
 
@@ -476,3 +481,163 @@ def ekfac_scalings_embedding(g, tokens, QG, num_embeddings: int, *,
     return _registry.call("ekfac_scalings_embedding", backend, g.device, g,
                           tokens.to(torch.int64), QG, int(num_embeddings),
                           padding_idx=padding_idx, alpha=float(alpha))
+
+
+# ----------------------------------------------------------------------------- optimizer ops
+# What Shampoo and SOAP (kfac_kernels.optim) are built from; usable by any other optimizer.
+def _check_grad_stack(grad):
+    _check_tensor("grad", grad, _INPUT_DTYPES, (2, 3))
+
+
+def _check_side(name, f, size, grad):
+    if f is None:
+        return
+    _check_tensor(name, f, _FACTOR_DTYPES, (grad.dim(),))
+    if f.shape[-2:] != (size, size):
+        raise ValueError(f"{name} must be {size} x {size} for grad of shape {tuple(grad.shape)}, "
+                         f"got {tuple(f.shape)}")
+    if grad.dim() == 3 and f.shape[0] != grad.shape[0]:
+        raise ValueError(f"batched: {name} stack has {f.shape[0]} matrices, grad has "
+                         f"{grad.shape[0]}")
+
+
+def gradient_factor_update(left: Optional[torch.Tensor], right: Optional[torch.Tensor],
+                           grad: torch.Tensor, *, beta: float, scale: Optional[float] = None,
+                           allow_tf32: bool = False, backend: str = "auto"):
+    """In place: ``left <- beta left + scale G G^T`` and ``right <- beta right + scale G^T G``,
+    the two Kronecker factors of Shampoo / SOAP for gradient matrices ``G``.
+
+    ``grad`` is [m, n] or a stack [B, m, n] (fp16/bf16/fp32/fp64, any strides); ``left`` is
+    fp32/fp64 [.., m, m] and ``right`` [.., n, n] (same dtype); either may be None to update one
+    side only. ``scale`` defaults to ``1 - beta`` for ``beta < 1`` (a running average) and to 1
+    for ``beta == 1`` (sums, as Shampoo's Algorithm 1). ``beta == 0`` overwrites the factors. The
+    Triton backend updates both factors in one launch. Returns ``(left, right)``.
+    """
+    _check_grad_stack(grad)
+    if left is None and right is None:
+        raise ValueError("gradient_factor_update needs left, right or both (got neither)")
+    m, n = grad.shape[-2:]
+    _check_side("left", left, m, grad)
+    _check_side("right", right, n, grad)
+    if left is not None and right is not None and left.dtype != right.dtype:
+        raise TypeError(f"left is {left.dtype} but right is {right.dtype}; use one factor dtype")
+    _check_same_device(left=left, right=right, grad=grad)
+    _check_number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if scale is None:
+        scale = 1.0 if beta == 1.0 else 1.0 - float(beta)
+    _check_number("scale", scale)
+    if _compiling():
+        _library.gradient_factor_update(left, right, grad, float(beta), float(scale),
+                                        bool(allow_tf32), backend)
+        return left, right
+    any_f = left if left is not None else right
+    return _registry.call("gradient_factor_update", backend, any_f.device, left, right, grad,
+                          beta=float(beta), scale=float(scale), allow_tf32=bool(allow_tf32))
+
+
+def kron_rotate(V: torch.Tensor, QL: Optional[torch.Tensor], QR: Optional[torch.Tensor], *,
+                back: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``QL^T V QR`` (into the eigenbases), or with ``back=True`` ``QL V QR^T`` (out of them),
+    batched over [B, m, n] stacks: SOAP's projections, two batched GEMMs.
+
+    ``QL`` [.., m, m] / ``QR`` [.., n, n] are fp32/fp64 (same dtype); None stands for the identity
+    (one of them must be given). ``V`` may be any float dtype; the result is a new tensor in the
+    bases' dtype. The Triton backend reads transposed operands through strides (no copies).
+    """
+    _check_tensor("V", V, _INPUT_DTYPES, (2, 3))
+    if QL is None and QR is None:
+        raise ValueError("kron_rotate needs QL, QR or both (None is the identity; with both None "
+                         "there is nothing to rotate)")
+    m, n = V.shape[-2:]
+    for name, q, size in (("QL", QL, m), ("QR", QR, n)):
+        if q is None:
+            continue
+        _check_tensor(name, q, _FACTOR_DTYPES, (V.dim(),))
+        if q.shape[-2:] != (size, size):
+            raise ValueError(f"{name} must be {size} x {size} for V of shape {tuple(V.shape)}, "
+                             f"got {tuple(q.shape)}")
+        if V.dim() == 3 and q.shape[0] != V.shape[0]:
+            raise ValueError(f"batch sizes differ: V {V.shape[0]}, {name} {q.shape[0]}")
+    if QL is not None and QR is not None and QL.dtype != QR.dtype:
+        raise TypeError(f"QL is {QL.dtype} but QR is {QR.dtype}; use one dtype for both bases")
+    _check_same_device(V=V, QL=QL, QR=QR)
+    if _compiling():
+        return _library.kron_rotate(V, QL, QR, bool(back), backend)
+    return _registry.call("kron_rotate", backend, V.device, V, QL, QR, back=bool(back))
+
+
+def inverse_root(factors: torch.Tensor, root: float, *, epsilon: float = 0.0,
+                 method: str = "eigh", prev_eigenvectors: Optional[torch.Tensor] = None,
+                 return_eigenvectors: bool = False, backend: str = "auto"):
+    """Batched inverse p-th roots ``(F + epsilon I)^(-1/root)`` of symmetric positive
+    semidefinite matrices [B, n, n] (or [n, n]), Shampoo's ``L^(-1/4)``.
+
+    The eigendecomposition runs through :func:`symeig` (``method`` "eigh", "auto", "jacobi" or
+    the warm-started "refresh" from ``prev_eigenvectors``; ``backend`` as for symeig, so the
+    CUDA kernels apply on GPUs); eigenvalues are clamped at 0 before ``epsilon`` is added, and a
+    direction whose shifted eigenvalue is 0 (``epsilon=0``) contributes 0, as a pseudo-inverse.
+    Returns a new tensor, and with ``return_eigenvectors`` also the eigenvectors (to warm-start
+    the next call). A matrix whose decomposition fails gives NaN (the rest of the batch does not).
+    """
+    _check_symmetric_stack("factors", factors)
+    if isinstance(root, bool) or not isinstance(root, numbers.Real) or not root > 0:
+        raise ValueError(f"root must be a positive number (4 for Shampoo's L^(-1/4)), got {root!r}")
+    _check_number("epsilon", epsilon)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+    if prev_eigenvectors is not None:
+        _check_tensor("prev_eigenvectors", prev_eigenvectors, _FACTOR_DTYPES)
+        if prev_eigenvectors.shape != factors.shape:
+            raise ValueError(f"prev_eigenvectors has shape {tuple(prev_eigenvectors.shape)}, "
+                             f"factors {tuple(factors.shape)}")
+        _check_same_device(factors=factors, prev_eigenvectors=prev_eigenvectors)
+    if method not in reference.SYMEIG_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected auto, eigh, jacobi, refresh")
+    if method == "refresh" and prev_eigenvectors is None:
+        raise ValueError("method='refresh' needs prev_eigenvectors (the previous call's "
+                         "eigenvectors: pass return_eigenvectors=True there)")
+    if _compiling():
+        out, q = _library.inverse_root(factors, float(root), float(epsilon), method,
+                                       prev_eigenvectors, backend)
+        return (out, q) if return_eigenvectors else out
+    out, q = _run_inverse_root(factors, float(root), float(epsilon), method, prev_eigenvectors,
+                               backend)
+    return (out, q) if return_eigenvectors else out
+
+
+def _run_inverse_root(factors, root, epsilon, method, prev_eigenvectors, backend):
+    """inverse_root after the checks: symeig's dispatch, then the root from the eigenpairs."""
+    if backend == "torch":
+        return _registry.call("inverse_root", "torch", factors.device, factors, root,
+                              epsilon=epsilon, method=method,
+                              prev_eigenvectors=prev_eigenvectors, return_eigenvectors=True)
+    lam, q = _run_symeig(factors, method, _registry.op_backend(backend, "symeig"),
+                         prev_eigenvectors=prev_eigenvectors)
+    return reference.root_from_eig(lam, q, root, epsilon), q
+
+
+def eigenbasis_power_step(factors: torch.Tensor, Q: torch.Tensor, *,
+                          shift: Optional[float] = None, backend: str = "auto"):
+    """SOAP's eigenbasis refresh: one warm-started power-iteration step ``Q' = orth(F Q)``
+    (Householder QR), batched over [B, n, n]; see :func:`reference.eigenbasis_power_step` for
+    the column order, signs and the ``shift`` that keeps a rank-deficient factor's null columns.
+
+    Returns ``(Q', d)`` with ``d = diag(Q^T F Q)`` [B, n], the eigenvalue estimates of the old
+    basis. Runs on torch (``torch.linalg.qr``) on every device.
+    """
+    _check_symmetric_stack("factors", factors)
+    _check_tensor("Q", Q, _FACTOR_DTYPES)
+    if Q.shape != factors.shape:
+        raise ValueError(f"Q has shape {tuple(Q.shape)}, factors {tuple(factors.shape)}: one "
+                         f"square basis per factor")
+    _check_same_device(factors=factors, Q=Q)
+    if shift is not None:
+        _check_number("shift", shift)
+        if shift < 0:
+            raise ValueError(f"shift must be >= 0, got {shift}")
+    if _compiling():
+        return _library.eigenbasis_power_step(factors, Q, shift, backend)
+    return _registry.call("eigenbasis_power_step", backend, factors.device, factors, Q,
+                          shift=shift)

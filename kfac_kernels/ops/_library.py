@@ -30,7 +30,8 @@ NAMESPACE = "kfac_kernels"
 __all__ = ["NAMESPACE", "syrk_update", "conv_input_factor", "symeig", "damped_inverse",
            "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
            "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
-           "ekfac_scalings_embedding"]
+           "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
+           "eigenbasis_power_step"]
 
 
 def _damping(damping_t: Optional[Tensor], damping_f: float):
@@ -218,3 +219,58 @@ def ekfac_scalings_embedding(g: Tensor, tokens: Tensor, QG: Tensor, num_embeddin
 @ekfac_scalings_embedding.register_fake
 def _(g, tokens, QG, num_embeddings, padding_idx, alpha, backend):
     return g.new_empty((g.shape[-1], num_embeddings), dtype=QG.dtype)
+
+
+# ----------------------------------------------------------------------------- optimizer ops
+@custom_op(f"{NAMESPACE}::gradient_factor_update", mutates_args=("left", "right"))
+def gradient_factor_update(left: Optional[Tensor], right: Optional[Tensor], grad: Tensor,
+                           beta: float, scale: float, allow_tf32: bool, backend: str) -> None:
+    device = (left if left is not None else right).device
+    _registry.call("gradient_factor_update", backend, device, left, right, grad, beta=beta,
+                   scale=scale, allow_tf32=allow_tf32)
+
+
+@gradient_factor_update.register_fake
+def _(left, right, grad, beta, scale, allow_tf32, backend):
+    return None
+
+
+def _work_dtype(QL: Optional[Tensor], QR: Optional[Tensor]) -> torch.dtype:
+    return (QL if QL is not None else QR).dtype
+
+
+@custom_op(f"{NAMESPACE}::kron_rotate", mutates_args=())
+def kron_rotate(V: Tensor, QL: Optional[Tensor], QR: Optional[Tensor], back: bool,
+                backend: str) -> Tensor:
+    return _fresh(_registry.call("kron_rotate", backend, V.device, V, QL, QR, back=back))
+
+
+@kron_rotate.register_fake
+def _(V, QL, QR, back, backend):
+    return V.new_empty(V.shape, dtype=_work_dtype(QL, QR))
+
+
+@custom_op(f"{NAMESPACE}::inverse_root", mutates_args=())
+def inverse_root(factors: Tensor, root: float, epsilon: float, method: str,
+                 prev_eigenvectors: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    from . import _run_inverse_root
+    out, q = _run_inverse_root(factors, root, epsilon, method, prev_eigenvectors, backend)
+    return _fresh(out), _fresh(q)
+
+
+@inverse_root.register_fake
+def _(factors, root, epsilon, method, prev_eigenvectors, backend):
+    return factors.new_empty(factors.shape), factors.new_empty(factors.shape)
+
+
+@custom_op(f"{NAMESPACE}::eigenbasis_power_step", mutates_args=())
+def eigenbasis_power_step(factors: Tensor, Q: Tensor, shift: Optional[float],
+                          backend: str) -> Tuple[Tensor, Tensor]:
+    q, d = _registry.call("eigenbasis_power_step", backend, factors.device, factors, Q,
+                          shift=shift)
+    return _fresh(q), _fresh(d)
+
+
+@eigenbasis_power_step.register_fake
+def _(factors, Q, shift, backend):
+    return factors.new_empty(factors.shape), factors.new_empty(factors.shape[:-1])

@@ -31,6 +31,11 @@ __all__ = [
     "kron_precondition_diag",
     "ekfac_scalings",
     "ekfac_scalings_embedding",
+    "gradient_factor_update",
+    "kron_rotate",
+    "root_from_eig",
+    "inverse_root",
+    "eigenbasis_power_step",
 ]
 
 Number = Union[float, int]
@@ -528,3 +533,90 @@ def ekfac_scalings_embedding(g: torch.Tensor, tokens: torch.Tensor, QG: torch.Te
         0, flat, tok.reshape(-1))                                          # unused segments: sum 0
     out = torch.zeros(num_embeddings, m, dtype=w, device=g.device).index_add_(0, seg_tok, sums * sums)
     return out.transpose(0, 1).mul_(alpha)
+
+
+# ----------------------------------------------------------------------------- optimizer ops
+# The building blocks of Shampoo and SOAP (kfac_kernels.optim): the two Gram factors of a
+# gradient matrix, rotations into (and out of) their eigenbases, inverse roots, and one step of
+# warm-started power iteration for the eigenbasis.
+def gradient_factor_update(left: Optional[torch.Tensor], right: Optional[torch.Tensor],
+                           grad: torch.Tensor, *, beta: float, scale: float,
+                           allow_tf32: bool = False):
+    """In place: ``left <- beta left + scale G G^T`` and ``right <- beta right + scale G^T G``.
+
+    ``grad`` is [m, n] or a stack [B, m, n]; ``left`` is [.., m, m], ``right`` [.., n, n]; either
+    may be None (that side is skipped). The products are formed in the factors' dtype and are
+    exactly symmetric; ``beta == 0`` overwrites the old contents. Returns ``(left, right)``.
+    """
+    if left is not None:
+        syrk_update(left, grad.transpose(-1, -2), alpha=scale, beta=beta)
+    if right is not None:
+        syrk_update(right, grad, alpha=scale, beta=beta)
+    return left, right
+
+
+def kron_rotate(V: torch.Tensor, QL: Optional[torch.Tensor], QR: Optional[torch.Tensor], *,
+                back: bool = False) -> torch.Tensor:
+    """``QL^T V QR`` (into the bases), or with ``back`` ``QL V QR^T`` (out of them), batched.
+
+    A side given as None is the identity. Computed and returned in the bases' dtype."""
+    w = (QL if QL is not None else QR).dtype
+    out = V.to(w)
+    if QL is not None:
+        out = (QL if back else QL.transpose(-1, -2)) @ out
+    if QR is not None:
+        out = out @ (QR.transpose(-1, -2) if back else QR)
+    return out
+
+
+def root_from_eig(lam: torch.Tensor, Q: torch.Tensor, root: float, epsilon: float) -> torch.Tensor:
+    """``Q diag((clamp(lam, 0) + epsilon)^(-1/root)) Q^T``; an eigenvalue whose shifted value is
+    not positive (epsilon 0 on a null direction) contributes 0, as a pseudo-inverse would."""
+    shifted = lam.clamp_min(0) + epsilon
+    pos = shifted > 0
+    scale = torch.where(pos, shifted, torch.ones_like(shifted)).pow(-1.0 / root)
+    scale = torch.where(pos, scale, torch.zeros_like(scale))
+    out = (Q * scale.unsqueeze(-2)) @ Q.transpose(-1, -2)
+    return 0.5 * (out + out.transpose(-1, -2))
+
+
+def inverse_root(factors: torch.Tensor, root: float, *, epsilon: float = 0.0,
+                 method: str = "eigh", prev_eigenvectors: Optional[torch.Tensor] = None,
+                 return_eigenvectors: bool = False):
+    """Batched ``(F + epsilon I)^(-1/root)`` of symmetric positive semidefinite matrices from
+    their eigendecomposition (:func:`symeig`; eigenvalues clamped at 0 first). ``method="refresh"``
+    warm-starts the decomposition from ``prev_eigenvectors``. With ``return_eigenvectors`` also
+    returns the eigenvectors (to warm-start the next call)."""
+    lam, q = symeig(factors, method=method, prev_eigenvectors=prev_eigenvectors)
+    out = root_from_eig(lam, q, root, epsilon)
+    return (out, q) if return_eigenvectors else out
+
+
+def eigenbasis_power_step(factors: torch.Tensor, Q: torch.Tensor, *, shift: Optional[float] = None):
+    """One step of warm-started power (subspace) iteration for the eigenbasis of ``F``: SOAP's
+    refresh (Vyas et al. 2024; Wang et al. 2024), ``Q' = orth(F Q)``. Batched [B, n, n].
+
+    The columns are orthonormalised in decreasing order of their Rayleigh quotients
+    ``d = diag(Q^T F Q)`` (so the dominant directions are kept exactly and the weak ones are
+    orthogonalised against them) and put back in their original positions, so column j of
+    ``Q'`` continues column j of ``Q`` (Adam's second moment in that coordinate stays valid).
+    Each column's sign is chosen to agree with ``F q_j``. ``F`` is shifted by ``c I`` first,
+    ``c = shift * max |d|`` (same eigenvectors): a rank-deficient ``F`` (a factor built from a
+    few gradients) would otherwise hand QR null columns, which it completes with rounding noise;
+    with the shift those columns keep their previous direction. ``shift`` defaults to
+    ``max(16 n eps, 1e-6)`` (eps of the dtype). Returns ``(Q', d)``.
+    """
+    n = factors.shape[-1]
+    if shift is None:
+        shift = max(16 * n * torch.finfo(factors.dtype).eps, 1e-6)
+    q = Q.to(factors.dtype)
+    fq = factors @ q
+    d = (q * fq).sum(-2)                                           # Rayleigh quotients [.., n]
+    c = d.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(factors.dtype).tiny) * shift
+    y = fq + c.unsqueeze(-2) * q
+    order = torch.argsort(d, dim=-1, descending=True, stable=True)
+    idx = order.unsqueeze(-2).expand(y.shape)
+    qq, rr = torch.linalg.qr(y.gather(-1, idx))
+    sign = torch.diagonal(rr, dim1=-2, dim2=-1).sign()
+    qq = qq * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(-2)
+    return torch.empty_like(qq).scatter_(-1, idx, qq), d

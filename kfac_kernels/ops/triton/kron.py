@@ -29,7 +29,8 @@ from ..reference import pinv_cut
 from ._common import (Launch, cdiv, check_devices, empty, fits_int32, run_all, split_f64,
                       torch_allows_tf32)
 
-__all__ = ["kron_precondition_eigen", "ekfac_precondition", "kron_precondition_inverse"]
+__all__ = ["kron_precondition_eigen", "ekfac_precondition", "kron_precondition_inverse",
+           "kron_rotate"]
 
 EPI_NONE, EPI_EIGEN, EPI_EKFAC, EPI_DOT = 0, 1, 2, 3
 
@@ -256,6 +257,36 @@ def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, allo
     launches, U, dots = _inv_plan(V, G_inv, A_inv, cfg, return_dot)
     run_all(launches)
     return _finish(U, dots, squeeze, return_dot)
+
+
+def kron_rotate(V, QL, QR, *, back: bool = False, allow_tf32=None):
+    """Triton ``QL^T V QR`` (``back``: ``QL V QR^T``); a side given as None is the identity, so
+    one launch instead of two. Transposes are strides; the result is in the bases' dtype."""
+    ref = QL if QL is not None else QR
+    squeeze = V.dim() == 2
+    check_devices(V, QL, QR)
+    if squeeze:
+        V = V.unsqueeze(0)
+        QL = None if QL is None else QL.unsqueeze(0)
+        QR = None if QR is None else QR.unsqueeze(0)
+    for t in (V, QL, QR):
+        if t is not None and not fits_int32(t):
+            raise NotSupported("a stack spanning more than 2^31 elements")
+    if allow_tf32 is None:
+        allow_tf32 = torch_allows_tf32()
+    cfg = pick_config(ref.dtype, allow_tf32)
+    Bt, m, n = V.shape
+    launches, cur = [], V
+    if QL is not None:
+        T = empty((Bt, m, n), dtype=ref.dtype, device=V.device)
+        launches.append(_mm(QL if back else QL.transpose(1, 2), cur, T, cfg))
+        cur = T
+    if QR is not None:
+        U = empty((Bt, m, n), dtype=ref.dtype, device=V.device)
+        launches.append(_mm(cur, QR.transpose(1, 2) if back else QR, U, cfg))
+        cur = U
+    run_all(launches)
+    return cur[0] if squeeze else cur
 
 
 def aot_cases():
