@@ -230,17 +230,31 @@ def main(argv=None):
                      _kb(r["computed_pre"]), _kb(r["measured_pre"]), _kb(r["held_max"]),
                      f"{r['t_sgd'] * 1e3:.1f}", f"{r['t_factor'] * 1e3:.1f}",
                      f"{r['t_inverse'] * 1e3:.1f}"])
+    prov = provenance(device, cores, f"commit {_commit()}. ") + (
+        f"MLP {args.dim}-" + "-".join([str(args.width)] * args.depth) + f"-{args.classes} "
+        f"({args.depth + 1} blocks), {args.batch} examples per rank, float32, "
+        f"inverse={args.inverse}, curvature=empirical; medians of {args.steps} steps.")
+    write_report(prov, header, body, rows, args.markdown)
+
+
+def _commit() -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE,
+                              capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "?"
-    prov = (f"Measured {datetime.date.today().isoformat()} on {device} "
+        return "?"
+
+
+def provenance(device, cores, extra: str = "") -> str:
+    """The first sentence of a results page: date, machine, versions (bench_fsdp.py too)."""
+    return (f"Measured {datetime.date.today().isoformat()} on {device} "
             f"({cores} CPU cores{', CUDA' if torch.cuda.is_available() else ', no GPU'}); "
-            f"torch {torch.__version__}, Python {platform.python_version()}, commit {commit}. "
-            f"MLP {args.dim}-" + "-".join([str(args.width)] * args.depth) + f"-{args.classes} "
-            f"({args.depth + 1} blocks), {args.batch} examples per rank, float32, "
-            f"inverse={args.inverse}, curvature=empirical; medians of {args.steps} steps.")
+            f"torch {torch.__version__}, Python {platform.python_version()}, {extra}")
+
+
+def write_report(prov: str, header, body, rows, markdown) -> None:
+    """Print the markdown table (and write it to ``markdown`` when given); rows run with more
+    processes than cores are flagged."""
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in body]
     text = prov + "\n\n" + "\n".join(table) + "\n"
@@ -248,8 +262,8 @@ def main(argv=None):
         text += ("\n(*) more processes than CPU cores: the times measure contention, not "
                  "scaling.\n")
     print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
+    if markdown:
+        with open(markdown, "w") as fh:
             fh.write(text)
 
 

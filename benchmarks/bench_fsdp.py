@@ -27,12 +27,10 @@ than cores are oversubscribed and flagged. Writes a markdown table with machine,
 from __future__ import annotations
 
 import argparse
-import datetime
 import multiprocessing as mp
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -216,29 +214,14 @@ def main(argv=None):
             (f"{_kb(r['computed_gradient'])} / {_kb(r['gradient'])} "
              f"({r['gradient_calls']:.0f})") if fsdp else "-",
             f"{r['t_step'] * 1e3:.1f}"])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    prov = (f"Measured {datetime.date.today().isoformat()} on {device} "
-            f"({cores} CPU cores{', CUDA' if torch.cuda.is_available() else ', no GPU'}); "
-            f"torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{'NCCL' if torch.cuda.is_available() else 'gloo'}, commit {commit}. "
-            f"MLP {args.dim}-" + "-".join([str(args.width)] * args.depth) + f"-{args.classes} "
-            f"({args.depth + 1} blocks), {args.batch} examples per rank, float32, momentum 0.9, "
-            f"weight_decay={args.weight_decay}, inverse=eigh, curvature=empirical; medians of "
-            f"{args.steps} steps.")
-    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    table += ["| " + " | ".join(row) + " |" for row in body]
-    text = prov + "\n\n" + "\n".join(table) + "\n"
-    if any(r["oversubscribed"] for r in rows):
-        text += ("\n(*) more processes than CPU cores: the times measure contention, not "
-                 "scaling.\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write(text)
+    from bench_distributed import _commit, provenance, write_report
+    prov = provenance(device, cores, f"{'NCCL' if torch.cuda.is_available() else 'gloo'}, "
+                      f"commit {_commit()}. ") + (
+        f"MLP {args.dim}-" + "-".join([str(args.width)] * args.depth) + f"-{args.classes} "
+        f"({args.depth + 1} blocks), {args.batch} examples per rank, float32, momentum 0.9, "
+        f"weight_decay={args.weight_decay}, inverse=eigh, curvature=empirical; medians of "
+        f"{args.steps} steps.")
+    write_report(prov, header, body, rows, args.markdown)
 
 
 if __name__ == "__main__":

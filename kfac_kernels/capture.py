@@ -217,7 +217,7 @@ class Capture:
         """A backward pass (or curvature pass) after a forward pass that followed this step's
         backward: the micro-batch before is complete. Combine its statistics into each block's
         weighted sums (A by its example count, G and EKFAC's scalings by
-        :meth:`FactorStatistics.micro_batch_weights`) and free its inputs, so that the step's
+        :meth:`FactorStatistics.micro_batch_weight`) and free its inputs, so that the step's
         factors are those of the concatenated batch, uneven sizes included; the new micro-batch's
         inputs (captured after the mark) stay. :meth:`finish_micro_batches` turns the sums into
         the step's estimates."""
@@ -237,7 +237,7 @@ class Capture:
             a_hats = self.factors.a_statistics(got)
             for b in got:
                 n = b.batch_size(b.inputs[0])
-                u, _ = self.factors.micro_batch_weights(n, 0, empirical)
+                u = self.factors.micro_batch_weight(n, empirical)
                 a, g = a_hats[b] * float(n), b.G_hat * u
                 b.A_acc = a if b.A_acc is None else b.A_acc + a
                 b.G_acc = g if b.G_acc is None else b.G_acc + g
@@ -286,7 +286,7 @@ class Capture:
         for b in self.blocks.values():
             if not b.acc_examples:
                 continue
-            _, f = self.factors.micro_batch_weights(1, b.acc_examples, empirical)
+            f = self.factors.micro_batch_final(b.acc_examples, empirical)
             if empirical and g_rescale is not None:
                 f = g_rescale.to(b.G_acc.dtype) * f
             b.A_ready = b.A_acc / float(b.acc_examples)
@@ -367,8 +367,7 @@ class Capture:
         opts = self.opts
         if self.capturing and self.boundary and not self.stale:
             self.close_micro_batch()         # the micro-batch before is complete
-        if (self.capturing and opts.loss_reduction == "token_mean" and out is not None
-                and isinstance(out, torch.Tensor)):
+        if self.capturing and opts.loss_reduction == "token_mean" and isinstance(out, torch.Tensor):
             self.positions = positions(opts.likelihood if opts.curvature != "empirical" else None,
                                        out)
         if not self.capturing or opts.curvature == "empirical":
@@ -379,8 +378,6 @@ class Capture:
         check_likelihood_output(opts.likelihood, out)
         if self.stale:
             self.drop_stale()
-        if self.boundary:
-            self.close_micro_batch()
         self.out_batch = out.shape[0]
         batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
         if batch and out.shape[0] not in batch:

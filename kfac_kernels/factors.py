@@ -44,18 +44,22 @@ class FactorStatistics:
         red = float(n) if not mean else 1.0
         return weight * c * c * red
 
-    def micro_batch_weights(self, n: int, total: int, empirical: bool) -> Tuple[float, float]:
-        """Gradient accumulation: (weight of a micro-batch of ``n`` examples, final factor for
-        ``total`` examples), so that ``final * sum_i weight_i * G_i`` is the G of one step on the
-        concatenated batch, each G_i normalised as a step of its own (:meth:`g_scale`). A batch-mean
-        loss: "fisher"/"ggn" average the micro-batches by size (n, 1/N); "empirical" rescales
-        output-gradients that carry the big batch's 1/N (1/n, N). A summed loss adds them (1, 1).
-        ``total`` may be 0 while micro-batches still come (only the weight is used then)."""
+    def micro_batch_weight(self, n: int, empirical: bool) -> float:
+        """Gradient accumulation: the weight of a micro-batch of ``n`` examples, so that
+        ``micro_batch_final(N) * sum_i weight_i G_i`` is the G of one step on the concatenated
+        batch, each G_i normalised as a step of its own (:meth:`g_scale`). A batch-mean loss
+        ("mean", "token_mean"): "fisher"/"ggn" average the micro-batches by size (n, then 1/N);
+        "empirical" rescales output-gradients that carry the big batch's 1/N (1/n, then N). A
+        summed loss adds them (1, 1)."""
         if self.opts.loss_reduction == "sum":
-            return 1.0, 1.0
-        if empirical:
-            return 1.0 / n, float(total)
-        return float(n), (1.0 / total if total else 0.0)
+            return 1.0
+        return 1.0 / n if empirical else float(n)
+
+    def micro_batch_final(self, total: int, empirical: bool) -> float:
+        """The factor on the weighted sum of :meth:`micro_batch_weight` (``total`` examples)."""
+        if self.opts.loss_reduction == "sum":
+            return 1.0
+        return float(total) if empirical else 1.0 / total
 
     # ------------------------------------------------------------------ batched syrk
     def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:

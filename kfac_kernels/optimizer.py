@@ -21,6 +21,17 @@ from .pipeline import StepPipeline
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
 
+def _heavy_ball(state: dict, d: torch.Tensor, factor) -> torch.Tensor:
+    """``buf = factor * buf + d`` in place (``buf = d`` at the first step); returns ``buf``.
+    ``factor``: the momentum, or its device factor (1 on a rejected step)."""
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        buf = state["momentum_buffer"] = d.detach().clone()
+    else:
+        buf.mul_(factor).add_(d)
+    return buf
+
+
 def _compile_pays(engine) -> bool:
     """Whether ``opt.compile()`` engages: not on CPU, where the compiled step measured slower
     than the eager one (it warns and says how to force it)."""
@@ -386,12 +397,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 state = self.state[p] if mom else None
                 if ok is None:
                     if mom:
-                        buf = state.get("momentum_buffer")
-                        if buf is None:
-                            buf = state["momentum_buffer"] = d.detach().clone()
-                        else:
-                            buf.mul_(mom).add_(d)
-                        d = buf
+                        d = _heavy_ball(state, d, mom)
                     p.add_(d, alpha=-lr)
                     continue
                 key = (p.device, p.dtype)
@@ -405,12 +411,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 mom_f, step_f = factors[key]
                 d = torch.where(keep, d, zero if d.dtype == p.dtype else zero.to(d.dtype))
                 if mom:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = d.detach().clone()
-                    else:
-                        buf.mul_(mom_f).add_(d)
-                    d = buf
+                    d = _heavy_ball(state, d, mom_f)
                 p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:

@@ -212,7 +212,7 @@ class InverseKind:
 
     def close_micro_batch(self, block, weight: float) -> None:
         """Gradient accumulation: the passes of one micro-batch are in; weigh what was kept of
-        them by ``weight`` (:meth:`FactorStatistics.micro_batch_weights`)."""
+        them by ``weight`` (:meth:`FactorStatistics.micro_batch_weight`)."""
 
     def finish_micro_batches(self, block, final, examples: int) -> None:
         """Gradient accumulation: every micro-batch is in; scale the weighted sums by ``final``

@@ -116,6 +116,17 @@ def _check_symmetric_stack(name, f):
 
 
 # ----------------------------------------------------------------------------- factor updates
+
+def _check_prev_eigenvectors(factors: torch.Tensor, prev: Optional[torch.Tensor]) -> None:
+    """A warm start's eigenvectors: a factor-dtype stack of the factors' shape, on their device."""
+    if prev is None:
+        return
+    _check_tensor("prev_eigenvectors", prev, _FACTOR_DTYPES)
+    if prev.shape != factors.shape:
+        raise ValueError(f"prev_eigenvectors has shape {tuple(prev.shape)}, "
+                         f"factors {tuple(factors.shape)}")
+    _check_same_device(factors=factors, prev_eigenvectors=prev)
+
 def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
                 homogeneous: bool = False, allow_tf32: bool = False, backend: str = "auto"):
     """In place ``factor <- beta * factor + alpha * xbar^T xbar`` with ``xbar = [x, 1]`` when
@@ -245,12 +256,7 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
     pass through (direct methods ignore ``tol`` / ``max_sweeps``).
     """
     _check_symmetric_stack("factors", factors)
-    if prev_eigenvectors is not None:
-        _check_tensor("prev_eigenvectors", prev_eigenvectors, _FACTOR_DTYPES)
-        if prev_eigenvectors.shape != factors.shape:
-            raise ValueError(f"prev_eigenvectors has shape {tuple(prev_eigenvectors.shape)}, "
-                             f"factors {tuple(factors.shape)}")
-        _check_same_device(factors=factors, prev_eigenvectors=prev_eigenvectors)
+    _check_prev_eigenvectors(factors, prev_eigenvectors)
     if method not in reference.SYMEIG_METHODS:
         raise ValueError(f"unknown symeig method {method!r}; expected auto, eigh, jacobi, refresh")
     if method == "refresh" and prev_eigenvectors is None:
@@ -587,12 +593,7 @@ def inverse_root(factors: torch.Tensor, root: float, *, epsilon: float = 0.0,
     _check_number("epsilon", epsilon)
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if prev_eigenvectors is not None:
-        _check_tensor("prev_eigenvectors", prev_eigenvectors, _FACTOR_DTYPES)
-        if prev_eigenvectors.shape != factors.shape:
-            raise ValueError(f"prev_eigenvectors has shape {tuple(prev_eigenvectors.shape)}, "
-                             f"factors {tuple(factors.shape)}")
-        _check_same_device(factors=factors, prev_eigenvectors=prev_eigenvectors)
+    _check_prev_eigenvectors(factors, prev_eigenvectors)
     if method not in reference.SYMEIG_METHODS:
         raise ValueError(f"unknown method {method!r}; expected auto, eigh, jacobi, refresh")
     if method == "refresh" and prev_eigenvectors is None:

@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["ShapeGroup", "StackedOptimizer", "matrix_shape", "check_positive", "check_unit"]
+__all__ = ["ShapeGroup", "StackedOptimizer", "matrix_shape", "check_positive", "check_unit",
+           "check_schedule"]
 
 
 def matrix_shape(p: torch.Tensor) -> Optional[Tuple[int, int]]:
@@ -41,6 +42,17 @@ def check_unit(name, v, *, closed=False):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     if not (0.0 <= v < 1.0 or (closed and v == 1.0)):
         raise ValueError(f"{name} must be in [0, 1{']' if closed else ')'}, got {v}")
+
+
+def check_schedule(precondition_frequency, max_precond_dim, zero_dim_means: str) -> None:
+    """The options both optimisers share: refresh every k >= 1 steps, factor sides up to
+    ``max_precond_dim`` (>= 0; ``zero_dim_means`` says what 0 does)."""
+    if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
+        raise ValueError(f"precondition_frequency must be an integer >= 1, got "
+                         f"{precondition_frequency!r}")
+    if not isinstance(max_precond_dim, int) or max_precond_dim < 0:
+        raise ValueError(f"max_precond_dim must be an integer >= 0 (0: {zero_dim_means}), "
+                         f"got {max_precond_dim!r}")
 
 
 class ShapeGroup:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ._common import ShapeGroup, StackedOptimizer, check_positive, check_unit
+from ._common import (ShapeGroup, StackedOptimizer, check_positive, check_schedule,
+                      check_unit)
 
 __all__ = ["Shampoo"]
 
@@ -69,12 +70,7 @@ class Shampoo(StackedOptimizer):
         check_positive("weight_decay", weight_decay, allow_zero=True)
         check_unit("grafting_beta2", grafting_beta2)
         check_positive("grafting_eps", grafting_eps)
-        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
-            raise ValueError(f"precondition_frequency must be an integer >= 1, got "
-                             f"{precondition_frequency!r}")
-        if not isinstance(max_precond_dim, int) or max_precond_dim < 0:
-            raise ValueError(f"max_precond_dim must be an integer >= 0 (0: every side diagonal), "
-                             f"got {max_precond_dim!r}")
+        check_schedule(precondition_frequency, max_precond_dim, "every side diagonal")
         if grafting not in _GRAFTING:
             raise ValueError(f"grafting must be None, 'sgd' or 'adam'; got {grafting!r}")
         if root_method not in _ROOT_METHODS:

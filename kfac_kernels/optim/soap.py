@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ._common import ShapeGroup, StackedOptimizer, check_positive, check_unit
+from ._common import (ShapeGroup, StackedOptimizer, check_positive, check_schedule,
+                      check_unit)
 
 __all__ = ["SOAP"]
 
@@ -70,12 +71,7 @@ class SOAP(StackedOptimizer):
         check_unit("shampoo_beta", shampoo_beta)
         check_positive("eps", eps, allow_zero=True)
         check_positive("weight_decay", weight_decay, allow_zero=True)
-        if not isinstance(precondition_frequency, int) or precondition_frequency < 1:
-            raise ValueError(f"precondition_frequency must be an integer >= 1, got "
-                             f"{precondition_frequency!r}")
-        if not isinstance(max_precond_dim, int) or max_precond_dim < 0:
-            raise ValueError(f"max_precond_dim must be an integer >= 0 (0: AdamW everywhere), "
-                             f"got {max_precond_dim!r}")
+        check_schedule(precondition_frequency, max_precond_dim, "AdamW everywhere")
         if refresh not in _REFRESH:
             raise ValueError(f"refresh must be 'qr' or 'eigh', got {refresh!r}")
         self.backend = backend
