@@ -188,6 +188,7 @@ class Capture:
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
         self.kind.drop_capture()
+        self.factors.arena.release()
         self.pending_passes = 0
         self.seen_backward = self.stale = False
         self.health.warn_once(("stale",), "statistics captured for a step whose step() never ran "
@@ -197,6 +198,7 @@ class Capture:
     def reset(self) -> None:
         """Forget everything captured this step (after the factor update, or a dropped step)."""
         self.comm.clear()
+        self.factors.arena.release()
         for b in self.blocks.values():
             b.clear_capture()
             b._inputs_at_backward = b._call_offset = 0

@@ -46,11 +46,12 @@ def _homogeneous(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, ones], dim=-1)
 
 
-_GRAM_BLOCK = 128     # column-block width of the symmetric product (see _gram2)
+_GRAM_BLOCK = 128     # column-block width of the symmetric product (see _gram)
 
 
-def _gram2(xf: torch.Tensor) -> torch.Tensor:
-    """``2 x^T x`` ([..., k, k], exactly symmetric) computing only the upper triangle of blocks.
+def _gram(xf: torch.Tensor, c: float, out: torch.Tensor) -> torch.Tensor:
+    """``out <- c (x^T x + (x^T x)^T) = 2c x^T x`` ([..., k, k], exactly symmetric), computing only
+    the upper triangle of blocks.
 
     With k split into b column blocks only b(b+1)/2 of the b^2 block products are formed (the
     lower ones are mirrored): about (b+1)/(2b) of a full product's work, e.g. 62% for b = 4.
@@ -59,20 +60,20 @@ def _gram2(xf: torch.Tensor) -> torch.Tensor:
     k = xf.shape[-1]
     nb = min(8, k // _GRAM_BLOCK)
     xt = xf.transpose(-1, -2)
+    mm = torch.addmm if xf.dim() == 2 else torch.baddbmm
     if nb < 2:
-        prod = xt @ xf
-        return prod + prod.transpose(-1, -2)
-    out = torch.empty(*xf.shape[:-2], k, k, dtype=xf.dtype, device=xf.device)
+        prod = mm(out, xt, xf, beta=0.0, alpha=c)       # beta 0: out's contents are ignored
+        return torch.add(prod, prod.transpose(-1, -2), out=out)
     edges = [round(i * k / nb) for i in range(nb + 1)]
     for i in range(nb):
         ri = slice(edges[i], edges[i + 1])
         for j in range(i, nb):
             rj = slice(edges[j], edges[j + 1])
-            blk = xt[..., ri, :] @ xf[..., :, rj]
+            blk = mm(out[..., ri, rj], xt[..., ri, :], xf[..., :, rj], beta=0.0, alpha=c)
             if i == j:
                 out[..., ri, rj] = blk + blk.transpose(-1, -2)
             else:
-                out[..., ri, rj] = blk.mul_(2.0)
+                out[..., ri, rj] = blk.add_(blk)
                 out[..., rj, ri] = blk.transpose(-1, -2)
     return out
 
@@ -83,31 +84,17 @@ def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: fl
 
     ``x`` is [n, k] (or [B, n, k] for a stack of factors [B, d, d]); the product is formed in the
     factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS. The ones
-    column is not materialised: its row/column are the column sums of x and its corner is n.
-    The result is exactly symmetric.
+    column enters the product (its row/column are the column sums of x, its corner n: exact),
+    so the whole factor is one symmetric product and one scaling. The result is exactly
+    symmetric.
     """
-    xf = x.to(factor.dtype)
-    k = xf.shape[-1]
-    prod = _gram2(xf)                              # 2 x^T x, exactly symmetric
-    half_alpha = 0.5 * alpha
-    core = factor[..., :k, :k]
-    if beta == 0:
-        core.copy_(prod).mul_(half_alpha)
-    else:
-        core.mul_(beta).add_(prod, alpha=half_alpha)
+    xf = x if x.dtype == factor.dtype else x.to(factor.dtype)
     if homogeneous:
-        colsum = xf.sum(dim=-2) * alpha                # [..., k]
-        n = alpha * xf.shape[-2]
-        row, col, corner = factor[..., k, :k], factor[..., :k, k], factor[..., k, k]
-        if beta == 0:
-            row.copy_(colsum)
-            col.copy_(colsum)
-            corner.fill_(n)
-        else:
-            row.mul_(beta).add_(colsum)
-            col.mul_(beta).add_(colsum)
-            corner.mul_(beta).add_(n)
-    return factor
+        xf = _homogeneous(xf)
+    if beta == 0:                                  # alpha xbar^T xbar, exactly symmetric
+        return _gram(xf, 0.5 * alpha, factor)
+    prod = _gram(xf, 0.5 * alpha, torch.empty_like(factor))
+    return factor.mul_(beta).add_(prod)
 
 
 def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
