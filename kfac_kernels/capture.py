@@ -156,7 +156,7 @@ class Capture:
                     self.close_micro_batch()
                 if not self.micro_batches:    # (accumulating: reduced once, at step())
                     self.comm.backward_started(self.factors.a_statistics)
-                self.grads[block].append(grad.detach())
+                self.grads[block].append(grad.detach() if grad.requires_grad else grad)
                 # call index among the inputs kept (stale ones dropped: see drop_stale)
                 self.grad_calls[block].append(call - block._call_offset)
                 self.seen_backward = True

@@ -225,9 +225,11 @@ class FactorStatistics:
         counts, skipped = self._counters(blocks)
         counts.add_(ok.to(counts.dtype))
         skipped.add_((~ok).to(skipped.dtype))
-        rho = (1.0 - counts.clamp_min(1.0).reciprocal()).clamp_(0.0, self.opts.ema_decay)
+        # rho = min(1 - 1/k, ema_decay), in in-place calls on a fresh vector
+        rho = counts.clamp_min(1.0).reciprocal_().neg_().add_(1.0).clamp_(0.0,
+                                                                       self.opts.ema_decay)
         keep = torch.where(ok, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
-        return ok, bad_stats, keep, 1.0 - keep
+        return ok, bad_stats, keep, keep.neg().add_(1.0)
 
     def _counters(self, blocks: List[Block]) -> Tuple[torch.Tensor, torch.Tensor]:
         """[blocks] vectors whose entries ARE ``b.count`` / ``b.skipped`` (views, updated in
