@@ -19,7 +19,7 @@ Models: the demo's autoencoder and CNN (curvature "fisher", the demo's settings)
 Under pytest this is a smoke test (tiny models, a short period, no timing); as a script it
 writes the tables::
 
-    python benchmarks/bench_overhead.py [--rounds 7] [--threads 2] [--out FILE]
+    python benchmarks/bench_overhead.py [--rounds 7] [--threads 2] [--device cuda] [--out FILE]
 """
 from __future__ import annotations
 
@@ -99,12 +99,12 @@ class Runner:
     """One optimiser on one workload; ``step(phase)`` runs a training step, calling
     ``phase(name)`` (a context manager) around each phase."""
 
-    def __init__(self, w: Workload, kind: str, fe: int, ie: int):
+    def __init__(self, w: Workload, kind: str, fe: int, ie: int, device: str = "cpu"):
         torch.manual_seed(0)
-        self.model = w.build()
+        self.model = w.build().to(device)
         self.w, self.kind = w, kind
         x, y = w.batch
-        self.x, self.y = x, y
+        self.x, self.y = x.to(device), y.to(device)
         if kind == "kfac":
             self.opt = kk.KFAC(self.model, factor_every=fe, inverse_every=ie, seed=0,
                                **w.kfac_kw)
@@ -192,8 +192,9 @@ def time_rounds(a: Runner, b: Runner, steps: int, rounds: int):
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios), ratios
 
 
-def measure(w: Workload, fe: int, ie: int, rounds: int, timing: bool = True) -> dict:
-    k, base = Runner(w, "kfac", fe, ie), Runner(w, "base", fe, ie)
+def measure(w: Workload, fe: int, ie: int, rounds: int, timing: bool = True,
+            device: str = "cpu") -> dict:
+    k, base = Runner(w, "kfac", fe, ie, device), Runner(w, "base", fe, ie, device)
     for _ in range(2 * ie):               # warm-up: two periods
         k.step()
         base.step()
@@ -224,12 +225,16 @@ def main(argv=None) -> str:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="autoencoder,cnn,mlp,transformer")
-    ap.add_argument("--out")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", help="markdown page (rewritten after each row, so a timeout keeps "
+                    "the rows done)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dev = (f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
+           if args.device == "cuda" else "")
     wanted = args.models.split(",")
     lines = [f"# K-FAC step overhead against Adam/AdamW ({datetime.date.today().isoformat()})", "",
-             f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python "
+             f"{dev}{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python "
              f"{platform.python_version()}, torch {torch.__version__}, kfac_kernels "
              f"{kk.__version__}; `benchmarks/bench_overhead.py --rounds {args.rounds}`. Step time: "
              "median of per-round ratios (K-FAC and the baseline alternate, one inverse period "
@@ -239,7 +244,7 @@ def main(argv=None) -> str:
         if not any(w.name.startswith(m) for m in wanted):
             continue
         for fe, ie in ((1, 10), (10, 100)):
-            row = measure(w, fe, ie, args.rounds)
+            row = measure(w, fe, ie, args.rounds, device=args.device)
             k, b = row["kfac"], row["base"]
             lines += [f"## {w.name}, factor_every={fe}, inverse_every={ie}", "",
                       f"step: K-FAC {row['t_kfac'] * 1e3:.2f} ms, baseline "
@@ -253,11 +258,10 @@ def main(argv=None) -> str:
                       f"| bytes allocated/step | {k['bytes'] / 1e6:.2f} MB | "
                       f"{b['bytes'] / 1e6:.2f} MB |", ""]
             print("\n".join(lines[-14:]), flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return text
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

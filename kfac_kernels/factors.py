@@ -1,11 +1,13 @@
 """Factor statistics: batched syrk jobs, this step's A/G estimates, the guarded running average.
 
 Blocks describe their statistics as :class:`kfac_kernels.blocks.SyrkJob` s; this part runs them
-with one batched ``ops.syrk_update`` per group of equal shapes (identical inputs, e.g. the q/k/v
-projections of one activation, computed once) and folds the step's estimates into the running
-factors on the device: ``F <- rho F + (1 - rho) F_hat``, ``rho = min(1 - 1/k, ema_decay)`` with k
-counting the block's accepted updates (first-estimate rule), skipped where the statistics are not
-finite or the step was rejected. No host synchronisation.
+with one ``ops.syrk_update`` per distinct input (identical inputs, e.g. the q/k/v projections of
+one activation, computed once), writing into the regions of the flat estimate buffer of
+:mod:`kfac_kernels.arena`, and folds the step's estimates into the running factors on the
+device: ``F <- rho F + (1 - rho) F_hat``, ``rho = min(1 - 1/k, ema_decay)`` with k counting the
+block's accepted updates (first-estimate rule), skipped where the statistics are not finite or the
+step was rejected: over the flat buffers in a fixed number of calls when the estimates fill one
+layout, block by block otherwise (same arithmetic). No host synchronisation.
 """
 from __future__ import annotations
 
