@@ -91,23 +91,42 @@ def _gram(xf: torch.Tensor, c: float, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_ONES_COLUMN_MAX = 1 << 18     # inputs up to this many entries get their ones column appended
+
+
 def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
                 homogeneous: bool = False, allow_tf32: bool = False) -> torch.Tensor:
     """In place: ``factor <- beta * factor + alpha * xbar^T xbar``; ``xbar = [x, 1]`` if homogeneous.
 
     ``x`` is [n, k] (or [B, n, k] for a stack of factors [B, d, d]); the product is formed in the
-    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS. The ones
-    column enters the product (its row/column are the column sums of x, its corner n: exact),
-    so the whole factor is one symmetric product and one scaling. The result is exactly
-    symmetric.
+    factor's dtype. ``beta == 0`` ignores the old contents (NaN included), as in BLAS. The
+    homogeneous row/column are the column sums of x and the corner is n (exact): a small input
+    gets its ones column appended, so that the whole factor is one symmetric product (fewer
+    calls); a large one (e.g. the unfolded patches of a convolution) is not copied, its sums fill
+    the last row and column. The result is exactly symmetric.
     """
     xf = x if x.dtype == factor.dtype else x.to(factor.dtype)
-    if homogeneous:
-        xf = _homogeneous(xf)
+    if homogeneous and xf.numel() <= _ONES_COLUMN_MAX:
+        xf, homogeneous = _homogeneous(xf), False
+    k = xf.shape[-1]
+    core = factor[..., :k, :k] if homogeneous else factor
     if beta == 0:                                  # alpha xbar^T xbar, exactly symmetric
-        return _gram(xf, 0.5 * alpha, factor)
-    prod = _gram(xf, 0.5 * alpha, torch.empty_like(factor))
-    return factor.mul_(beta).add_(prod)
+        _gram(xf, 0.5 * alpha, core)
+    else:
+        core.mul_(beta).add_(_gram(xf, 0.5 * alpha, torch.empty_like(core)))
+    if homogeneous:
+        colsum = xf.sum(dim=-2) * alpha                # [..., k]
+        n = alpha * xf.shape[-2]
+        row, col, corner = factor[..., k, :k], factor[..., :k, k], factor[..., k, k]
+        if beta == 0:
+            row.copy_(colsum)
+            col.copy_(colsum)
+            corner.fill_(n)
+        else:
+            row.mul_(beta).add_(colsum)
+            col.mul_(beta).add_(colsum)
+            corner.mul_(beta).add_(n)
+    return factor
 
 
 def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
