@@ -11,6 +11,8 @@ For each model and each (factor_every, inverse_every):
   with its capture hooks and the curvature passes of "fisher"/"ggn"), ``guard``, ``factor
   update``, ``inverse update`` (amortised over the period), ``preconditioning`` (gradient
   matrices, batched preconditioning, KL clip), ``update`` (parameter update, step end);
+  and the same split of the calls that do work (``compute``: no view, metadata or allocation
+  op and calling none but those; about one kernel launch each on a GPU);
 * **bytes allocated per step** (profiler memory events on CPU; the CUDA allocator's counter on a
   GPU).
 
@@ -147,8 +149,25 @@ def _guard_only(opt):
     return opt.pipeline.guard(grads) if opt.skip_nonfinite else None
 
 
+# ops that only make a view, read metadata or allocate: no kernel of their own on a GPU
+VIEW_OPS = frozenset("aten::" + n for n in (
+    "view", "as_strided", "slice", "select", "narrow", "transpose", "t", "unsqueeze", "squeeze",
+    "expand", "reshape", "_reshape_alias", "alias", "detach", "resolve_conj", "resolve_neg",
+    "permute", "numpy_T", "unbind", "split", "split_with_sizes", "_unsafe_view", "flatten",
+    "unflatten", "empty", "empty_strided", "empty_like", "lift_fresh", "to", "contiguous"))
+
+
+def _computes(e) -> bool:
+    """A leaf of the work: not a view/allocation, and everything it calls is one (so a
+    composite such as ``linear`` counts once, through its ``addmm``)."""
+    return e.name not in VIEW_OPS and all(c.name in VIEW_OPS for c in e.cpu_children
+                                          if c.name.startswith("aten::"))
+
+
 def count_phases(r: Runner, steps: int) -> Dict[str, float]:
-    """aten calls per step by phase, and bytes allocated per step."""
+    """aten calls per step by phase (every ``aten::`` event, nested ones included; and, under
+    ``compute:<phase>``, only the calls that do work: see :func:`_computes`), and bytes allocated
+    per step."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = next(r.model.parameters()).is_cuda
     with profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof:
@@ -164,11 +183,15 @@ def count_phases(r: Runner, steps: int) -> Dict[str, float]:
         p = e.cpu_parent
         while p is not None and not p.name.startswith("phase:"):
             p = p.cpu_parent
-        counts[p.name[6:] if p is not None else "other"] += 1.0 / steps
+        phase = p.name[6:] if p is not None else "other"
+        counts[phase] += 1.0 / steps
+        if _computes(e):
+            counts["compute:" + phase] += 1.0 / steps
         if not cuda and e.cpu_memory_usage > 0 and (e.cpu_parent is None or not
                                                     e.cpu_parent.name.startswith("aten::")):
             alloc += e.cpu_memory_usage
-    counts["total"] = sum(v for k, v in counts.items())
+    counts["total"] = sum(v for k, v in counts.items() if not k.startswith("compute:"))
+    counts["compute"] = sum(v for k, v in counts.items() if k.startswith("compute:"))
     counts["bytes"] = (after - before if cuda else alloc) / steps
     return dict(counts)
 
@@ -213,8 +236,11 @@ def test_overhead_smoke():
         for who in ("kfac", "base"):
             c = row[who]
             assert c["total"] > 0
-            assert abs(sum(v for key, v in c.items() if key not in ("total", "bytes"))
-                       - c["total"]) < 1e-9
+            assert abs(sum(v for key, v in c.items() if key not in ("total", "bytes", "compute")
+                           and not key.startswith("compute:")) - c["total"]) < 1e-9
+            assert 0 < c["compute"] < c["total"]
+            assert abs(sum(v for key, v in c.items() if key.startswith("compute:"))
+                       - c["compute"]) < 1e-9
         assert row["kfac"]["preconditioning"] > 0 and row["kfac"]["factor update"] > 0
         assert row["kfac"]["inverse update"] > 0 and row["base"].get("preconditioning", 0) == 0
 
@@ -239,7 +265,10 @@ def main(argv=None) -> str:
              f"{kk.__version__}; `benchmarks/bench_overhead.py --rounds {args.rounds}`. Step time: "
              "median of per-round ratios (K-FAC and the baseline alternate, one inverse period "
              "per round). aten calls: torch.profiler `aten::` events per step (nested included), "
-             "amortised over one period.", ""]
+             "amortised over one period; compute calls: those that do work (no view, metadata or "
+             "allocation op, and calling none but those: about one kernel each on a GPU). The "
+             "all-calls count depends on the thread count (e.g. `cat` adds view calls per input "
+             "when it runs in parallel).", ""]
     for w in workloads(small=False):
         if not any(w.name.startswith(m) for m in wanted):
             continue
@@ -250,13 +279,16 @@ def main(argv=None) -> str:
                       f"step: K-FAC {row['t_kfac'] * 1e3:.2f} ms, baseline "
                       f"{row['t_base'] * 1e3:.2f} ms, ratio **{row['ratio']:.2f}x** (rounds: "
                       + ", ".join(f"{r:.2f}" for r in row["ratios"]) + ")", "",
-                      "| phase | K-FAC aten/step | baseline aten/step |", "|---|---|---|"]
+                      "| phase | K-FAC aten/step | baseline aten/step | K-FAC compute/step | "
+                      "baseline compute/step |", "|---|---|---|---|---|"]
             for ph in PHASES:
-                lines.append(f"| {ph} | {k.get(ph, 0):.1f} | {b.get(ph, 0):.1f} |")
+                lines.append(f"| {ph} | {k.get(ph, 0):.1f} | {b.get(ph, 0):.1f} | "
+                             f"{k.get('compute:' + ph, 0):.1f} | {b.get('compute:' + ph, 0):.1f} |")
             lines += [f"| **total** | **{k['total']:.1f}** | **{b['total']:.1f}** "
-                      f"(extra {k['total'] - b['total']:+.1f}) |",
+                      f"(extra {k['total'] - b['total']:+.1f}) | **{k['compute']:.1f}** | "
+                      f"**{b['compute']:.1f}** (extra {k['compute'] - b['compute']:+.1f}) |",
                       f"| bytes allocated/step | {k['bytes'] / 1e6:.2f} MB | "
-                      f"{b['bytes'] / 1e6:.2f} MB |", ""]
+                      f"{b['bytes'] / 1e6:.2f} MB | | |", ""]
             print("\n".join(lines[-14:]), flush=True)
             if args.out:
                 with open(args.out, "w") as f:
