@@ -11,6 +11,8 @@ For each model and each (factor_every, inverse_every):
   with its capture hooks and the curvature passes of "fisher"/"ggn"), ``guard``, ``factor
   update``, ``inverse update`` (amortised over the period), ``preconditioning`` (gradient
   matrices, batched preconditioning, KL clip), ``update`` (parameter update, step end);
+  and the same split of the calls that do work (``compute``: no view, metadata or allocation
+  op and calling none but those; about one kernel launch each on a GPU);
 * **bytes allocated per step** (profiler memory events on CPU; the CUDA allocator's counter on a
   GPU).
 
@@ -19,7 +21,7 @@ Models: the demo's autoencoder and CNN (curvature "fisher", the demo's settings)
 Under pytest this is a smoke test (tiny models, a short period, no timing); as a script it
 writes the tables::
 
-    python benchmarks/bench_overhead.py [--rounds 7] [--threads 2] [--out FILE]
+    python benchmarks/bench_overhead.py [--rounds 7] [--threads 2] [--device cuda] [--out FILE]
 """
 from __future__ import annotations
 
@@ -99,12 +101,12 @@ class Runner:
     """One optimiser on one workload; ``step(phase)`` runs a training step, calling
     ``phase(name)`` (a context manager) around each phase."""
 
-    def __init__(self, w: Workload, kind: str, fe: int, ie: int):
+    def __init__(self, w: Workload, kind: str, fe: int, ie: int, device: str = "cpu"):
         torch.manual_seed(0)
-        self.model = w.build()
+        self.model = w.build().to(device)
         self.w, self.kind = w, kind
         x, y = w.batch
-        self.x, self.y = x, y
+        self.x, self.y = x.to(device), y.to(device)
         if kind == "kfac":
             self.opt = kk.KFAC(self.model, factor_every=fe, inverse_every=ie, seed=0,
                                **w.kfac_kw)
@@ -147,8 +149,25 @@ def _guard_only(opt):
     return opt.pipeline.guard(grads) if opt.skip_nonfinite else None
 
 
+# ops that only make a view, read metadata or allocate: no kernel of their own on a GPU
+VIEW_OPS = frozenset("aten::" + n for n in (
+    "view", "as_strided", "slice", "select", "narrow", "transpose", "t", "unsqueeze", "squeeze",
+    "expand", "reshape", "_reshape_alias", "alias", "detach", "resolve_conj", "resolve_neg",
+    "permute", "numpy_T", "unbind", "split", "split_with_sizes", "_unsafe_view", "flatten",
+    "unflatten", "empty", "empty_strided", "empty_like", "lift_fresh", "to", "contiguous"))
+
+
+def _computes(e) -> bool:
+    """A leaf of the work: not a view/allocation, and everything it calls is one (so a
+    composite such as ``linear`` counts once, through its ``addmm``)."""
+    return e.name not in VIEW_OPS and all(c.name in VIEW_OPS for c in e.cpu_children
+                                          if c.name.startswith("aten::"))
+
+
 def count_phases(r: Runner, steps: int) -> Dict[str, float]:
-    """aten calls per step by phase, and bytes allocated per step."""
+    """aten calls per step by phase (every ``aten::`` event, nested ones included; and, under
+    ``compute:<phase>``, only the calls that do work: see :func:`_computes`), and bytes allocated
+    per step."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = next(r.model.parameters()).is_cuda
     with profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof:
@@ -164,11 +183,15 @@ def count_phases(r: Runner, steps: int) -> Dict[str, float]:
         p = e.cpu_parent
         while p is not None and not p.name.startswith("phase:"):
             p = p.cpu_parent
-        counts[p.name[6:] if p is not None else "other"] += 1.0 / steps
+        phase = p.name[6:] if p is not None else "other"
+        counts[phase] += 1.0 / steps
+        if _computes(e):
+            counts["compute:" + phase] += 1.0 / steps
         if not cuda and e.cpu_memory_usage > 0 and (e.cpu_parent is None or not
                                                     e.cpu_parent.name.startswith("aten::")):
             alloc += e.cpu_memory_usage
-    counts["total"] = sum(v for k, v in counts.items())
+    counts["total"] = sum(v for k, v in counts.items() if not k.startswith("compute:"))
+    counts["compute"] = sum(v for k, v in counts.items() if k.startswith("compute:"))
     counts["bytes"] = (after - before if cuda else alloc) / steps
     return dict(counts)
 
@@ -192,8 +215,9 @@ def time_rounds(a: Runner, b: Runner, steps: int, rounds: int):
     return statistics.median(ta), statistics.median(tb), statistics.median(ratios), ratios
 
 
-def measure(w: Workload, fe: int, ie: int, rounds: int, timing: bool = True) -> dict:
-    k, base = Runner(w, "kfac", fe, ie), Runner(w, "base", fe, ie)
+def measure(w: Workload, fe: int, ie: int, rounds: int, timing: bool = True,
+            device: str = "cpu") -> dict:
+    k, base = Runner(w, "kfac", fe, ie, device), Runner(w, "base", fe, ie, device)
     for _ in range(2 * ie):               # warm-up: two periods
         k.step()
         base.step()
@@ -212,8 +236,11 @@ def test_overhead_smoke():
         for who in ("kfac", "base"):
             c = row[who]
             assert c["total"] > 0
-            assert abs(sum(v for key, v in c.items() if key not in ("total", "bytes"))
-                       - c["total"]) < 1e-9
+            assert abs(sum(v for key, v in c.items() if key not in ("total", "bytes", "compute")
+                           and not key.startswith("compute:")) - c["total"]) < 1e-9
+            assert 0 < c["compute"] < c["total"]
+            assert abs(sum(v for key, v in c.items() if key.startswith("compute:"))
+                       - c["compute"]) < 1e-9
         assert row["kfac"]["preconditioning"] > 0 and row["kfac"]["factor update"] > 0
         assert row["kfac"]["inverse update"] > 0 and row["base"].get("preconditioning", 0) == 0
 
@@ -224,40 +251,49 @@ def main(argv=None) -> str:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="autoencoder,cnn,mlp,transformer")
-    ap.add_argument("--out")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--out", help="markdown page (rewritten after each row, so a timeout keeps "
+                    "the rows done)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    dev = (f"GPU {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
+           if args.device == "cuda" else "")
     wanted = args.models.split(",")
     lines = [f"# K-FAC step overhead against Adam/AdamW ({datetime.date.today().isoformat()})", "",
-             f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python "
+             f"{dev}{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python "
              f"{platform.python_version()}, torch {torch.__version__}, kfac_kernels "
              f"{kk.__version__}; `benchmarks/bench_overhead.py --rounds {args.rounds}`. Step time: "
              "median of per-round ratios (K-FAC and the baseline alternate, one inverse period "
              "per round). aten calls: torch.profiler `aten::` events per step (nested included), "
-             "amortised over one period.", ""]
+             "amortised over one period; compute calls: those that do work (no view, metadata or "
+             "allocation op, and calling none but those: about one kernel each on a GPU). The "
+             "all-calls count depends on the thread count (e.g. `cat` adds view calls per input "
+             "when it runs in parallel).", ""]
     for w in workloads(small=False):
         if not any(w.name.startswith(m) for m in wanted):
             continue
         for fe, ie in ((1, 10), (10, 100)):
-            row = measure(w, fe, ie, args.rounds)
+            row = measure(w, fe, ie, args.rounds, device=args.device)
             k, b = row["kfac"], row["base"]
             lines += [f"## {w.name}, factor_every={fe}, inverse_every={ie}", "",
                       f"step: K-FAC {row['t_kfac'] * 1e3:.2f} ms, baseline "
                       f"{row['t_base'] * 1e3:.2f} ms, ratio **{row['ratio']:.2f}x** (rounds: "
                       + ", ".join(f"{r:.2f}" for r in row["ratios"]) + ")", "",
-                      "| phase | K-FAC aten/step | baseline aten/step |", "|---|---|---|"]
+                      "| phase | K-FAC aten/step | baseline aten/step | K-FAC compute/step | "
+                      "baseline compute/step |", "|---|---|---|---|---|"]
             for ph in PHASES:
-                lines.append(f"| {ph} | {k.get(ph, 0):.1f} | {b.get(ph, 0):.1f} |")
+                lines.append(f"| {ph} | {k.get(ph, 0):.1f} | {b.get(ph, 0):.1f} | "
+                             f"{k.get('compute:' + ph, 0):.1f} | {b.get('compute:' + ph, 0):.1f} |")
             lines += [f"| **total** | **{k['total']:.1f}** | **{b['total']:.1f}** "
-                      f"(extra {k['total'] - b['total']:+.1f}) |",
+                      f"(extra {k['total'] - b['total']:+.1f}) | **{k['compute']:.1f}** | "
+                      f"**{b['compute']:.1f}** (extra {k['compute'] - b['compute']:+.1f}) |",
                       f"| bytes allocated/step | {k['bytes'] / 1e6:.2f} MB | "
-                      f"{b['bytes'] / 1e6:.2f} MB |", ""]
+                      f"{b['bytes'] / 1e6:.2f} MB | | |", ""]
             print("\n".join(lines[-14:]), flush=True)
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    return text
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -10,17 +10,20 @@ on step time for the same model and settings." This script times one full traini
 * plain SGD, for scale.
 
 Settings shared by all K-FAC variants: empirical Fisher (the only curvature kfac-pytorch computes),
-factor update every step, inverse update every 10 steps, damping 1e-3, running-average decay 0.95,
+factor update every step and inverse update every 10 steps by default (``--factor-every``,
+``--inverse-every``), damping 1e-3, running-average decay 0.95,
 eigendecomposition-based inverse (ASDL: its default damped inverse), KL clip 1e-3 where supported.
 The comparators are third-party packages installed separately (never vendored here), e.g.::
 
     pip install "git+https://github.com/gpauloski/kfac-pytorch" asdfghjkl
 
-Usage: python benchmarks/compare_cpu.py [--rounds 5] [--threads 1] [--out results.md]
+Usage: python benchmarks/compare_cpu.py [--rounds 5] [--threads 1] [--factor-every 1]
+       [--inverse-every 10] [--out results.md]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import datetime
 import platform
 import statistics
@@ -33,7 +36,9 @@ import torch.nn.functional as F
 
 import kfac_kernels as kk
 
-DAMPING, DECAY, INV_EVERY, KL, LR = 1e-3, 0.95, 10, 1e-3, 0.05
+DAMPING, DECAY, KL, LR = 1e-3, 0.95, 1e-3, 0.05
+# Update periods, set from --factor-every / --inverse-every in main().
+FACTOR_EVERY, INV_EVERY = 1, 10
 
 
 def mlp():
@@ -54,7 +59,7 @@ MODELS = {"mlp-256-512-512-256-10 (batch 512)": (mlp, (512, 256)),
 
 def make_ours(model):
     pre = kk.KFACPreconditioner(model, lr=LR, kl_clip=KL, damping=DAMPING, ema_decay=DECAY,
-                                factor_every=1, inverse_every=INV_EVERY, curvature="empirical",
+                                factor_every=FACTOR_EVERY, inverse_every=INV_EVERY, curvature="empirical",
                                 inverse="eigh", backend="torch")
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
@@ -71,7 +76,7 @@ def make_ours(model):
 
 def make_kaisa(model):
     from kfac.preconditioner import KFACPreconditioner
-    pre = KFACPreconditioner(model, factor_update_steps=1, inv_update_steps=INV_EVERY,
+    pre = KFACPreconditioner(model, factor_update_steps=FACTOR_EVERY, inv_update_steps=INV_EVERY,
                              damping=DAMPING, factor_decay=DECAY, kl_clip=KL, lr=LR)
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
 
@@ -93,7 +98,7 @@ def make_asdl(model, batch):
         # NVTX, so make the markers no-ops (they do no work on GPU builds either when unprofiled).
         torch.cuda.nvtx.range_push = lambda msg: None
         torch.cuda.nvtx.range_pop = lambda: None
-    cfg = PreconditioningConfig(data_size=batch, damping=DAMPING, ema_decay=1 - DECAY, curvature_upd_interval=1,
+    cfg = PreconditioningConfig(data_size=batch, damping=DAMPING, ema_decay=1 - DECAY, curvature_upd_interval=FACTOR_EVERY,
                                 preconditioner_upd_interval=INV_EVERY)
     gm = KfacGradientMaker(model, cfg, fisher_type="fisher_emp")
     sgd = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -134,16 +139,22 @@ def _setup(make, build, shape):
     return step, xs, ys
 
 
+def period():
+    """Steps in one round: the least common multiple of the two update periods, so that each
+    round's mean includes the same number of factor and inverse updates for every implementation."""
+    return math.lcm(FACTOR_EVERY, INV_EVERY)
+
+
 def time_all(impls, build, shape, rounds):
-    """Interleaved timing: every round runs each implementation for one whole inverse period
-    (INV_EVERY steps, so each round's mean includes one inverse update), in turn, so that drift in
+    """Interleaved timing: every round runs each implementation for one whole update period
+    (period() steps, so each round's mean includes the same inverse updates), in turn, so that drift in
     the machine's load hits all of them alike. Returns {name: (round means, losses)} or the
     exception an implementation raised."""
     state, out = {}, {}
     for name, make in impls.items():
         try:
             step, xs, ys = _setup(make, build, shape)
-            for i in range(INV_EVERY):            # warm-up: one whole inverse period
+            for i in range(period()):             # warm-up: one whole update period
                 step(xs[i % 4], ys[i % 4])
             state[name] = (step, xs, ys, [], [])
         except Exception as exc:   # ImportError: not installed; anything else: it crashed
@@ -154,9 +165,9 @@ def time_all(impls, build, shape, rounds):
                 continue
             try:
                 t0 = time.perf_counter()
-                for i in range(INV_EVERY):
+                for i in range(period()):
                     loss = step(xs[i % 4], ys[i % 4])
-                means.append((time.perf_counter() - t0) / INV_EVERY)
+                means.append((time.perf_counter() - t0) / period())
                 losses.append(float(loss.detach()))
             except Exception as exc:
                 out[name] = exc
@@ -167,11 +178,21 @@ def time_all(impls, build, shape, rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global FACTOR_EVERY, INV_EVERY
     ap.add_argument("--rounds", type=int, default=5,
-                    help=f"interleaved rounds of {INV_EVERY} steps per implementation")
+                    help="interleaved rounds of lcm(factor-every, inverse-every) steps per implementation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--factor-every", type=int, default=1,
+                    help="factor (curvature) update period in steps, for every K-FAC variant")
+    ap.add_argument("--inverse-every", type=int, default=10,
+                    help="inverse (eigendecomposition) update period in steps, for every K-FAC variant")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--append", action="store_true",
+                    help="append to --out (one file for several settings) instead of overwriting it")
     a = ap.parse_args(argv)
+    if a.factor_every < 1 or a.inverse_every < 1:
+        ap.error("--factor-every and --inverse-every must be >= 1")
+    FACTOR_EVERY, INV_EVERY = a.factor_every, a.inverse_every
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     versions = {"torch": torch.__version__, "kfac_kernels": kk.__version__}
@@ -202,16 +223,16 @@ def main(argv=None):
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = (f"{when}; {platform.processor() or platform.machine()}, {a.threads} threads; "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
-            + f"; {a.rounds} interleaved rounds of {INV_EVERY} steps each after a {INV_EVERY}-step "
-              f"warm-up, inverse every {INV_EVERY} steps (each round's mean includes one inverse "
-              f"update)")
+            + f"; factors every {FACTOR_EVERY} step(s), inverse every {INV_EVERY} steps; "
+              f"{a.rounds} interleaved rounds of {period()} steps each after a {period()}-step "
+              f"warm-up (each round's mean includes {period() // INV_EVERY} inverse update(s))")
     md = [prov, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md)
     print(text)
     if a.out:
-        with open(a.out, "w") as fh:
-            fh.write(text + "\n")
+        with open(a.out, "a" if a.append else "w") as fh:
+            fh.write(("\n" if a.append and fh.tell() else "") + text + "\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 # One command for a lent GPU: all GPU tests, then every kernel benchmark, then a summary table,
 # then the optimizer step-time benchmark.
 # Writes under ${OUT:-benchmarks/results/latest}: env.txt, tests.log, bench.json, summary.md,
-# optim_step_time.md (+ .log).
+# optim_step_time.md (+ .log), overhead.md (+ .log).
 # Budget: the whole script must finish well inside 8 minutes on one H100/H200 (the timeouts below
 # add up to 9 min 40 s, under the device tool's 10-minute limit, if every stage runs to its limit;
-# the optimizer step's 60 s came out of the GPU tests' and the kernel benchmarks' limits).
+# the optimizer step's 60 s came out of the GPU tests' and the kernel benchmarks' limits, the
+# overhead benchmark's 40 s out of the build's and the kernel benchmarks').
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/latest}"
@@ -26,14 +27,14 @@ cat "$out/env.txt"
 # Build the optional CUDA extension in place when nvcc is here (no-op otherwise); KFAC_KERNELS_CUDA=1
 # makes a failed build an error (auto mode would fall back to pure Python quietly).
 if command -v nvcc >/dev/null 2>&1 && [ -f CMakeLists.txt ]; then
-  KFAC_KERNELS_CUDA=1 timeout 120 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 \
+  KFAC_KERNELS_CUDA=1 timeout 100 "$py" setup.py build_ext --inplace > "$out/build.log" 2>&1 \
     || echo "build of _C failed: see build.log"
   "$py" -c "from kfac_kernels import _cext; print('kfac_kernels._C:', _cext.status()[1])" 2>&1 | tee -a "$out/env.txt"
 fi
 
 timeout 130 "$py" -m pytest tests -m gpu -q -x --timeout 120 -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -n 25
 # pyproject.toml collects bench_*.py and disables timing by default (CPU smoke): enable it here.
-timeout 180 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable \
+timeout 160 "$py" -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable \
   --ignore=benchmarks/bench_step.py --benchmark-json="$out/bench.json" \
   --benchmark-min-rounds=5 --benchmark-warmup=on --benchmark-max-time=0.5 2>&1 | tail -n 15
 # The full-step benchmark (K-FAC vs AdamW, GPT-2 small, 100-step periods) times its own rounds.
@@ -49,3 +50,9 @@ timeout 60 "$py" benchmarks/optim_step_time.py --device cuda --cases autoencoder
   --out "$out/optim_step_time.md" > "$out/optim_step_time.log" 2>&1 \
   || echo "optim_step_time.py failed or timed out (rc $?): see optim_step_time.log"
 tail -n 5 "$out/optim_step_time.log" 2>/dev/null
+# K-FAC's per-step overhead against Adam/AdamW (benchmarks/bench_overhead.py): step-time ratios
+# and aten calls per phase, the demo models first (the page is rewritten after each row).
+timeout 40 "$py" benchmarks/bench_overhead.py --device cuda --rounds 5 --threads 4 \
+  --out "$out/overhead.md" > "$out/overhead.log" 2>&1 \
+  || echo "bench_overhead.py failed or timed out (rc $?): see overhead.log"
+grep -E "^## |^step:" "$out/overhead.md" 2>/dev/null

@@ -156,7 +156,7 @@ class Capture:
                     self.close_micro_batch()
                 if not self.micro_batches:    # (accumulating: reduced once, at step())
                     self.comm.backward_started(self.factors.a_statistics)
-                self.grads[block].append(grad.detach())
+                self.grads[block].append(grad.detach() if grad.requires_grad else grad)
                 # call index among the inputs kept (stale ones dropped: see drop_stale)
                 self.grad_calls[block].append(call - block._call_offset)
                 self.seen_backward = True
@@ -188,6 +188,7 @@ class Capture:
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
         self.kind.drop_capture()
+        self.factors.arena.release()
         self.pending_passes = 0
         self.seen_backward = self.stale = False
         self.health.warn_once(("stale",), "statistics captured for a step whose step() never ran "
@@ -197,6 +198,7 @@ class Capture:
     def reset(self) -> None:
         """Forget everything captured this step (after the factor update, or a dropped step)."""
         self.comm.clear()
+        self.factors.arena.release()
         for b in self.blocks.values():
             b.clear_capture()
             b._inputs_at_backward = b._call_offset = 0

@@ -1,11 +1,13 @@
 """Factor statistics: batched syrk jobs, this step's A/G estimates, the guarded running average.
 
 Blocks describe their statistics as :class:`kfac_kernels.blocks.SyrkJob` s; this part runs them
-with one batched ``ops.syrk_update`` per group of equal shapes (identical inputs, e.g. the q/k/v
-projections of one activation, computed once) and folds the step's estimates into the running
-factors on the device: ``F <- rho F + (1 - rho) F_hat``, ``rho = min(1 - 1/k, ema_decay)`` with k
-counting the block's accepted updates (first-estimate rule), skipped where the statistics are not
-finite or the step was rejected. No host synchronisation.
+with one ``ops.syrk_update`` per distinct input (identical inputs, e.g. the q/k/v projections of
+one activation, computed once), writing into the regions of the flat estimate buffer of
+:mod:`kfac_kernels.arena`, and folds the step's estimates into the running factors on the
+device: ``F <- rho F + (1 - rho) F_hat``, ``rho = min(1 - 1/k, ema_decay)`` with k counting the
+block's accepted updates (first-estimate rule), skipped where the statistics are not finite or the
+step was rejected: over the flat buffers in a fixed number of calls when the estimates fill one
+layout, block by block otherwise (same arithmetic). No host synchronisation.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import ops
+from .arena import Arena
 from .blocks import Block, SyrkJob
 
 __all__ = ["FactorStatistics"]
@@ -28,6 +31,7 @@ class FactorStatistics:
         self.opts = opts
         self.health = health
         self.backend = backend
+        self.arena = Arena(opts)
 
     # ------------------------------------------------------------------ scales
     def g_scale(self, n: int, weight: float, empirical: bool, positions: int = 1) -> float:
@@ -63,7 +67,7 @@ class FactorStatistics:
 
     # ------------------------------------------------------------------ batched syrk
     def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
-        """Execute syrk jobs, one batched ``ops.syrk_update`` per group of equal shapes.
+        """Execute syrk jobs, grouped by shape.
 
         ``target`` is the block attribute that receives the result. A block's first job
         initialises its target (beta = 0) unless ``accumulate`` and it already holds one.
@@ -92,40 +96,27 @@ class FactorStatistics:
                     self._run_accumulate(members, target)
 
     def _run_init(self, members, target: str) -> None:
+        """One syrk per distinct input, into the block's region of the arena
+        (:mod:`kfac_kernels.arena`) when the layout has it, else into a new tensor; blocks fed
+        the same input tensor (e.g. q/k/v projections of one activation) share one result."""
         x0 = members[0][1].x
         d = x0.shape[-1] + int(members[0][1].homogeneous)
+        shape = (*x0.shape[:-2], d, d)
         dtype = members[0][0].factor_dtype
         alpha, hom = members[0][1].alpha, members[0][1].homogeneous
         backend = self.backend("syrk_update")
-        uniq: Dict[tuple, int] = {}          # deduplicate identical inputs
-        xs: List[torch.Tensor] = []
-        slot = []
-        for _, job in members:
-            k = (job.x.data_ptr(), tuple(job.x.stride()), tuple(job.x.shape))
-            if target == "G_hat":
-                k = (len(xs),)
-            if k not in uniq:
-                uniq[k] = len(xs)
-                xs.append(job.x)
-            slot.append(uniq[k])
-        if x0.dim() == 3:   # stacked jobs (one matrix per group/channel): concatenate
-            per = x0.shape[0]
-            out = torch.empty(len(xs) * per, d, d, dtype=dtype, device=x0.device)
-            ops.syrk_update(out, xs[0] if len(xs) == 1 else torch.cat(xs), alpha=alpha,
-                            beta=0.0, homogeneous=hom, backend=backend)
-            for (block, _), s in zip(members, slot):
-                setattr(block, target, out[s * per:(s + 1) * per])
-        elif len(xs) == 1:
-            out = torch.empty(d, d, dtype=dtype, device=x0.device)
-            ops.syrk_update(out, xs[0], alpha=alpha, beta=0.0, homogeneous=hom, backend=backend)
-            for block, _ in members:
-                setattr(block, target, out)
-        else:
-            out = torch.empty(len(xs), d, d, dtype=dtype, device=x0.device)
-            ops.syrk_update(out, torch.stack(xs), alpha=alpha, beta=0.0, homogeneous=hom,
-                            backend=backend)
-            for (block, _), s in zip(members, slot):
-                setattr(block, target, out[s])
+        done: Dict[tuple, torch.Tensor] = {}
+        for block, job in members:
+            x = job.x
+            key = (x.data_ptr(), tuple(x.stride()), tuple(x.shape))
+            out = done.get(key) if target != "G_hat" else None
+            if out is None:
+                out = self.arena.take((target, block), shape, dtype, x.device)
+                if out is None:
+                    out = torch.empty(shape, dtype=dtype, device=x.device)
+                ops.syrk_update(out, x, alpha=alpha, beta=0.0, homogeneous=hom, backend=backend)
+                done[key] = out
+            setattr(block, target, out)
 
     def _run_accumulate(self, members, target: str) -> None:
         """Accumulation into distinct targets: one call each."""
@@ -171,6 +162,10 @@ class FactorStatistics:
             a_hat = a_ready.get(b, b.A_hat)
             if a_ready.get(b) is not None and b.A_hat is not None:
                 a_hat = a_ready[b] + b.A_hat
+            elif b in a_ready:      # a ready-made matrix (conv, embedding): into the arena
+                view = self.arena.take(("A_hat", b), a_hat.shape, b.factor_dtype, a_hat.device)
+                if view is not None:
+                    a_hat = view.copy_(a_hat)
             b.A_hat = None
             a_hats[b] = a_hat if a_hat.dtype == b.factor_dtype else a_hat.to(b.factor_dtype)
         return a_hats
@@ -190,6 +185,9 @@ class FactorStatistics:
         for b, (a_hat, g_hat) in stats.items():
             if b.A is None:
                 self._init(b, a_hat, g_hat)
+        lay = self.arena.flat_layout(stats)
+        if lay is not None and len({(b.count.device, b.count.dtype) for b in blocks}) == 1:
+            return self._merge_flat(lay, blocks, reject)
         if len({(b.count.device, b.count.dtype) for b in blocks}) > 1:
             # every verdict before any merge: merging cleans its (possibly shared) estimates
             oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
@@ -199,6 +197,28 @@ class FactorStatistics:
         sums = torch.stack([t.sum(dtype=b.count.dtype) for b, hats in stats.items()
                             for t in hats])
         ok = torch.isfinite(sums.view(-1, 2).sum(1))
+        ok, bad_stats, keep, fresh = self._weights(blocks, ok, reject)
+        for i, (b, hats) in enumerate(stats.items()):
+            k, f = keep[i], fresh[i]
+            for name, hat in zip(("A", "G"), hats):
+                self._average(getattr(b, name), hat, k, f)
+        return bad_stats
+
+    def _merge_flat(self, lay, blocks: List[Block], reject: Optional[torch.Tensor]
+                    ) -> torch.Tensor:
+        """:meth:`merge` of estimates that fill one arena layout: the same rule in a fixed
+        number of calls, whatever the number of blocks."""
+        self.arena.adopt(lay, blocks, self.opts.factor_storage_dtype)
+        owner = self.arena.row_owners(lay, blocks)
+        ok = self.arena.finite(lay, owner, len(blocks), blocks[0].count.dtype)
+        ok, bad_stats, keep, fresh = self._weights(blocks, ok, reject)
+        self.arena.average(lay, owner, keep, fresh)
+        return bad_stats
+
+    def _weights(self, blocks: List[Block], ok: torch.Tensor, reject: Optional[torch.Tensor]):
+        """From the [blocks] finiteness verdicts: the accepted flags, the flags to warn about
+        (non-finite, not rejected as a whole step), the counters' update, and the averaging
+        weights ``keep`` / ``fresh`` (first-estimate rule; 1 / 0 where not accepted)."""
         bad_stats = ~ok
         if reject is not None:
             r = reject.to(ok.device)
@@ -207,14 +227,11 @@ class FactorStatistics:
         counts, skipped = self._counters(blocks)
         counts.add_(ok.to(counts.dtype))
         skipped.add_((~ok).to(skipped.dtype))
-        rho = (1.0 - counts.clamp_min(1.0).reciprocal()).clamp_(0.0, self.opts.ema_decay)
+        # rho = min(1 - 1/k, ema_decay), in in-place calls on a fresh vector
+        rho = counts.clamp_min(1.0).reciprocal_().neg_().add_(1.0).clamp_(0.0,
+                                                                       self.opts.ema_decay)
         keep = torch.where(ok, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
-        fresh = 1.0 - keep
-        for i, (b, hats) in enumerate(stats.items()):
-            k, f = keep[i], fresh[i]
-            for name, hat in zip(("A", "G"), hats):
-                self._average(getattr(b, name), hat, k, f)
-        return bad_stats
+        return ok, bad_stats, keep, keep.neg().add_(1.0)
 
     def _counters(self, blocks: List[Block]) -> Tuple[torch.Tensor, torch.Tensor]:
         """[blocks] vectors whose entries ARE ``b.count`` / ``b.skipped`` (views, updated in

@@ -151,5 +151,8 @@ def test_kfac_with_plans_equals_kfac_with_the_ops(name, inverse, mode, damping):
     with_plans, opt = _run(model, make_x, True, **kw)
     assert any(g.plan is not None for g in opt.engine.preconditioning.groups)
     without, _ = _run(model, make_x, False, **kw)
+    # undamped, the factors' condition numbers (up to 1e7 on the MLP's G) amplify the two
+    # paths' different rounding (1e-16) to ~1e-10 relative; a wrong plan is off by O(1)
+    rtol = 1e-9 if damping > 0 else 1e-7
     for a, b in zip(with_plans, without):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (name, inverse, mode)
+        assert torch.allclose(a, b, rtol=rtol, atol=rtol * 1e-2), (name, inverse, mode)

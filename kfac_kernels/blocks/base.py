@@ -277,7 +277,7 @@ def rows_jobs_expand(xs: List[torch.Tensor], k: int, homogeneous: bool) -> List[
     """A_hat = mean over all rows of all calls of xbar xbar^T, as ONE syrk job: a module called
     at T time steps costs one op call, not T (a single call's rows stay a view of its input, so
     the engine can still share identical inputs between layers)."""
-    rows = [x.reshape(-1, k) for x in xs]
+    rows = [x if x.dim() == 2 else x.reshape(-1, k) for x in xs]
     total = sum(r.shape[0] for r in rows)
     return [SyrkJob(rows[0] if len(rows) == 1 else torch.cat(rows), 1.0 / total, homogeneous)]
 

@@ -42,7 +42,8 @@ class LinearBlock(Block):
         if self.weight_sharing == "expand":
             if len(grads) > 1 and all(self.batch_size(g) == n for g in grads):   # one op call
                 return [SyrkJob(torch.cat([g.reshape(-1, m) for g in grads]), scale / n, False)]
-            return [SyrkJob(g.reshape(-1, m), scale / self.batch_size(g), False) for g in grads]
+            return [SyrkJob(g if g.dim() == 2 else g.reshape(-1, m), scale / self.batch_size(g),
+                            False) for g in grads]
         total = None
         for g in grads:
             if self.batch_size(g) != n:

@@ -15,8 +15,11 @@ __all__ = ["InverseKind", "Slice", "finite_each", "pi", "buckets", "select"]
 
 
 def finite_each(stack: torch.Tensor) -> torch.Tensor:
-    """[B] bool: whether each matrix of a [B, n, n] stack is finite (on the device)."""
-    return torch.isfinite(stack).flatten(1).all(1)
+    """[B] bool: whether each matrix of a [B, n, n] stack is finite (on the device): a sum is
+    finite iff every entry is (or it overflowed, which also deserves the fallback), formed in at
+    least float32 so that a half-precision stack of finite entries does not overflow."""
+    wide = torch.float64 if stack.dtype == torch.float64 else torch.float32
+    return torch.isfinite(stack.sum((-2, -1), dtype=wide))
 
 
 def pi(b) -> torch.Tensor:
