@@ -112,6 +112,15 @@ class Arena:
             for key, shape in regions:
                 lay.add(key, shape)
 
+    def drop_estimates(self) -> None:
+        """Free the estimate buffers after a merge (kept: the layout and the running factors).
+        With factors every step the buffer is reused at once and stays; with ``factor_every >
+        1`` it is freed until the next factor step, so the memory between factor steps is what
+        it was without flat buffers."""
+        self.closed = {}
+        for lay in self.layouts.values():
+            lay.buffer, lay.hats = None, {}
+
     # ------------------------------------------------------------------ running average
     def flat_layout(self, stats) -> Optional[_Layout]:
         """The layout whose regions are exactly this step's estimates ``{block: (A_hat,

@@ -174,9 +174,20 @@ class FactorStatistics:
     def merge(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
               ) -> Optional[torch.Tensor]:
         """Fold the step's estimates into the running factors (guarded, no host sync). Returns
-        the [blocks] device flags of non-finite statistics (None when nothing was merged).
+        the [blocks] device flags of non-finite statistics (None when nothing was merged). With
+        ``factor_every > 1`` the estimate buffers are freed afterwards (see
+        :meth:`kfac_kernels.arena.Arena.drop_estimates`)."""
+        try:
+            return self._merge_all(stats, reject)
+        finally:
+            if self.opts.factor_every > 1:
+                self.arena.drop_estimates()
 
-        Blocks whose counters share a device and dtype (the usual case) are merged together:
+    def _merge_all(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+                   ) -> Optional[torch.Tensor]:
+        """:meth:`merge` itself: over the flat buffers when the estimates fill one layout
+        (:mod:`kfac_kernels.arena`); otherwise blocks whose counters share a device and dtype
+        (the usual case) are merged together:
         one finiteness check, one counter update and one vector of averaging weights for all,
         then two in-place calls per factor."""
         if not stats:

@@ -157,6 +157,15 @@ def test_a_checkpoint_loaded_mid_run_is_copied_into_the_buffer():
     _same(flat, _run(True))     # and the run continues as if never interrupted
 
 
+def test_factors_every_few_steps_free_the_estimate_buffer_in_between():
+    flat = _run(True, steps=9, factor_every=2)
+    _, _, used, opt = flat
+    assert len(used) == 5 and used[0] is False and all(used[1:]), used
+    lay = next(iter(opt.engine.factors.arena.layouts.values()))
+    assert lay.buffer is None and lay.factors is not None    # estimates freed, factors kept
+    _same(flat, _run(False, steps=9, factor_every=2))
+
+
 @pytest.mark.parametrize("curvature", ["fisher", "empirical"])
 def test_other_metrics(curvature):
     kw = dict(curvature=curvature, likelihood=None if curvature == "empirical" else
