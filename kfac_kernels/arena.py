@@ -20,6 +20,10 @@ on. :meth:`Arena.merge` averages in place only when the step's estimates are exa
 handed out (one buffer, every region claimed by its block): gradient accumulation, estimates
 combined by a distributed strategy, diagonal factors and the like take the per-block path of
 :meth:`kfac_kernels.factors.FactorStatistics.merge`.
+
+Memory: the running-factor buffer is the factors themselves (plus row padding, under CHUNK
+entries per factor). The estimate buffer is kept from one factor step to the next when factors
+are updated every step, and freed after each merge otherwise (:meth:`Arena.drop_estimates`).
 """
 from __future__ import annotations
 
