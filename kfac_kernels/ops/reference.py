@@ -47,6 +47,8 @@ _ONES: "dict[tuple, torch.Tensor]" = {}     # ones columns by (shape, dtype, dev
 def _homogeneous(x: torch.Tensor) -> torch.Tensor:
     """``[x, 1]``; the ones column of each shape is made once (a factor step asks for the same
     few shapes every time)."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:   # traced, fake, subclass
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
     key = (tuple(x.shape[:-1]), x.dtype, x.device)
     ones = _ONES.get(key)
     if ones is None:
