@@ -192,14 +192,19 @@ def _kb(v):
     return f"{v / 1024:.1f}"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """The world sizes and the MLP every rank trains (shared with bench_fsdp.py)."""
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128, help="examples per rank")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_args(ap)
     ap.add_argument("--inverse", default="eigh", choices=("eigh", "cholesky"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=900)

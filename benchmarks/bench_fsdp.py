@@ -166,18 +166,10 @@ def launch(world, args):
     return launch_ranks(world, args, _rank_main)
 
 
-def _kb(v):
-    return f"{v / 1024:.1f}"
-
-
 def main(argv=None):
+    from bench_distributed import _kb, model_args
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=128, help="examples per rank")
+    model_args(ap)
     ap.add_argument("--weight-decay", type=float, default=0.0,
                     help="> 0: the parameter values are gathered too")
     ap.add_argument("--steps", type=int, default=10)

@@ -63,11 +63,10 @@ class _Layout:
 
 
 class Arena:
-    """The estimate and running-factor buffers of one :class:`FactorStatistics` (options:
-    ``ema_decay``, ``factor_storage_dtype``)."""
+    """The estimate and running-factor buffers of one :class:`FactorStatistics` (the storage
+    dtype of the running factors is passed to :meth:`adopt`)."""
 
-    def __init__(self, opts):
-        self.opts = opts
+    def __init__(self):
         self.layouts: Dict[tuple, _Layout] = {}      # (dtype, device) -> layout
         self.asked: List[tuple] = []                 # (key, shape, dtype, device) this step
         self.handed: Dict[tuple, tuple] = {}         # key -> (estimate view, layout) this step

@@ -31,7 +31,7 @@ class FactorStatistics:
         self.opts = opts
         self.health = health
         self.backend = backend
-        self.arena = Arena(opts)
+        self.arena = Arena()
 
     # ------------------------------------------------------------------ scales
     def g_scale(self, n: int, weight: float, empirical: bool, positions: int = 1) -> float:

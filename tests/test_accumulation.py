@@ -124,6 +124,16 @@ def test_the_fisher_draws_are_real_and_the_scale_is_right():
         assert _rel(acc.blocks[n].A, b.A) <= TOL
 
 
+def _one_plain_step(x, y):
+    """The reference: the small MLP of the tests below (same seed), one step on (x, y)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    opt = kk.KFAC(model, lr=0.1, curvature="empirical")
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt
+
+
 def test_an_evaluation_pass_after_the_backward_is_left_out_with_a_warning():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -135,12 +145,7 @@ def test_an_evaluation_pass_after_the_backward_is_left_out_with_a_warning():
         opt.step()
     A = {n: b.A.clone() for n, b in opt.blocks.items()}
     # the factors are those of the training batch alone
-    torch.manual_seed(0)
-    model2 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    opt2 = kk.KFAC(model2, lr=0.1, curvature="empirical")
-    F.cross_entropy(model2(x), y).backward()
-    opt2.step()
-    for n, b in opt2.blocks.items():
+    for n, b in _one_plain_step(x, y).blocks.items():
         assert _rel(A[n], b.A) <= TOL
 
 
@@ -194,12 +199,7 @@ def test_zero_grad_between_micro_batches_drops_the_earlier_ones():
     with pytest.warns(UserWarning, match="never ran"):
         F.cross_entropy(out, y).backward()
     opt.step()
-    torch.manual_seed(0)
-    model2 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    opt2 = kk.KFAC(model2, lr=0.1, curvature="empirical")
-    F.cross_entropy(model2(x), y).backward()
-    opt2.step()
-    for n, b in opt2.blocks.items():
+    for n, b in _one_plain_step(x, y).blocks.items():
         assert _rel(opt.blocks[n].A, b.A) <= TOL and _rel(opt.blocks[n].G, b.G) <= TOL
 
 

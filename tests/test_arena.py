@@ -176,7 +176,7 @@ def test_other_metrics(curvature):
 
 
 def test_a_region_is_handed_out_once_per_step():
-    arena = Arena(None)
+    arena = Arena()
     key, shape = ("A_hat", "blk"), torch.Size([3, 3])
     assert arena.take(key, shape, torch.float32, torch.device("cpu")) is None   # no layout yet
     arena.release()
