@@ -8,7 +8,7 @@ it, a one-line meaning and its check. Everything else is derived from it:
   validation of what they were given (:func:`resolve`);
 * the ranks' agreement check under torch.distributed (:meth:`Options.agreement_lines`): every
   option marked ``agree`` is compared across ranks at construction, so ranks configured
-  differently raise :class:`kfac_kernels.distributed.MismatchError` instead of hanging later.
+  differently raise :class:`kfac_kernels.comm.MismatchError` instead of hanging later.
 
 A new option is one :class:`Option` entry here (plus the code that reads it).
 """

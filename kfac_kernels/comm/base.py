@@ -1,11 +1,12 @@
-"""Communication strategies: the seam between the engine and the processes it runs in.
+"""The communication interface: :class:`LocalComm`, and the small types every strategy shares.
 
 The engine calls a strategy at fixed points of a step and never asks whether it is
 distributed; everything a strategy needs is passed in. :class:`LocalComm` (one process, no
-communication) is the default and documents the interface; ``kfac_kernels.distributed``
-implements it over torch.distributed (DDP-style data parallelism) and ``kfac_kernels.fsdp`` for
-models sharded with FSDP2's ``fully_shard``. A new strategy subclasses :class:`LocalComm` and
-overrides what it must.
+communication) is the default and documents the interface; :mod:`kfac_kernels.comm.ddp`
+implements it over torch.distributed (DDP-style data parallelism) and
+:mod:`kfac_kernels.comm.fsdp` for models sharded with FSDP2's ``fully_shard``;
+:func:`kfac_kernels.comm.factory.strategy_for` picks one. A new strategy subclasses
+:class:`LocalComm` and overrides what it must.
 
 Call points, in step order:
 
@@ -21,14 +22,67 @@ Call points, in step order:
 * state: :meth:`fill_state_dict`, :meth:`load_state_dict`, :meth:`consolidate`; the optimiser's
   own state: :meth:`consolidate_optimizer_state`, :meth:`fill_optimizer_state`,
   :meth:`load_optimizer_state`; :meth:`describe`.
+
+Shared with the strategies: :class:`MismatchError`, :class:`CommStats` (what a strategy sent) and
+:class:`DistributedOptions` (the options a strategy is built from). This module imports nothing
+from the other files of the package.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-__all__ = ["LocalComm"]
+__all__ = ["LocalComm", "MismatchError", "CommStats", "DistributedOptions"]
+
+
+class MismatchError(ValueError):
+    """Ranks disagree about something that must be identical (model, options, layers used)."""
+
+
+class CommStats:
+    """Payload bytes and collective calls issued by this rank, per phase ("factor", "inverse",
+    "precondition", "gradient", "checkpoint", "setup")."""
+
+    def __init__(self) -> None:
+        self.bytes: Dict[str, int] = defaultdict(int)
+        self.calls: Dict[str, int] = defaultdict(int)
+
+    def add(self, phase: str, t: torch.Tensor) -> None:
+        self.bytes[phase] += t.numel() * t.element_size()
+        self.calls[phase] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """How K-FAC uses torch.distributed: the optimisers' options ``distributed`` (here
+    ``enabled``), ``process_group``, ``grad_worker_fraction``, ``assignment`` and
+    ``bucket_cap_mb``, declared and documented in :mod:`kfac_kernels.options` (which also checks
+    them). ``k = grad_worker_fraction * world`` must divide the world size."""
+    enabled: Optional[bool] = None
+    process_group: Any = None
+    grad_worker_fraction: float = 1.0
+    assignment: str = "compute"
+    bucket_cap_mb: float = 25.0
+
+    def __post_init__(self) -> None:
+        from .. import options as o
+        for name, value in (("distributed", self.enabled),
+                            ("grad_worker_fraction", self.grad_worker_fraction),
+                            ("assignment", self.assignment), ("bucket_cap_mb", self.bucket_cap_mb)):
+            o.OPTION[name].check(name, value)
+
+    @classmethod
+    def from_options(cls, opts) -> "DistributedOptions":
+        return cls(enabled=opts.distributed, process_group=opts.process_group,
+                   grad_worker_fraction=opts.grad_worker_fraction, assignment=opts.assignment,
+                   bucket_cap_mb=opts.bucket_cap_mb)
 
 
 class LocalComm:
