@@ -518,10 +518,10 @@ class DistributedKFAC(LocalComm):
             got = self._gathered
             if got is None or got[0] != inverse_updates:
                 raise RuntimeError(
-                    f"with grad_worker_fraction={self.dist_opts.grad_worker_fraction} this rank holds "
-                    f"only its share of the decompositions: call opt.consolidate_state_dict(to="
-                    f"{self.rank}) on every rank (after the last step), then opt.state_dict() on "
-                    f"rank {self.rank}")
+                    f"with grad_worker_fraction={self.dist_opts.grad_worker_fraction} this rank "
+                    f"holds only its share of the decompositions: call "
+                    f"opt.consolidate_state_dict(to={self.rank}) on every rank (after the last "
+                    f"step), then opt.state_dict() on rank {self.rank}")
             for b in missing:
                 sd["blocks"][b.name]["inverse"] = {k: v.clone() for k, v in got[1][b].items()}
         sd["distributed"] = {"base_seed": self.base_seed, "world_size": self.world,
@@ -551,8 +551,8 @@ class DistributedKFAC(LocalComm):
                f"gradients broadcast to groups of {self.m}")
         return (f"distributed: {self.backend}, world {self.world}, rank {self.rank}; "
                 f"grad_worker_fraction={self.dist_opts.grad_worker_fraction} ({how}); assignment="
-                f"{self.dist_opts.assignment!r}: this rank decomposes {len(mine)} of {len(self.units)} "
-                f"{'factors' if self.k == self.world else 'blocks'} "
+                f"{self.dist_opts.assignment!r}: this rank decomposes {len(mine)} of "
+                f"{len(self.units)} {'factors' if self.k == self.world else 'blocks'} "
                 f"({100.0 * sum(cost(u) for u in mine) / total:.0f}% of the n^3 cost); factor "
                 f"buckets: {len(self.a_buckets)} A + {len(self.g_buckets)} G "
                 f"({sum(b.nbytes for b in self.a_buckets + self.g_buckets) / MB:.2f} MB)")
@@ -567,8 +567,8 @@ def _describe_mismatch(sigs: List[List[str]]) -> str:
             a = ref[i] if i < len(ref) else "<nothing>"
             b = sig[i] if i < len(sig) else "<nothing>"
             if a != b:
-                return (f"the ranks built different K-FAC optimisers (every rank must wrap the same "
-                        f"model with the same options): rank 0 has {a!r}, rank {r} has {b!r}"
+                return (f"the ranks built different K-FAC optimisers (every rank must wrap the "
+                        f"same model with the same options): rank 0 has {a!r}, rank {r} has {b!r}"
                         + (f" (rank 0: {_n_blocks(ref)} blocks, rank {r}: {_n_blocks(sig)})"
                            if len(ref) != len(sig) else ""))
     return "the ranks built different K-FAC optimisers"

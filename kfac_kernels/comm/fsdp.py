@@ -199,7 +199,8 @@ class FSDPKFAC(DistributedKFAC):
         for b in blocks:
             for i, p in enumerate(b.params):
                 if is_dtensor(p):
-                    self.layouts[id(p)] = ShardLayout(f"{b.name}.{'weight' if i == 0 else 'bias'}", p)
+                    name = f"{b.name}.{'weight' if i == 0 else 'bias'}"
+                    self.layouts[id(p)] = ShardLayout(name, p)
                 seen.add(id(p))
         for p in params:
             if id(p) not in seen and is_dtensor(p):
