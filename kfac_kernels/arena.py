@@ -31,6 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .averaging import blend_
+
 __all__ = ["Arena", "CHUNK"]
 
 CHUNK = 256        # row length of the buffers; each region is padded to whole rows
@@ -187,10 +189,6 @@ class Arena:
                 fresh: torch.Tensor) -> None:
         """``F <- keep F + fresh F_hat`` for every block at once (``keep``, ``fresh``: [blocks];
         1 and 0 on a rejected update). The estimates are cleaned first so that 0 * F_hat is 0."""
-        hat, old = lay.buffer, lay.factors
+        hat = lay.buffer
         w = torch.stack((keep, fresh)).to(hat.dtype)[:, owner].unsqueeze(-1)   # [2, rows, 1]
-        torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
-        if old.dtype == hat.dtype:
-            old.mul_(w[0]).addcmul_(hat, w[1])
-        else:       # narrower storage: average in the statistics' dtype, round once
-            old.copy_(torch.addcmul(old.to(hat.dtype) * w[0], hat, w[1]))
+        blend_(lay.factors, hat, w[0], w[1])
