@@ -6,7 +6,8 @@ the estimates of one dtype and device are written (by the syrk jobs of
 :class:`kfac_kernels.factors.FactorStatistics`) into regions of one zero-padded buffer laid out
 as the previous step asked for them, the running factors live in a second buffer of the same
 layout (``block.A`` / ``block.G`` are views of it), and the guarded running average of all blocks
-is a handful of calls over the two buffers (:meth:`Arena.merge`).
+is a handful of calls over the two buffers (:meth:`Arena.average`, with the weights of
+:mod:`kfac_kernels.averaging`).
 
 Every region starts on a multiple of ``CHUNK`` elements, so the buffers are ``[chunks, CHUNK]``
 matrices in which each row belongs to one block: a block's averaging weight is broadcast over
@@ -16,10 +17,11 @@ statistics is the finiteness of the sum of its rows.
 The layout follows what was asked for: a region is handed out at most once between two
 ``release()`` calls (the end of a factor step, :meth:`kfac_kernels.capture.Capture.reset`), and a
 request the layout does not have gets a fresh tensor and changes the layout from the next step
-on. :meth:`Arena.merge` averages in place only when the step's estimates are exactly the regions
-handed out (one buffer, every region claimed by its block): gradient accumulation, estimates
-combined by a distributed strategy, diagonal factors and the like take the per-block path of
-:meth:`kfac_kernels.factors.FactorStatistics.merge`.
+on. :meth:`kfac_kernels.factors.FactorStatistics.merge` takes the flat path
+(:meth:`Arena.flat_layout`, :meth:`Arena.adopt`, :meth:`Arena.finite`, :meth:`Arena.average`)
+only when the step's estimates are exactly the regions handed out (one buffer, every region
+claimed by its block): gradient accumulation, estimates combined by a distributed strategy,
+diagonal factors and the like take its per-block path.
 
 Memory: the running-factor buffer is the factors themselves (plus row padding, under CHUNK
 entries per factor). The estimate buffer is kept from one factor step to the next when factors
