@@ -182,6 +182,7 @@ class Arena:
                dtype: torch.dtype) -> torch.Tensor:
         """[blocks] whether each block's estimates are finite: a sum is finite iff every entry
         is (or it overflowed, which also deserves rejecting)."""
+        assert lay.buffer is not None          # take() made it this step
         sums = torch.zeros(nblocks, dtype=dtype, device=lay.device)
         sums.index_add_(0, owner, lay.buffer.sum(1, dtype=dtype))
         return torch.isfinite(sums)
@@ -191,6 +192,7 @@ class Arena:
                 fresh: torch.Tensor) -> None:
         """``F <- keep F + fresh F_hat`` for every block at once (``keep``, ``fresh``: [blocks];
         1 and 0 on a rejected update). The estimates are cleaned first so that 0 * F_hat is 0."""
-        hat = lay.buffer
+        hat, old = lay.buffer, lay.factors
+        assert hat is not None and old is not None    # take() and adopt() made them
         w = torch.stack((keep, fresh)).to(hat.dtype)[:, owner].unsqueeze(-1)   # [2, rows, 1]
-        blend_(lay.factors, hat, w[0], w[1])
+        blend_(old, hat, w[0], w[1])

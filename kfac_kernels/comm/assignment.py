@@ -5,7 +5,7 @@ same answer without communicating (docs/distributed.md, "Inverses").
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Iterable, List, Sequence, Tuple
 
 __all__ = ["greedy_assignment", "worker_grid", "assign", "decomposition_cost"]
 
@@ -40,7 +40,7 @@ def worker_grid(world: int, fraction: float) -> Tuple[int, int]:
     return k, world // k
 
 
-def assign(blocks, k: int, world: int, assignment: str) -> List[Unit]:
+def assign(blocks: Iterable[Any], k: int, world: int, assignment: str) -> List[Unit]:
     """[(block, factors, owner rank)]: one unit per factor when every rank holds every
     decomposition (k == world), one per block below it; owners by ``assignment``."""
     units: List[Tuple[Any, Tuple[str, ...]]] = []
@@ -58,7 +58,7 @@ def assign(blocks, k: int, world: int, assignment: str) -> List[Unit]:
     return [(b, w, o) for (b, w), o in zip(units, owners)]
 
 
-def decomposition_cost(b, whichs: Sequence[str], p: int) -> float:
+def decomposition_cost(b: Any, whichs: Sequence[str], p: int) -> float:
     """Cost model of decomposing ``whichs`` of block ``b``: n^p per matrix (p = 3: compute,
     2: memory), times the stack of a stacked block; a diagonal A costs n (nothing to decompose)."""
     total = 0.0

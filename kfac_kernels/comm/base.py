@@ -31,11 +31,41 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, List, Mapping, Optional,
+                    Protocol, Sequence, Set, Tuple)
 
 import torch
 
-__all__ = ["LocalComm", "MismatchError", "CommStats", "DistributedOptions"]
+if TYPE_CHECKING:   # annotations only: this module imports nothing of the package at run time
+    from ..blocks import Block
+    from ..factors import FactorStatistics
+
+class StrategyOptions(Protocol):
+    """What the strategies read of the optimiser's :class:`kfac_kernels.options.Options` (whose
+    attributes come from the ``OPTIONS`` table)."""
+    distributed: Optional[bool]
+    process_group: Any
+    grad_worker_fraction: float
+    assignment: str
+    bucket_cap_mb: float
+    loss_reduction: str
+    curvature: str
+    seed: Optional[int]
+
+    def agreement_lines(self) -> List[str]: ...
+
+
+#: this step's statistics per block (an ordered dict: the blocks' order is every rank's order)
+Stats = Dict["Block", Tuple[torch.Tensor, torch.Tensor]]
+#: ``statistics(captured)`` -> {block: A_hat}, computed when a strategy asks (FactorStatistics)
+AStatistics = Callable[[List["Block"]], Dict["Block", torch.Tensor]]
+#: ``decompose(blocks, only)``: only a set of (block, "A"|"G") pairs, None for all
+Decompose = Callable[[List["Block"], Optional[Set[Tuple["Block", str]]]], None]
+#: ``local(grads)`` -> (U, dots): preconditioning with the decompositions this process holds
+Precondition = Callable[[Dict["Block", torch.Tensor]],
+                        Tuple[Dict["Block", torch.Tensor], Dict["Block", torch.Tensor]]]
+
+__all__ = ["LocalComm", "MismatchError", "CommStats", "DistributedOptions", "StrategyOptions"]
 
 
 class MismatchError(ValueError):
@@ -76,10 +106,12 @@ class DistributedOptions:
         for name, value in (("distributed", self.enabled),
                             ("grad_worker_fraction", self.grad_worker_fraction),
                             ("assignment", self.assignment), ("bucket_cap_mb", self.bucket_cap_mb)):
-            o.OPTION[name].check(name, value)
+            check = o.OPTION[name].check
+            if check is not None:
+                check(name, value)
 
     @classmethod
-    def from_options(cls, opts) -> "DistributedOptions":
+    def from_options(cls, opts: StrategyOptions) -> "DistributedOptions":
         return cls(enabled=opts.distributed, process_group=opts.process_group,
                    grad_worker_fraction=opts.grad_worker_fraction, assignment=opts.assignment,
                    bucket_cap_mb=opts.bucket_cap_mb)
@@ -99,13 +131,13 @@ class LocalComm:
     records_used_weights = False
 
     # ---------------------------------------------------------------- capture
-    def backward_started(self, a_statistics: Callable) -> None:
+    def backward_started(self, a_statistics: AStatistics) -> None:
         """The first output-gradient of a factor step arrived: the forward pass is over."""
 
-    def curvature_started(self, a_statistics: Callable) -> None:
+    def curvature_started(self, a_statistics: AStatistics) -> None:
         """The curvature passes of "fisher"/"ggn" begin."""
 
-    def sampler(self, generator: Optional[torch.Generator], device,
+    def sampler(self, generator: Optional[torch.Generator], device: torch.device,
                 step: int) -> Optional[torch.Generator]:
         """curvature="fisher": the generator to draw this step's samples from (seeded as the
         strategy needs), or None for the engine's own (seeded once)."""
@@ -122,35 +154,41 @@ class LocalComm:
         """Device flag ``found`` (> 0: skip the step) as every process must see it."""
         return found
 
-    def factor_statistics(self, captured, pending_passes: int, factors):
+    def factor_statistics(self, captured: List[Block], pending_passes: int,
+                          factors: FactorStatistics) -> Stats:
         """``{block: (A_hat, G_hat)}`` of this step (``factors``: the
         :class:`kfac_kernels.factors.FactorStatistics` that computes this process's own)."""
         return factors.statistics(captured)
 
-    def reduce_scalings(self, s_hats: Dict, counts: Dict) -> Dict:
+    def reduce_scalings(self, s_hats: Dict[Block, torch.Tensor],
+                        counts: Mapping[Block, int]) -> Dict[Block, torch.Tensor]:
         """EKFAC's per-block estimates combined over processes (``counts``: examples behind
         each)."""
         return s_hats
 
     # ---------------------------------------------------------------- inverse update
-    def update_inverses(self, ready, decompose: Callable, inverse_updates: int) -> None:
+    def update_inverses(self, ready: List[Block], decompose: Decompose,
+                        inverse_updates: int) -> None:
         """Decompose the factors of ``ready`` (``decompose(blocks, only)``; ``only``: a set of
         (block, "A"|"G") pairs, None for all)."""
         decompose(ready, None)
 
-    def has_inverse(self, b) -> bool:
+    def has_inverse(self, b: Block) -> bool:
         """Whether block ``b`` can be preconditioned in this process."""
         return len(b.inverse) > 0
 
     # ---------------------------------------------------------------- every step
-    def full_tensors(self, blocks, values_for) -> Dict:
+    def full_tensors(self, blocks: Sequence[Block], values_for: Collection[Block]
+                     ) -> Dict[Block, Tuple[List[Optional[torch.Tensor]],
+                                            Optional[List[torch.Tensor]]]]:
         """``{block: (grads, values)}``: whole (unsharded) gradients and, for the blocks in
         ``values_for``, parameter values, in ``block.params`` order, of the blocks among
         ``blocks`` whose parameters this process holds only part of. Blocks left out (all of them
         here) read their own parameters."""
         return {}
 
-    def precondition(self, grads: Dict, local: Callable):
+    def precondition(self, grads: Dict[Block, torch.Tensor], local: Precondition
+                     ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
         """``(U, dots)`` for ``grads`` (``local(grads)`` preconditions with the decompositions
         this process holds)."""
         return local(grads)
@@ -170,7 +208,9 @@ class LocalComm:
     def consolidate(self, to: int, inverse_updates: int) -> None:
         """Collective: gather what rank ``to`` needs for a complete state_dict."""
 
-    def consolidate_optimizer_state(self, params, state, to: int, steps: int) -> None:
+    def consolidate_optimizer_state(self, params: Sequence[torch.Tensor],
+                                    state: Mapping[torch.Tensor, Dict[str, Any]], to: int,
+                                    steps: int) -> None:
         """Collective: gather the optimiser state (``state``: ``{param: {key: tensor}}`` of
         ``params``, in param-group order) that rank ``to`` needs for a complete state_dict."""
 
@@ -178,7 +218,8 @@ class LocalComm:
         """The ``state`` entry of the optimiser's state_dict, complete (whole tensors)."""
         return sd_state
 
-    def load_optimizer_state(self, params, state) -> None:
+    def load_optimizer_state(self, params: Sequence[torch.Tensor],
+                             state: Mapping[torch.Tensor, Dict[str, Any]]) -> None:
         """After the optimiser loaded its state: keep this process's part of it."""
 
     def describe(self) -> Optional[str]:

@@ -11,7 +11,7 @@ torch.distributed here.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,7 +25,7 @@ Slot = Tuple[Any, Tuple[int, ...], bool, torch.dtype, Any]
 _TRIU: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _triu_index(n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _triu_index(n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     key = (n, str(device))
     idx = _TRIU.get(key)
     if idx is None:
@@ -65,7 +65,7 @@ def nbytes(numel: int, dtype: torch.dtype) -> int:
     return numel * torch.empty((), dtype=dtype).element_size()
 
 
-def factor_slot(b, which: str) -> Tuple[Tuple[int, ...], bool]:
+def factor_slot(b: Any, which: str) -> Tuple[Tuple[int, ...], bool]:
     """(shape, symmetric) of block ``b``'s factor ``which`` ("A" or "G") as the engine computes
     it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal A."""
     n = b.in_dim if which == "A" else b.out_dim
@@ -78,8 +78,8 @@ class Bucket:
     """One flat buffer of one dtype: tensor slots (``sym`` ones as upper triangles) followed by a
     region of scalars written from the host."""
 
-    def __init__(self, dtype: torch.dtype, device, slots: Iterable[Tuple[Any, Sequence[int], bool]],
-                 scalars: Iterable[Any] = ()):
+    def __init__(self, dtype: torch.dtype, device: Any,
+                 slots: Iterable[Tuple[Any, Sequence[int], bool]], scalars: Iterable[Any] = ()):
         self.dtype, self.device = dtype, torch.device(device)
         self.slots: List[Tuple[Any, Tuple[int, ...], bool, int, int]] = []  # key shape sym off n
         off = 0
@@ -97,7 +97,7 @@ class Bucket:
     def nbytes(self) -> int:
         return nbytes(self.numel, self.dtype)
 
-    def pack(self, values: Dict[Any, Optional[torch.Tensor]],
+    def pack(self, values: Mapping[Any, Optional[torch.Tensor]],
              scalars: Sequence[float] = ()) -> torch.Tensor:
         flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         zeros = None
@@ -149,7 +149,7 @@ class Bucket:
                         else seg.view(shape))
         return out
 
-    def scalar(self, flat: torch.Tensor, key) -> torch.Tensor:
+    def scalar(self, flat: torch.Tensor, key: Any) -> torch.Tensor:
         return flat[self.scalar_index[key]]
 
 

@@ -36,14 +36,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, defaultdict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .assignment import assign, decomposition_cost, worker_grid
-from .base import CommStats, DistributedOptions, LocalComm, MismatchError
+from .base import (AStatistics, CommStats, Decompose, DistributedOptions, LocalComm,
+                   MismatchError, Precondition, Stats, StrategyOptions)
 from .buckets import MB, Bucket, factor_slot, split_buckets
+
+if TYPE_CHECKING:
+    from ..blocks import Block
+    from ..factors import FactorStatistics
+    from ..inverses.base import InverseKind
 
 __all__ = ["DistributedKFAC", "sampling_seed"]
 
@@ -93,7 +99,8 @@ class DistributedKFAC(LocalComm):
     #: compiles only the local part
     precondition_collectives = True
 
-    def __init__(self, blocks, opts, kind, dist_opts: DistributedOptions, group):
+    def __init__(self, blocks: List[Block], opts: StrategyOptions, kind: InverseKind,
+                 dist_opts: DistributedOptions, group: Any):
         self.opts = opts           # the optimiser's Options (agreement, seed, loss_reduction)
         self.kind = kind
         self.dist_opts = dist_opts     # the distributed ones among them, checked
@@ -119,7 +126,7 @@ class DistributedKFAC(LocalComm):
         self.k, self.m = worker_grid(self.world, dist_opts.grad_worker_fraction)
         self.row, self.col = divmod(self.rank, self.m)
         self.units = assign(blocks, self.k, self.world, dist_opts.assignment)
-        self.owner_col = {}                    # block -> column that holds its decomposition
+        self.owner_col: Dict[Any, int] = {}    # block -> column that holds its decomposition
         for b, whichs, owner in self.units:
             self.owner_col.setdefault(b, owner % self.m)
         self.row_ranks = [self.row * self.m + j for j in range(self.m)]
@@ -267,16 +274,17 @@ class DistributedKFAC(LocalComm):
         pend.snapshot = pending_passes
         return pend
 
-    def backward_started(self, a_statistics) -> None:
+    def backward_started(self, a_statistics: AStatistics) -> None:
         """First output-gradient of a capture step: the forward pass is over, reduce A now."""
         if self._a is None:
             self._a = self._launch_a(a_statistics)
 
-    def curvature_started(self, a_statistics) -> None:
+    def curvature_started(self, a_statistics: AStatistics) -> None:
         if self._a is None:
             self._a = self._launch_a(a_statistics)
 
-    def sampler(self, generator, device, step: int):
+    def sampler(self, generator: Optional[torch.Generator], device: torch.device,
+                step: int) -> torch.Generator:
         """This rank's own draws, reproducible per step (:func:`sampling_seed`)."""
         if generator is None or generator.device != torch.device(device):
             generator = torch.Generator(device=device)
@@ -299,7 +307,8 @@ class DistributedKFAC(LocalComm):
         """The engine dropped this step's capture: forget reductions launched for it."""
         self._a = self._g = None
 
-    def factor_statistics(self, captured, pending_passes: int, factors) -> "OrderedDict":
+    def factor_statistics(self, captured: List[Block], pending_passes: int,
+                          factors: FactorStatistics) -> Stats:
         """{block: (A, G)} averaged over ranks, for the blocks with statistics on this step
         (reductions launched during the backward pass are reused when nothing was captured
         since)."""
@@ -313,6 +322,7 @@ class DistributedKFAC(LocalComm):
             if g is not None:
                 g.wait()
             g = self._launch_g(pending_passes)
+        assert a is not None, "factor_statistics called without captured blocks"
         a.wait()
         g.wait()
         a_vals: Dict = {}
@@ -335,7 +345,8 @@ class DistributedKFAC(LocalComm):
                 stats[b] = (a_vals[(b, "A")], g_vals[(b, "G")])
         return stats
 
-    def reduce_scalings(self, s_hats: "OrderedDict", counts: Dict) -> "OrderedDict":
+    def reduce_scalings(self, s_hats: Dict[Block, torch.Tensor],
+                        counts: Mapping[Block, int]) -> Dict[Block, torch.Tensor]:
         """EKFAC's per-block estimates {block: S_hat} combined like G: weighted by each rank's
         example count and divided by their sum (a mean loss), or summed (a summed loss)."""
         weights = {b: float(counts[b]) for b in s_hats}
@@ -374,10 +385,10 @@ class DistributedKFAC(LocalComm):
                 f"for them) on factor steps; the ranks' factors now differ, so training stops here")
 
     # ------------------------------------------------------------------ inverse phase
-    def has_inverse(self, b) -> bool:
+    def has_inverse(self, b: Block) -> bool:
         return b in self._decomposed
 
-    def holds(self, b) -> bool:
+    def holds(self, b: Block) -> bool:
         """Whether this rank keeps block ``b``'s decompositions."""
         return self.k == self.world or self.owner_col[b] == self.col
 
@@ -430,7 +441,8 @@ class DistributedKFAC(LocalComm):
         for b, entries in new.items():
             b.inverse = {**b.inverse, **entries}
 
-    def update_inverses(self, ready, decompose, inverse_updates: int) -> None:
+    def update_inverses(self, ready: List[Block], decompose: Decompose,
+                        inverse_updates: int) -> None:
         self._check_presence()
         ready_set = set(ready)
         units = [u for u in self.units if u[0] in ready_set]
@@ -447,7 +459,8 @@ class DistributedKFAC(LocalComm):
                 b.inverse = {}
 
     # ------------------------------------------------------------------ preconditioning
-    def precondition(self, grads: Dict, local):
+    def precondition(self, grads: Dict[Block, torch.Tensor], local: Precondition
+                     ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
         if self.k == self.world:
             return local(grads)
         mine = {b: V for b, V in grads.items() if self.owner_col[b] == self.col}

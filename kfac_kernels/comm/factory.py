@@ -10,11 +10,16 @@ so a single process never imports them (nor ``torch.distributed.fsdp``).
 from __future__ import annotations
 
 import sys
-from typing import Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+import torch
 import torch.nn as nn
 
-from .base import DistributedOptions, LocalComm
+from .base import DistributedOptions, LocalComm, StrategyOptions
+
+if TYPE_CHECKING:
+    from ..blocks import Block
+    from ..inverses.base import InverseKind
 
 try:  # some builds of torch have no torch.distributed at all
     import torch.distributed as dist
@@ -38,8 +43,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def strategy_for(blocks, opts, kind, *, model: Optional[nn.Module] = None,
-                 params: Sequence = (), names: Optional[Dict[int, str]] = None) -> LocalComm:
+def strategy_for(blocks: List[Block], opts: StrategyOptions, kind: InverseKind, *,
+                 model: Optional[nn.Module] = None, params: Sequence[torch.Tensor] = (),
+                 names: Optional[Dict[int, str]] = None) -> LocalComm:
     """The strategy for an engine's ``blocks`` (``opts``: its
     :class:`kfac_kernels.options.Options`; ``kind``: its inverse kind): a :class:`LocalComm`
     where K-FAC runs in a single process. ``model``, ``params`` (the parameters outside blocks)
@@ -55,6 +61,9 @@ def strategy_for(blocks, opts, kind, *, model: Optional[nn.Module] = None,
             raise ValueError("the model's parameters are DTensors (sharded with fully_shard): "
                              "K-FAC must run distributed on it; drop distributed=False")
         from .fsdp import FSDPKFAC
+        if model is None:
+            raise ValueError("the parameters are DTensors (fully_shard): the FSDP2 strategy needs "
+                             "the model, pass strategy_for(..., model=model)")
         group = _group(dist_opts)
         if dist.get_world_size(group) < 1:
             raise ValueError("this process is not a member of the process_group given to K-FAC")
@@ -78,6 +87,6 @@ def strategy_for(blocks, opts, kind, *, model: Optional[nn.Module] = None,
     return DistributedKFAC(blocks, opts, kind, dist_opts, group)
 
 
-def _group(dist_opts: DistributedOptions):
+def _group(dist_opts: DistributedOptions) -> Any:
     return (dist_opts.process_group if dist_opts.process_group is not None
             else dist.group.WORLD)

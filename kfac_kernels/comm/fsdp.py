@@ -37,13 +37,20 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import (TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional, Sequence, Set,
+                    Tuple, cast)
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
+from .base import CommStats, DistributedOptions, StrategyOptions
 from .buckets import MB
 from .ddp import DistributedKFAC
+
+if TYPE_CHECKING:
+    from ..blocks import Block
+    from ..inverses.base import InverseKind
 
 __all__ = ["FSDPKFAC", "is_dtensor", "has_dtensors", "refuse_fsdp1"]
 
@@ -154,7 +161,8 @@ class _Gather:
             off += numel
         self.numel = off
 
-    def launch(self, locals_: Dict[Any, torch.Tensor], stats) -> Tuple[torch.Tensor, Any]:
+    def launch(self, locals_: Dict[Any, torch.Tensor], stats: CommStats
+               ) -> Tuple[torch.Tensor, Any]:
         flat = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         for key, lay, off, numel in self.slots:
             t = locals_[key]
@@ -185,8 +193,9 @@ class FSDPKFAC(DistributedKFAC):
     #: forward pass used: FSDP2's unsharded ones, recorded by a forward pre-hook
     records_used_weights = True
 
-    def __init__(self, blocks, opts, kind, dist_opts, group, *, model, params: Sequence = (),
-                 names: Optional[Dict[int, str]] = None):
+    def __init__(self, blocks: List[Block], opts: StrategyOptions, kind: InverseKind,
+                 dist_opts: DistributedOptions, group: Any, *, model: nn.Module,
+                 params: Sequence[torch.Tensor] = (), names: Optional[Dict[int, str]] = None):
         names = names or {}
         if getattr(opts, "adaptive_lr", False) or getattr(opts, "adaptive_momentum", False) \
                 or getattr(opts, "adaptive_damping", False):
@@ -244,7 +253,9 @@ class FSDPKFAC(DistributedKFAC):
                 f"the decompositions among ranks")
 
     # ------------------------------------------------------------------ gradients
-    def full_tensors(self, blocks, values_for) -> Dict:
+    def full_tensors(self, blocks: Sequence[Block], values_for: Collection[Block]
+                     ) -> Dict[Block, Tuple[List[Optional[torch.Tensor]],
+                                            Optional[List[torch.Tensor]]]]:
         """{block: (grads, values)}: full tensors, in ``block.params`` order, of the sharded
         blocks among ``blocks`` (``values`` only for the blocks in ``values_for``, else None);
         one bucketed all-gather per shard group and dtype. Blocks left out read their own
@@ -298,7 +309,8 @@ class FSDPKFAC(DistributedKFAC):
         plans = []
         for (_, world, dtype, device), items in groups.items():
             grp, slots = items[0], items[1:]
-            cur, cur_bytes = [], 0
+            cur: List[Tuple[Any, ShardLayout]] = []
+            cur_bytes = 0
             esize = torch.empty((), dtype=dtype).element_size()
             for key, lay in slots:
                 nb = lay.chunk * lay.rest * esize
@@ -311,7 +323,7 @@ class FSDPKFAC(DistributedKFAC):
                 plans.append(_Gather(grp, world, dtype, device, cur))
         return plans
 
-    def local_part(self, p, full: torch.Tensor):
+    def local_part(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of ``full`` (a tensor of parameter ``p``'s global shape), as a
         DTensor placed like ``p``; ``full`` itself for a plain parameter."""
         lay = self.layouts.get(id(p))
@@ -323,7 +335,9 @@ class FSDPKFAC(DistributedKFAC):
                                   shape=torch.Size(lay.shape), stride=lay.stride)
 
     # ------------------------------------------------------------------ optimiser state
-    def consolidate_optimizer_state(self, params: Sequence, state, to: int, steps: int) -> None:
+    def consolidate_optimizer_state(self, params: Sequence[torch.Tensor],
+                                    state: Mapping[torch.Tensor, Dict[str, Any]], to: int,
+                                    steps: int) -> None:
         """Collective: full tensors of the sharded optimiser state (momentum buffers), for rank
         ``to`` of the group."""
         if not 0 <= to < self.world:
@@ -360,7 +374,8 @@ class FSDPKFAC(DistributedKFAC):
             out[i] = new
         return out
 
-    def load_optimizer_state(self, params: Sequence, state) -> None:
+    def load_optimizer_state(self, params: Sequence[torch.Tensor],
+                             state: Mapping[torch.Tensor, Dict[str, Any]]) -> None:
         """After torch's ``load_state_dict``: full tensors of a sharded parameter's shape become
         this rank's shard (no communication: every rank loaded the same file)."""
         for p in params:
@@ -405,10 +420,10 @@ def _check_fsdp_managed(model, blocks, layouts) -> None:
     if not layouts:
         return
     from torch.distributed.fsdp import FSDPModule
-    inside = set()
+    inside: Set[int] = set()
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            inside.update(id(x) for x in m.modules())
+            inside.update(id(x) for x in cast(nn.Module, m).modules())
     for b in blocks:
         if id(b.weight) in layouts and id(b.module) not in inside:
             raise NotImplementedError(
