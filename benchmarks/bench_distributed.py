@@ -9,7 +9,7 @@ For each world size W and gradient-worker fraction (1 and 1/W) it starts W local
 * bytes per factor step and per inverse step: *computed* from the block shapes (upper triangles of
   the factors plus one weight and one presence scalar per block; the decompositions; the
   preconditioned gradients) and *measured* as the payload this rank passed to collectives
-  (``engine.dist.comm``); the wire estimate for a ring all-reduce is 2 (W - 1) / W of the payload;
+  (``engine.dist.stats``); the wire estimate for a ring all-reduce is 2 (W - 1) / W of the payload;
 * memory for decompositions held per rank (largest rank);
 * time per step: a step with a factor update but no inverse update, an inverse update alone
   (``engine.update_inverses()``: this rank's decompositions plus the broadcasts), and a plain SGD
@@ -117,7 +117,7 @@ def _rank_main(rank, world, args, store, out):
     def time_inverse(opt, reps):
         """Median time of the inverse phase alone, and its payload bytes per update."""
         eng = opt.engine
-        before = eng.dist.comm.bytes.get("inverse", 0) if eng.dist is not None else 0
+        before = eng.dist.stats.bytes.get("inverse", 0) if eng.dist is not None else 0
         times = []
         for _ in range(reps):
             dist.barrier()
@@ -126,7 +126,7 @@ def _rank_main(rank, world, args, store, out):
             eng.update_inverses()
             sync()
             times.append(time.perf_counter() - t)
-        after = eng.dist.comm.bytes.get("inverse", 0) if eng.dist is not None else 0
+        after = eng.dist.stats.bytes.get("inverse", 0) if eng.dist is not None else 0
         return statistics.median(times), (after - before) / reps
 
     res = {"device": torch.cuda.get_device_name(rank) if cuda else platform.processor() or "cpu",
@@ -143,7 +143,7 @@ def _rank_main(rank, world, args, store, out):
                    measured_inverse=inv_bytes)
         if opt_f.engine.dist is not None:
             steps = 2 + args.steps
-            cf = opt_f.engine.dist.comm
+            cf = opt_f.engine.dist.stats
             row["measured_factor"] = cf.bytes.get("factor", 0) / steps
             row["measured_pre"] = cf.bytes.get("precondition", 0) / steps
             row["calls_factor"] = cf.calls.get("factor", 0) / steps

@@ -13,7 +13,7 @@ It reports, per rank (the largest rank where they differ):
   momentum buffers (the local shards under FSDP2), K-FAC's factors and decompositions (replicated
   under both), and the transient buffers of one FSDP2 step (the all-gather output and the full
   gradient matrices that are preconditioned);
-* **communication payload** this rank passes to collectives (``engine.dist.comm``): per factor
+* **communication payload** this rank passes to collectives (``engine.dist.stats``): per factor
   step (the factor all-reduce), per inverse update (the decomposition broadcasts) and per step
   (FSDP2: the gradient all-gather, this rank's zero-padded shard; a ring all-gather then moves
   (W - 1) times it in and out of each rank), *computed* from the block shapes as well;
@@ -110,7 +110,7 @@ def _rank_main(rank, world, args, store, out):
             if i >= 2:
                 times.append(time.perf_counter() - t)
         eng = opt.engine
-        cs = eng.dist.comm
+        cs = eng.dist.stats
         row = dict(strategy=type(eng.comm).__name__, t_step=statistics.median(times),
                    factor=cs.bytes.get("factor", 0) / steps,
                    gradient=cs.bytes.get("gradient", 0) / steps,
@@ -178,7 +178,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     mp.get_context("forkserver").set_forkserver_preload(
         ["torch", "torch._dynamo", "torch.distributed", "torch.distributed.fsdp", "kfac_kernels",
-         "kfac_kernels.optimizer", "kfac_kernels.fsdp"])
+         "kfac_kernels.optimizer", "kfac_kernels.comm.fsdp"])
     cores = os.cpu_count() or 1
     rows, device = [], None
     for w in args.worlds:

@@ -6,7 +6,8 @@ the estimates of one dtype and device are written (by the syrk jobs of
 :class:`kfac_kernels.factors.FactorStatistics`) into regions of one zero-padded buffer laid out
 as the previous step asked for them, the running factors live in a second buffer of the same
 layout (``block.A`` / ``block.G`` are views of it), and the guarded running average of all blocks
-is a handful of calls over the two buffers (:meth:`Arena.merge`).
+is a handful of calls over the two buffers (:meth:`Arena.average`, with the weights of
+:mod:`kfac_kernels.averaging`).
 
 Every region starts on a multiple of ``CHUNK`` elements, so the buffers are ``[chunks, CHUNK]``
 matrices in which each row belongs to one block: a block's averaging weight is broadcast over
@@ -16,10 +17,11 @@ statistics is the finiteness of the sum of its rows.
 The layout follows what was asked for: a region is handed out at most once between two
 ``release()`` calls (the end of a factor step, :meth:`kfac_kernels.capture.Capture.reset`), and a
 request the layout does not have gets a fresh tensor and changes the layout from the next step
-on. :meth:`Arena.merge` averages in place only when the step's estimates are exactly the regions
-handed out (one buffer, every region claimed by its block): gradient accumulation, estimates
-combined by a distributed strategy, diagonal factors and the like take the per-block path of
-:meth:`kfac_kernels.factors.FactorStatistics.merge`.
+on. :meth:`kfac_kernels.factors.FactorStatistics.merge` takes the flat path
+(:meth:`Arena.flat_layout`, :meth:`Arena.adopt`, :meth:`Arena.finite`, :meth:`Arena.average`)
+only when the step's estimates are exactly the regions handed out (one buffer, every region
+claimed by its block): gradient accumulation, estimates combined by a distributed strategy,
+diagonal factors and the like take its per-block path.
 
 Memory: the running-factor buffer is the factors themselves (plus row padding, under CHUNK
 entries per factor). The estimate buffer is kept from one factor step to the next when factors
@@ -30,6 +32,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from .averaging import blend_
 
 __all__ = ["Arena", "CHUNK"]
 
@@ -178,6 +182,7 @@ class Arena:
                dtype: torch.dtype) -> torch.Tensor:
         """[blocks] whether each block's estimates are finite: a sum is finite iff every entry
         is (or it overflowed, which also deserves rejecting)."""
+        assert lay.buffer is not None          # take() made it this step
         sums = torch.zeros(nblocks, dtype=dtype, device=lay.device)
         sums.index_add_(0, owner, lay.buffer.sum(1, dtype=dtype))
         return torch.isfinite(sums)
@@ -188,9 +193,6 @@ class Arena:
         """``F <- keep F + fresh F_hat`` for every block at once (``keep``, ``fresh``: [blocks];
         1 and 0 on a rejected update). The estimates are cleaned first so that 0 * F_hat is 0."""
         hat, old = lay.buffer, lay.factors
+        assert hat is not None and old is not None    # take() and adopt() made them
         w = torch.stack((keep, fresh)).to(hat.dtype)[:, owner].unsqueeze(-1)   # [2, rows, 1]
-        torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
-        if old.dtype == hat.dtype:
-            old.mul_(w[0]).addcmul_(hat, w[1])
-        else:       # narrower storage: average in the statistics' dtype, round once
-            old.copy_(torch.addcmul(old.to(hat.dtype) * w[0], hat, w[1]))
+        blend_(old, hat, w[0], w[1])

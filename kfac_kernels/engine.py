@@ -16,8 +16,9 @@ state:
 * :mod:`kfac_kernels.preconditioning`: shape groups, stacked entries, one batched call per group;
 * :mod:`kfac_kernels.health`: deferred device flags and warn-once;
 * :mod:`kfac_kernels.comm`: the communication strategy (:class:`~kfac_kernels.comm.LocalComm`
-  in one process, :class:`kfac_kernels.distributed.DistributedKFAC` over torch.distributed).
-  The engine never asks whether it is distributed.
+  in one process, :class:`kfac_kernels.comm.ddp.DistributedKFAC` over torch.distributed,
+  :class:`kfac_kernels.comm.fsdp.FSDPKFAC` for FSDP2), picked by
+  :func:`kfac_kernels.comm.strategy_for`. The engine never asks whether it is distributed.
 
 The optimisers (:mod:`kfac_kernels.optimizer`) drive it through :mod:`kfac_kernels.pipeline`.
 """
@@ -33,7 +34,7 @@ import torch.nn as nn
 from . import ops
 from .blocks import Block
 from .capture import Capture
-from .comm import LocalComm
+from .comm import LocalComm, strategy_for, unwrap_model
 from .discovery import discover
 from .factors import FactorStatistics
 from .health import Health, KFACWarning
@@ -54,8 +55,7 @@ class KFACEngine:
         if not isinstance(model, nn.Module):
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
-        from . import distributed as _dist
-        model = _dist.unwrap_model(model)   # DDP: block names without the "module." prefix
+        model = unwrap_model(model)   # DDP: block names without the "module." prefix
         self.opts = opts
         self.health = Health()
         self.kind = KINDS[opts.inverse](opts, self.health, self.op_backend)
@@ -67,10 +67,10 @@ class KFACEngine:
         self.inverse_updates = 0
         self.needs_inverse = False         # set when the decompositions must be recomputed
         # the communication strategy: built (and the ranks' agreement checked) before any hook
-        self.comm: LocalComm = _dist.setup(
+        self.comm: LocalComm = strategy_for(
             list(self.blocks.values()), opts, self.kind, model=model,
             params=[p for _, p, _ in self.fallback],
-            names={id(p): n for n, p, _ in self.fallback}) or LocalComm()
+            names={id(p): n for n, p, _ in self.fallback})
         self.preconditioning = Preconditioning(self.kind)
         self.capture = Capture(self.blocks, opts, factors=self.factors, kind=self.kind,
                                comm=self.comm, health=self.health,
@@ -105,7 +105,7 @@ class KFACEngine:
 
     def has_inverse(self, b: Block) -> bool:
         """Whether block ``b`` can be preconditioned (with torch.distributed, its decomposition
-        may live on another rank: see kfac_kernels.distributed)."""
+        may live on another rank: see kfac_kernels.comm.ddp)."""
         return self.comm.has_inverse(b)
 
     # ------------------------------------------------------------------ capture

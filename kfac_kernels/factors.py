@@ -18,6 +18,7 @@ import torch
 
 from . import ops
 from .arena import Arena
+from .averaging import blend_, first_estimate_weights, running_average_
 from .blocks import Block, SyrkJob
 
 __all__ = ["FactorStatistics"]
@@ -212,7 +213,7 @@ class FactorStatistics:
         for i, (b, hats) in enumerate(stats.items()):
             k, f = keep[i], fresh[i]
             for name, hat in zip(("A", "G"), hats):
-                self._average(getattr(b, name), hat, k, f)
+                blend_(getattr(b, name), hat, k, f)
         return bad_stats
 
     def _merge_flat(self, lay, blocks: List[Block], reject: Optional[torch.Tensor]
@@ -236,13 +237,9 @@ class FactorStatistics:
             ok = ok & ~r
             bad_stats = bad_stats & ~r
         counts, skipped = self._counters(blocks)
-        counts.add_(ok.to(counts.dtype))
+        _, keep, fresh = first_estimate_weights(counts, ok, self.opts.ema_decay, in_place=True)
         skipped.add_((~ok).to(skipped.dtype))
-        # rho = min(1 - 1/k, ema_decay), in in-place calls on a fresh vector
-        rho = counts.clamp_min(1.0).reciprocal_().neg_().add_(1.0).clamp_(0.0,
-                                                                       self.opts.ema_decay)
-        keep = torch.where(ok, rho, torch.ones((), dtype=rho.dtype, device=rho.device))
-        return ok, bad_stats, keep, keep.neg().add_(1.0)
+        return ok, bad_stats, keep, fresh
 
     def _counters(self, blocks: List[Block]) -> Tuple[torch.Tensor, torch.Tensor]:
         """[blocks] vectors whose entries ARE ``b.count`` / ``b.skipped`` (views, updated in
@@ -269,17 +266,6 @@ class FactorStatistics:
         b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
 
     @staticmethod
-    def _average(old: torch.Tensor, hat: torch.Tensor, keep: torch.Tensor,
-                 fresh: torch.Tensor) -> None:
-        """``old <- keep old + fresh hat`` in place (``keep`` 1 and ``fresh`` 0 on a rejected
-        update). ``hat`` is this step's scratch: it is cleaned first so that 0 * hat is 0."""
-        torch.nan_to_num_(hat, nan=0.0, posinf=0.0, neginf=0.0)
-        if old.dtype == hat.dtype:
-            old.mul_(keep).addcmul_(hat, fresh)
-        else:       # narrower storage: average in the statistics' dtype, round once
-            old.copy_(torch.addcmul(old.to(hat.dtype) * keep, hat, fresh))
-
-    @staticmethod
     def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
         """One reduction per factor: a sum is finite iff every entry is (or it overflowed, which
         also deserves rejecting)."""
@@ -298,12 +284,7 @@ class FactorStatistics:
             reject = reject.to(ok.device)
             ok = ok & ~reject
             bad_stats = bad_stats & ~reject
-        count = b.count + ok.to(b.count.dtype)
-        rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.opts.ema_decay)
-        keep = torch.where(ok, rho, torch.ones_like(rho))          # 1: keep the old factor
-        for name, hat in (("A", A_hat), ("G", G_hat)):
-            self._average(getattr(b, name), hat, keep, 1.0 - keep)
-        b.count = count
+        b.count = running_average_((b.A, b.G), (A_hat, G_hat), ok, b.count, self.opts.ema_decay)
         b.skipped = b.skipped + (~ok).to(torch.int64)
         return bad_stats
 

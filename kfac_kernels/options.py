@@ -8,7 +8,7 @@ it, a one-line meaning and its check. Everything else is derived from it:
   validation of what they were given (:func:`resolve`);
 * the ranks' agreement check under torch.distributed (:meth:`Options.agreement_lines`): every
   option marked ``agree`` is compared across ranks at construction, so ranks configured
-  differently raise :class:`kfac_kernels.distributed.MismatchError` instead of hanging later.
+  differently raise :class:`kfac_kernels.comm.MismatchError` instead of hanging later.
 
 A new option is one :class:`Option` entry here (plus the code that reads it).
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -273,9 +273,6 @@ class Options:
         check_damping("damping", value)
         self.damping = value
 
-    def part(self, part: str) -> Dict[str, Any]:
-        return {n: getattr(self, n) for n in names(self.owner, part)}
-
     def agreement_lines(self) -> List[str]:
         """One ``name=value`` line per option ranks must agree on (compared at construction by
         the distributed strategy)."""
@@ -340,7 +337,3 @@ def describe_options(owner: str) -> str:
 def merge_docs(owner: str, text: str) -> str:
     return text + "\n\nOptions (declared in kfac_kernels/options.py):\n\n" + "\n".join(
         f"    {line}" for line in describe_options(owner).splitlines())
-
-
-def iter_options(owner: str) -> Iterable[Option]:
-    return (o for o in OPTIONS if owner in o.owners)

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.nn.parallel", "kfac_kernels",
-            "kfac_kernels.optimizer", "kfac_kernels.distributed", "dist_scenarios",
+            "kfac_kernels.optimizer", "kfac_kernels.comm.ddp", "dist_scenarios",
             "fsdp_scenarios"]
 _CTX = None
 

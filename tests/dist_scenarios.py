@@ -178,7 +178,8 @@ def equivalence(rank, world, configs, group=None):
         out[cfg["name"]] = dict(err=err, factor_err=ferr, moved=moved,
                                 blocks=sorted(opt.blocks),
                                 params=[p.detach().clone() for p in model.parameters()],
-                                comm=dict(opt.engine.dist.comm.bytes),
+                                comm=dict(opt.engine.dist.stats.bytes),
+                                comm_alias=opt.engine.dist.comm is opt.engine.dist.stats,
                                 describe=opt.describe())
     return out
 

@@ -119,7 +119,7 @@ def equivalence(rank, world, configs):
             err=err, factor_err=ferr, moved=moved, strategy=strategy, params=params,
             factors=[(b.A.clone(), b.G.clone()) for b in opt.blocks.values()],
             local=local, momentum=momentum, describe=opt.describe(),
-            comm=dict(opt.engine.dist.comm.bytes),
+            comm=dict(opt.engine.dist.stats.bytes),
             dtensors=sum(isinstance(p, DTensor) for p in model.parameters()),
             coord=None if not cfg.get("hsdp") else (rank // 2, rank % 2))
     return out

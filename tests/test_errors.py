@@ -145,7 +145,8 @@ def test_nonfinite_statistics_skip_the_factor_update_and_warn_once():
 def test_import_is_light():
     code = ("import sys, torch, kfac_kernels as kk; kk.KFAC; kk.KFACPreconditioner; kk.ops; "
             "bad = [m for m in ('triton', 'cupy', 'kfac_kernels._C', 'sklearn', 'matplotlib', "
-            "'torch.distributed.fsdp', 'torch.distributed.tensor', 'kfac_kernels.fsdp') "
+            "'torch.distributed.fsdp', 'torch.distributed.tensor', 'kfac_kernels.fsdp', "
+            "'kfac_kernels.comm.fsdp', 'kfac_kernels.comm.ddp', 'kfac_kernels.distributed') "
             "if m in sys.modules]; "
             "assert not bad, bad; assert not torch.cuda.is_initialized(); print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

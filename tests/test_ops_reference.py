@@ -148,7 +148,7 @@ def test_registry_explicit_unavailable_raises_and_auto_falls_back(monkeypatch, c
     monkeypatch.setitem(_registry._probe_cache, "cupy", (False, "cupy: no CUDA device"))
     monkeypatch.setitem(_registry._IMPLS, "testop", {"torch": "kfac_kernels.ops.reference:symeig",
                                                      "cupy": "nowhere:fn"})
-    monkeypatch.setitem(_registry._AUTO, "testop", {"cpu": ("cupy", "torch")})
+    monkeypatch.setitem(_registry._DEFAULT_AUTO, "cpu", ("cupy", "torch"))
     with pytest.raises(ops.BackendUnavailable, match="cupy: no CUDA device"):
         _registry.call("testop", "cupy", torch.device("cpu"), torch.eye(2))
     with caplog.at_level(logging.WARNING, logger="kfac_kernels"):
@@ -168,7 +168,7 @@ def test_registry_not_supported_moves_on(monkeypatch):
     monkeypatch.setitem(_registry._IMPLS, "testop2", {"torch": "kfac_kernels.ops.reference:_homogeneous",
                                                       "cuda": "picky_mod:fn"})
     monkeypatch.setitem(_registry._probe_cache, "cuda", (True, "pretend"))
-    monkeypatch.setitem(_registry._AUTO, "testop2", {"cpu": ("cuda", "torch")})
+    monkeypatch.setitem(_registry._DEFAULT_AUTO, "cpu", ("cuda", "torch"))
     out = _registry.call("testop2", "auto", torch.device("cpu"), torch.zeros(2, 1))
     assert out.shape == (2, 2)
     with pytest.raises(ops.BackendUnavailable, match="odd shapes only"):

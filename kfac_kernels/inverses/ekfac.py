@@ -15,6 +15,7 @@ from typing import Dict
 import torch
 
 from .. import ops
+from ..averaging import running_average_
 from ..ops.reference import pinv_cut
 from .eigh import EighInverse
 from .plan import reciprocal_or_zero, two_sided
@@ -127,14 +128,12 @@ class EkfacInverse(EighInverse):
         for b in blocks:
             b.S_hat = None
         for b, s_hat in self._reduce(comm, s_hats).items():
-            S = b.inverse["S"]
             ok = torch.isfinite(s_hat).all()
             if reject is not None:      # the whole step was rejected
                 ok = ok & ~reject.to(ok.device)
-            count = b.ekfac_count + ok.to(b.ekfac_count.dtype)
-            rho = (1.0 - 1.0 / count.clamp_min(1.0)).clamp(0.0, self.opts.ema_decay)
-            S.copy_(torch.where(ok, S * rho + s_hat * (1.0 - rho), S))   # in place: a stack view
-            b.ekfac_count = count
+            # in place: S may be a view of a stack (kfac_kernels.averaging)
+            b.ekfac_count = running_average_((b.inverse["S"],), (s_hat,), ok, b.ekfac_count,
+                                             self.opts.ema_decay)
 
     def after_decomposition(self, blocks, comm) -> None:
         """S restarts in the new eigenbasis, from this step's statistics (kept by

@@ -9,8 +9,8 @@ Selection rule (see ``resolve``):
 
 * an explicit backend (``"torch"``, ``"triton"``, ``"cuda"``, ``"cupy"``) is used or raises
   :class:`BackendUnavailable` naming the reason;
-* ``"auto"`` walks the op's preference list for the tensor's device type and takes the first
-  backend that loads and accepts the inputs; a backend that cannot load is skipped with one log
+* ``"auto"`` walks the preference list of the tensor's device type (``_DEFAULT_AUTO``, among
+  the backends the op has) and takes the first backend that loads and accepts the inputs; a backend that cannot load is skipped with one log
   line (once per backend and reason) and the reference is always last.
 
 An implementation may raise :class:`NotSupported` for inputs it does not handle (a dtype, a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 __all__ = [
     "BACKENDS",
@@ -53,8 +53,7 @@ class NotSupported(Exception):
 _IMPLS: Dict[str, Dict[str, str]] = {}
 # backend -> "module:attr" of a zero-argument probe returning (ok: bool, reason: str)
 _PROBES: Dict[str, str] = {}
-# op name -> device type -> preference order for "auto"
-_AUTO: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+# device type -> preference order for "auto" (ops without an implementation are left out)
 _DEFAULT_AUTO = {"cuda": ("triton", "cuda", "cupy", "torch"), "cpu": ("torch",)}
 
 _lock = threading.Lock()
@@ -78,10 +77,6 @@ def register(op: str, backend: str, target: str) -> None:
 def register_backend(backend: str, probe: str) -> None:
     """Register the availability probe of a backend ("module:function" -> (ok, reason))."""
     _PROBES[backend] = probe
-
-
-def set_auto_order(op: str, device_type: str, order: Sequence[str]) -> None:
-    _AUTO.setdefault(op, {})[device_type] = tuple(order)
 
 
 def implementations(op: str) -> Dict[str, str]:
@@ -143,7 +138,7 @@ def _device_type(device) -> str:
 def candidates(op: str, backend: str, device) -> List[str]:
     if backend == "auto":
         dt = _device_type(device)
-        order = _AUTO.get(op, {}).get(dt) or _DEFAULT_AUTO.get(dt, ("torch",))
+        order = _DEFAULT_AUTO.get(dt, ("torch",))
         return [b for b in order if b in _IMPLS.get(op, {})]
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")

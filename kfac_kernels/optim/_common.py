@@ -145,7 +145,7 @@ class StackedOptimizer(torch.optim.Optimizer):
     (kept in their own dtype through ``load_state_dict``: torch's loader casts every floating
     state tensor to its parameter's dtype, which would round float64 factors of float32
     parameters). ``batch_shapes=False`` puts each parameter in a group of its own (one op call
-    per parameter: the baseline of benchmarks/bench_optim.py).
+    per parameter: the "looped" baseline of benchmarks/optim_step_time.py).
     """
 
     def __init__(self, params, defaults, *, factor_dtype=None, batch_shapes=True):

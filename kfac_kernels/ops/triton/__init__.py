@@ -1,13 +1,20 @@
 """Triton backend of the kernel ops (imported only when an op is first dispatched here).
 
-One module per op, each holding its kernels and their host launcher:
+One module per family of ops, each holding its kernels and their host launcher (the
+registrations are in ``kfac_kernels/ops/_backends.py``):
 
 * :mod:`.syrk`         -- ``syrk_update`` / ``ema_factor_update``: symmetric rank-k update, upper
   tiles only, implicit homogeneous column, split over rows for small factors;
 * :mod:`.conv_factor`  -- ``conv_input_factor``: KFC input factor with implicit im2col;
 * :mod:`.kron`         -- ``kron_precondition_eigen`` / ``ekfac_precondition`` /
   ``kron_precondition_inverse``: batched Kronecker preconditioning with the eigenvalue division
-  and the ``sum(U * V)`` reduction fused into the GEMM epilogues.
+  and the ``sum(U * V)`` reduction fused into the GEMM epilogues; ``kron_rotate`` (SOAP's
+  rotation into and out of the eigenbases);
+* :mod:`.gradient_factors` -- ``gradient_factor_update``: both Kronecker factors of a stack of
+  gradient matrices (Shampoo / SOAP) in one launch.
+
+Shared pieces: :mod:`._common` (tile helpers of the symmetric products, host helpers) and
+:mod:`._aot` (the ahead-of-time compile check of every kernel configuration, no GPU needed).
 
 The backend runs on CUDA devices, and on CPU tensors when Triton's interpreter is switched on
 (``TRITON_INTERPRET=1`` set before triton is first imported), which is how the tests run it on

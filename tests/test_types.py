@@ -1,0 +1,20 @@
+"""mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
+average, the arena and the compatibility modules so far)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy not installed")
+def test_mypy_is_clean_on_the_configured_files(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", os.path.join(ROOT, "pyproject.toml"),
+         "--cache-dir", str(tmp_path / "mypy_cache"), "--no-error-summary"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
