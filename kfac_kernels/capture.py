@@ -130,6 +130,8 @@ class Capture:
             if not compiling and _transformed(x, output):
                 return                       # a torch.func transform's pass: not the step's
             block.check_input(x)
+            if block.A is None:
+                block.follow_weight_dtype()   # before the first factors: the weight's dtype now
             if self.foreign.get(block):
                 self.drop_foreign(block)     # an earlier torch.autograd.grad probe's calls
             if self.seen_backward and not self.stale:
@@ -426,6 +428,9 @@ class Capture:
             if not grads:
                 continue
             n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
+            if n == 0:
+                self.reset()
+                raise _empty_batch(repr(block.name))
             calls = self.grad_calls[block]
             scale = self.factors.g_scale(n, weight, empirical, self._positions())
             for job in block.pass_jobs(grads, calls, scale):
@@ -470,6 +475,9 @@ class Capture:
         if out is None:
             raise ValueError(f"curvature={opts.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 0:
+            self.reset()
+            raise _empty_batch("the model output")
         check_likelihood_output(opts.likelihood, out)
         if self.stale:
             self.drop_stale()
@@ -538,6 +546,14 @@ class Capture:
 
 _functorch = getattr(torch._C, "_functorch", None)
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _empty_batch(where: str) -> ValueError:
+    return ValueError(
+        f"an empty batch (0 examples) reached {where} in a K-FAC step: the factors are "
+        f"averages over the batch's examples and there are none; skip empty batches (e.g. "
+        f"DataLoader(drop_last=True) or `if len(x) == 0: continue`), or run such a pass inside "
+        f"`with opt.paused():`")
 
 
 def _transformed(*tensors) -> bool:
