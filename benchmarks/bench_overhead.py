@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kfac_kernels as kk
+from kfac_kernels._env import cpu_name
 from kfac_kernels.demo.models import autoencoder, cnn
 
 PHASES = ("forward+backward", "guard", "factor update", "inverse update", "preconditioning",
@@ -48,11 +49,23 @@ PHASES = ("forward+backward", "guard", "factor update", "inverse update", "preco
 
 # ----------------------------------------------------------------------------- workloads
 class Workload:
-    """A model, a batch, its loss, and how to build each optimiser."""
+    """A model, its batches, its loss, and how to build each optimiser. ``make(k)`` is batch k
+    of a fresh, deterministic stream: every step sees a new batch (a few batches cycled get
+    memorised within dozens of steps, and a memorised model's subnormal gradients then slow its
+    own backward pass: that would time the regime, not the optimiser)."""
 
-    def __init__(self, name, build, batch, loss, kfac_kw, baseline):
-        self.name, self.build, self.batch, self.loss = name, build, batch, loss
+    def __init__(self, name, build, make, loss, kfac_kw, baseline):
+        self.name, self.build, self.make, self.loss = name, build, make, loss
         self.kfac_kw, self.baseline = kfac_kw, baseline
+
+    def batches(self, start: int, n: int, device: str = "cpu"):
+        """Batches ``start .. start + n - 1``, made before any timing starts."""
+        return [tuple(t.to(device) for t in self.make(k)) for k in range(start, start + n)]
+
+
+def _stream(fn):
+    """``make(k)``: ``fn(generator)`` with a generator seeded by ``k``."""
+    return lambda k: fn(torch.Generator().manual_seed(1_000 + k))
 
 
 def _bernoulli(out, x, y):
@@ -64,32 +77,34 @@ def _xent(out, x, y):
 
 
 def workloads(small: bool):
-    g = torch.Generator().manual_seed(1)
     n = 32 if small else 256
-    img = torch.rand(n, 64, generator=g)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    mnist = torch.randn(n, 784, generator=g)
+    images = _stream(lambda g: (lambda x: (x, x))(torch.rand(n, 64, generator=g)))
+    classes = _stream(lambda g: (torch.rand(n, 64, generator=g),
+                                 torch.randint(0, 10, (n,), generator=g)))
+    mnist = _stream(lambda g: (torch.randn(n, 784, generator=g),
+                               torch.randint(0, 10, (n,), generator=g)))
     fisher = dict(curvature="fisher", momentum=0.9)
     out = [
-        Workload("autoencoder", autoencoder, (img, img), _bernoulli,
+        Workload("autoencoder", autoencoder, images, _bernoulli,
                  dict(fisher, lr=0.1, damping=1e-2, kl_clip=1e-2, likelihood="bernoulli"),
                  lambda p: torch.optim.Adam(p, lr=3e-3)),
-        Workload("cnn", cnn, (img, labels), _xent,
+        Workload("cnn", cnn, classes, _xent,
                  dict(fisher, lr=0.3, damping=1e-1, kl_clip=1e-3, likelihood="categorical"),
                  lambda p: torch.optim.Adam(p, lr=3e-2)),
         Workload("mlp 784-512-512-10",
                  lambda: nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
                                        nn.ReLU(), nn.Linear(512, 10)),
-                 (mnist, labels), _xent,
+                 mnist, _xent,
                  dict(curvature="empirical", lr=0.1, momentum=0.9, damping=1e-3, kl_clip=1e-3),
                  lambda p: torch.optim.Adam(p, lr=1e-3)),
     ]
     from kfac_kernels.examples.transformer_lm import GPT
     vocab, seq, bs = (32, 8, 2) if small else (64, 32, 8)
-    tokens = torch.randint(0, vocab, (bs, seq + 1), generator=g)
+    tokens = _stream(lambda g: (lambda t: (t[:, :-1], t[:, 1:]))(
+        torch.randint(0, vocab, (bs, seq + 1), generator=g)))
     out.append(Workload(
         "transformer LM", lambda: GPT(vocab, seq, d=32 if small else 64, heads=4, layers=2),
-        (tokens[:, :-1], tokens[:, 1:]), _xent,
+        tokens, _xent,
         dict(curvature="fisher", likelihood="categorical", lr=0.1, momentum=0.9, damping=1e-3,
              kl_clip=1e-3, skip=["head"]),
         lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.01)))
@@ -98,26 +113,25 @@ def workloads(small: bool):
 
 # ----------------------------------------------------------------------------- runners
 class Runner:
-    """One optimiser on one workload; ``step(phase)`` runs a training step, calling
-    ``phase(name)`` (a context manager) around each phase."""
+    """One optimiser on one workload; ``step(batch, phase)`` runs a training step on ``batch``,
+    calling ``phase(name)`` (a context manager) around each phase."""
 
     def __init__(self, w: Workload, kind: str, fe: int, ie: int, device: str = "cpu"):
         torch.manual_seed(0)
         self.model = w.build().to(device)
-        self.w, self.kind = w, kind
-        x, y = w.batch
-        self.x, self.y = x.to(device), y.to(device)
+        self.w, self.kind, self.device = w, kind, device
         if kind == "kfac":
             self.opt = kk.KFAC(self.model, factor_every=fe, inverse_every=ie, seed=0,
                                **w.kfac_kw)
         else:
             self.opt = w.baseline(self.model.parameters())
 
-    def step(self, phase: Callable = lambda name: contextlib.nullcontext()):
+    def step(self, batch, phase: Callable = lambda name: contextlib.nullcontext()):
         opt = self.opt
+        x, y = batch
         with phase("forward+backward"):
-            out = self.model(self.x)
-            loss = self.w.loss(out, self.x, self.y)
+            out = self.model(x)
+            loss = self.w.loss(out, x, y)
             opt.zero_grad()
             if self.kind == "kfac":
                 opt.backward(loss, out)
@@ -164,16 +178,17 @@ def _computes(e) -> bool:
                                           if c.name.startswith("aten::"))
 
 
-def count_phases(r: Runner, steps: int) -> Dict[str, float]:
+def count_phases(r: Runner, batches) -> Dict[str, float]:
     """aten calls per step by phase (every ``aten::`` event, nested ones included; and, under
     ``compute:<phase>``, only the calls that do work: see :func:`_computes`), and bytes allocated
     per step."""
     from torch.profiler import ProfilerActivity, profile, record_function
     cuda = next(r.model.parameters()).is_cuda
+    steps = len(batches)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda) as prof:
         before = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0) if cuda else 0
-        for _ in range(steps):
-            r.step(lambda name: record_function("phase:" + name))
+        for batch in batches:
+            r.step(batch, lambda name: record_function("phase:" + name))
         after = torch.cuda.memory_stats().get("allocated_bytes.all.allocated", 0) if cuda else 0
     counts: Dict[str, float] = defaultdict(float)
     alloc = 0
@@ -196,17 +211,20 @@ def count_phases(r: Runner, steps: int) -> Dict[str, float]:
     return dict(counts)
 
 
-def time_rounds(a: Runner, b: Runner, steps: int, rounds: int):
-    """Median per-step seconds of ``a`` and ``b`` and the median ratio a / b, alternating."""
+def time_rounds(a: Runner, b: Runner, steps: int, rounds: int, start: int = 0):
+    """Median per-step seconds of ``a`` and ``b`` and the median ratio a / b, alternating; each
+    round's ``steps`` fresh batches (from ``start`` on) are made before it and are the same for
+    both."""
     ta, tb, ratios = [], [], []
     sync = torch.cuda.synchronize if next(a.model.parameters()).is_cuda else (lambda: None)
-    for _ in range(rounds):
+    for i in range(rounds):
         res = []
+        batches = a.w.batches(start + i * steps, steps, a.device)
         for r in (a, b):
             sync()
             t0 = time.perf_counter()
-            for _ in range(steps):
-                r.step()
+            for batch in batches:
+                r.step(batch)
             sync()
             res.append((time.perf_counter() - t0) / steps)
         ta.append(res[0])
@@ -218,13 +236,14 @@ def time_rounds(a: Runner, b: Runner, steps: int, rounds: int):
 def measure(w: Workload, fe: int, ie: int, rounds: int, timing: bool = True,
             device: str = "cpu") -> dict:
     k, base = Runner(w, "kfac", fe, ie, device), Runner(w, "base", fe, ie, device)
-    for _ in range(2 * ie):               # warm-up: two periods
-        k.step()
-        base.step()
-    row = {"kfac": count_phases(k, ie), "base": count_phases(base, ie)}
+    for batch in w.batches(0, 2 * ie, device):     # warm-up: two periods
+        k.step(batch)
+        base.step(batch)
+    counted = w.batches(2 * ie, ie, device)
+    row = {"kfac": count_phases(k, counted), "base": count_phases(base, counted)}
     if timing:
-        row["t_kfac"], row["t_base"], row["ratio"], row["ratios"] = time_rounds(k, base, ie,
-                                                                               rounds)
+        row["t_kfac"], row["t_base"], row["ratio"], row["ratios"] = time_rounds(
+            k, base, ie, rounds, start=3 * ie)
     return row
 
 
@@ -260,11 +279,12 @@ def main(argv=None) -> str:
            if args.device == "cuda" else "")
     wanted = args.models.split(",")
     lines = [f"# K-FAC step overhead against Adam/AdamW ({datetime.date.today().isoformat()})", "",
-             f"{dev}{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, Python "
+             f"{dev}{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads, Python "
              f"{platform.python_version()}, torch {torch.__version__}, kfac_kernels "
              f"{kk.__version__}; `benchmarks/bench_overhead.py --rounds {args.rounds}`. Step time: "
              "median of per-round ratios (K-FAC and the baseline alternate, one inverse period "
-             "per round). aten calls: torch.profiler `aten::` events per step (nested included), "
+             "per round; every step a fresh batch, the same for both, made before the round: no "
+             "optimiser has memorised anything). aten calls: torch.profiler `aten::` events per step (nested included), "
              "amortised over one period; compute calls: those that do work (no view, metadata or "
              "allocation op, and calling none but those: about one kernel each on a GPU). The "
              "all-calls count depends on the thread count (e.g. `cat` adds view calls per input "

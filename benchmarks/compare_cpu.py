@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import datetime
-import platform
 import statistics
 import time
 import warnings
@@ -35,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kfac_kernels as kk
+from kfac_kernels._env import cpu_name
 
 DAMPING, DECAY, KL, LR = 1e-3, 0.95, 1e-3, 0.05
 # Update periods, set from --factor-every / --inverse-every in main().
@@ -132,11 +132,20 @@ IMPLS = {"kfac_kernels": make_ours, "kfac-pytorch (KAISA)": make_kaisa,
 def _setup(make, build, shape):
     torch.manual_seed(0)
     model = build()
-    step = make(model, shape[0]) if make is make_asdl else make(model)
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(*shape, generator=g) for _ in range(4)]
-    ys = [torch.randint(0, 10, (shape[0],), generator=g) for _ in range(4)]
-    return step, xs, ys
+    return make(model, shape[0]) if make is make_asdl else make(model)
+
+
+def batches(shape, start: int, n: int):
+    """Batches ``start .. start + n - 1`` of a fresh, deterministic stream (random inputs and
+    labels): every step a new batch, the same for every implementation. A few batches cycled get
+    memorised within dozens of steps; the memorised model's subnormal gradients then slow its own
+    backward GEMMs many times over, which times that regime, not the optimisers."""
+    out = []
+    for k in range(start, start + n):
+        g = torch.Generator().manual_seed(1_000 + k)
+        out.append((torch.randn(*shape, generator=g), torch.randint(0, 10, (shape[0],),
+                                                                     generator=g)))
+    return out
 
 
 def period():
@@ -151,27 +160,29 @@ def time_all(impls, build, shape, rounds):
     the machine's load hits all of them alike. Returns {name: (round means, losses)} or the
     exception an implementation raised."""
     state, out = {}, {}
+    warm = batches(shape, 0, period())
     for name, make in impls.items():
         try:
-            step, xs, ys = _setup(make, build, shape)
-            for i in range(period()):             # warm-up: one whole update period
-                step(xs[i % 4], ys[i % 4])
-            state[name] = (step, xs, ys, [], [])
+            step = _setup(make, build, shape)
+            for x, y in warm:                      # warm-up: one whole update period
+                step(x, y)
+            state[name] = (step, [], [])
         except Exception as exc:   # ImportError: not installed; anything else: it crashed
             out[name] = exc
     for r in range(rounds):
-        for name, (step, xs, ys, means, losses) in state.items():
+        todo = batches(shape, (r + 1) * period(), period())   # made before the round's timing
+        for name, (step, means, losses) in state.items():
             if name in out:
                 continue
             try:
                 t0 = time.perf_counter()
-                for i in range(period()):
-                    loss = step(xs[i % 4], ys[i % 4])
+                for x, y in todo:
+                    loss = step(x, y)
                 means.append((time.perf_counter() - t0) / period())
                 losses.append(float(loss.detach()))
             except Exception as exc:
                 out[name] = exc
-    for name, (_, _, _, means, losses) in state.items():
+    for name, (_, means, losses) in state.items():
         out.setdefault(name, (means, losses))
     return out
 
@@ -221,11 +232,13 @@ def main(argv=None):
     header = ("model", "implementation", "ms/step (median of rounds)", "ms/step (best round)",
               "time / kfac_kernels", "loss after round 1 -> last")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    prov = (f"{when}; {platform.processor() or platform.machine()}, {a.threads} threads; "
+    prov = (f"{when}; {cpu_name()}, {a.threads} threads; "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
             + f"; factors every {FACTOR_EVERY} step(s), inverse every {INV_EVERY} steps; "
               f"{a.rounds} interleaved rounds of {period()} steps each after a {period()}-step "
-              f"warm-up (each round's mean includes {period() // INV_EVERY} inverse update(s))")
+              f"warm-up (each round's mean includes {period() // INV_EVERY} inverse update(s)); "
+              f"every step a fresh batch (random inputs and labels), the same for every "
+              f"implementation: nothing is memorised")
     md = [prov, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(md)

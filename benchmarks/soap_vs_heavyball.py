@@ -27,6 +27,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from kfac_kernels._env import cpu_name  # noqa: E402
 from kfac_kernels.demo import models  # noqa: E402
 from kfac_kernels.demo.data import load_digits  # noqa: E402
 from kfac_kernels.demo.train import TASKS  # noqa: E402
@@ -99,12 +100,7 @@ def main(argv=None):
 
 def write_markdown(path, runs, a, hb_version):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     settings = ", ".join(f"{k}={v}" for k, v in SETTINGS.items())
     lines = [
         "# SOAP: kfac_kernels.optim.SOAP against heavyball.SOAP on the demo autoencoder", "",

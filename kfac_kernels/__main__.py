@@ -1,4 +1,4 @@
-"""Command line: ``python -m kfac_kernels {demo,env} [options]``."""
+"""Command line: ``python -m kfac_kernels {demo,env} [options]`` and ``--version``."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,10 @@ import sys
 
 
 def main(argv=None) -> int:
+    from ._version import __version__
     ap = argparse.ArgumentParser(prog="python -m kfac_kernels",
                                  description="kfac_kernels command line")
+    ap.add_argument("--version", action="version", version=f"kfac_kernels {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("demo", help="train real models with K-FAC, Adam and SGD; print a table, "
                                 "write a plot (see --help of the subcommand)", add_help=False)

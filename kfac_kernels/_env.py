@@ -43,3 +43,13 @@ def _decomposition_lines():
     except Exception as exc:  # report, never fail
         lines.append(f"cupy backend: probe failed ({type(exc).__name__}: {exc})")
     return lines
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark provenance: timings and even
+    rounding differ between CPUs (AMD EPYC and Intel Xeon runs of one script disagree)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

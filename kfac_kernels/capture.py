@@ -11,6 +11,21 @@ metric needs.
 Stale steps: ``zero_grad`` marks what was captured so far; a backward pass that follows before
 ``step()`` means that step was never taken, and its captures are dropped (not merged into the
 next factor update). :meth:`Capture.reset` is the one reset of every capture buffer.
+
+Passes that are not the step's (docs/architecture.md, "What a hook records"):
+
+* a forward or backward pass inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``,
+  ``jacfwd``, ``jvp``, ``functional_call`` under them) is never recorded: its tensors are the
+  transform's wrappers, not a batch of the step;
+* an output-gradient is recorded only from a backward pass that accumulates into the layer's
+  weight ``.grad`` (``loss.backward()``, ``opt.backward``) or from the metric's own curvature
+  passes; a ``torch.autograd.grad`` call (a Hessian-vector product, an input gradient, a
+  Jacobian probe) leaves the factors alone. Layer inputs captured by a forward pass whose outputs
+  only such calls reached are dropped, silently, at the layer's next captured call or at
+  ``step()``: the next real step sees exactly what it would have seen without the probe.
+
+A micro-batch (gradient accumulation) is a forward pass whose outputs a recording backward pass
+reached, after an earlier recording backward pass of the same step.
 """
 from __future__ import annotations
 
@@ -60,6 +75,13 @@ class Capture:
         self.out_batch: Optional[int] = None   # batch size of the last curvature pass output
         self.seen_backward = False        # captured statistics have seen a backward pass
         self.stale = False                # ... before the last zero_grad
+        self.in_pass = False              # inside this step's own curvature passes
+        # calls (absolute index) that only a torch.autograd.grad pass reached so far, and each
+        # captured call's cell [alive, training] (a dropped call's hook records nothing)
+        self.foreign: Dict[Block, set] = defaultdict(set)
+        self.cells: Dict[Block, Dict[int, list]] = defaultdict(dict)
+        # the AccumulateGrad node of each weight: does a backward pass write its .grad?
+        self._accumulators: Dict[int, tuple] = {}
         self.hooks = [b.module.register_forward_hook(self._forward_hook(b))
                       for b in blocks.values()]
         # the weights the forward calls used, when the strategy asks (FSDP2 unshards them)
@@ -104,18 +126,27 @@ class Capture:
             x = args[0]
             if not isinstance(x, torch.Tensor):
                 return
+            compiling = torch.compiler.is_compiling()
+            if not compiling and _transformed(x, output):
+                return                       # a torch.func transform's pass: not the step's
             block.check_input(x)
+            if block.A is None:
+                block.follow_weight_dtype()   # before the first factors: the weight's dtype now
+            if self.foreign.get(block):
+                self.drop_foreign(block)     # an earlier torch.autograd.grad probe's calls
             if self.seen_backward and not self.stale:
                 # a forward pass after this step's backward: a new micro-batch (gradient
                 # accumulation) if a backward pass follows before zero_grad(), else the next
                 # step's forward run before its zero_grad() (decided by what comes next)
                 self.boundary = True
-            self.modes.add(module.training)
             block.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # the call's absolute index (inputs of closed micro-batches were dropped)
-                hook = self._grad_hook(block, len(block.inputs) - 1 + block._call_offset)
-                if torch.compiler.is_compiling():
+                call = len(block.inputs) - 1 + block._call_offset
+                cell = self.cells[block][call] = [True, module.training]
+                acc = None if compiling else self._accumulator(getattr(module, "weight", None))
+                hook = self._grad_hook(block, call, cell, acc)
+                if compiling:
                     self.compiled = True
                     # inside torch.compile(model) the hook would be traced with this step's
                     # flags frozen into it (g_active is off during the forward pass of
@@ -124,6 +155,7 @@ class Capture:
                 output.register_hook(hook)
                 self.outputs[block].append((output, output._version))
             else:
+                self.modes.add(module.training)     # no backward pass can reach this call
                 self.outputs[block].append(None)
         return hook
 
@@ -138,18 +170,47 @@ class Capture:
                 return
             if module is not block.module:
                 return
+            if not torch.compiler.is_compiling() and _transformed(*args):
+                return
             w = module.weight
             used = self.used.setdefault(block, [])
             if not any(u is w for u in used):
                 used.append(w)
         return hook
 
-    def _grad_hook(self, block: Block, call: int = 0):
+    def _accumulator(self, w) -> Optional[object]:
+        """The AccumulateGrad node of weight ``w`` (kept alive here, so that every graph built on
+        ``w`` uses this one), or None where ``w`` is no leaf that requires a gradient."""
+        if not isinstance(w, torch.Tensor) or not w.requires_grad or not w.is_leaf:
+            return None
+        got = self._accumulators.get(id(w))
+        if got is not None and got[0]() is w:
+            return got[1]
+        with torch.enable_grad():
+            node = w.view_as(w).grad_fn.next_functions[0][0]
+        self._accumulators[id(w)] = (weakref.ref(w), node)
+        return node
+
+    def _grad_hook(self, block: Block, call: int = 0, cell: Optional[list] = None,
+                   acc=None):
         ref = weakref.ref(self)
 
         def hook(grad):
             self = ref()
-            if self is not None and self.g_active:
+            if self is None or (cell is not None and not cell[0]):
+                return                       # the capture is gone, or the call was dropped
+            if not (self.in_pass or _accumulates(acc)):
+                # a torch.autograd.grad call (or a backward pass that does not write this
+                # layer's .grad): not the step's; its forward pass is dropped unless a
+                # recording pass reaches the same call later
+                if self.capturing:
+                    self.foreign[block].add(call)
+                return
+            if self.foreign.get(block):
+                self.foreign[block].discard(call)
+            if cell is not None:
+                self.modes.add(cell[1])
+            if self.g_active:
                 if self.stale:
                     self.drop_stale()
                 if self.boundary:
@@ -169,6 +230,32 @@ class Capture:
         an earlier step; if another backward pass comes before ``step()``, they are dropped."""
         self.stale = self.seen_backward
         self.boundary = False
+
+    def drop_foreign(self, block: Block) -> bool:
+        """Drop the block's trailing calls that only ``torch.autograd.grad`` passes reached (a
+        probe between steps, or after the step's backward); calls that a recording pass reached
+        after them are kept, and then so are they (as before: entered with no gradient).
+        True when something was dropped."""
+        calls = self.foreign.pop(block, None)
+        if not calls:
+            return False
+        off, n = block._call_offset, len(block.inputs)
+        first = min(calls) - off
+        if first < 0 or any(c not in calls for c in range(first + off, n + off)):
+            return False
+        if first < block._inputs_at_backward:
+            return False
+        for c in range(first + off, n + off):
+            cell = self.cells[block].pop(c, None)
+            if cell is not None:
+                cell[0] = False
+        block.inputs = block.inputs[:first]
+        self.outputs[block] = self.outputs[block][:first]
+        return True
+
+    def drop_all_foreign(self) -> None:
+        for b in list(self.foreign):
+            self.drop_foreign(b)
 
     def drop_stale(self) -> None:
         """Drop the captures of a step that was never taken; layer inputs captured after its
@@ -212,6 +299,8 @@ class Capture:
         self.boundary = False
         self.positions = None
         self.seen_backward = self.stale = False
+        self.foreign = defaultdict(set)
+        self.cells = defaultdict(dict)
 
     # ------------------------------------------------------------------ gradient accumulation
     @torch.no_grad()
@@ -259,14 +348,19 @@ class Capture:
     def drop_unbackwarded(self) -> None:
         """At ``step()``: layer inputs captured after the step's last backward pass had no backward
         pass of their own (an evaluation batch with gradients on): leave them out, warning once."""
+        self.drop_all_foreign()
         if not self.boundary:
             return
         self.boundary = False
+        dropped = False
         for b in self.blocks.values():
             mark = b._inputs_at_backward
             if b.inputs and mark < len(b.inputs):
                 b.inputs = b.inputs[:mark]
                 self.outputs[b] = self.outputs[b][:mark]
+                dropped = True
+        if not dropped:
+            return
         self.health.warn_once(
             ("no-backward",), "a forward pass with gradients enabled reached step() without a "
             "backward pass (an evaluation batch?): its layer inputs were left out of the factors; "
@@ -334,6 +428,9 @@ class Capture:
             if not grads:
                 continue
             n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
+            if n == 0:
+                self.reset()
+                raise _empty_batch(repr(block.name))
             calls = self.grad_calls[block]
             scale = self.factors.g_scale(n, weight, empirical, self._positions())
             for job in block.pass_jobs(grads, calls, scale):
@@ -374,9 +471,13 @@ class Capture:
                                        out)
         if not self.capturing or opts.curvature == "empirical":
             return
+        self.drop_all_foreign()
         if out is None:
             raise ValueError(f"curvature={opts.curvature!r} needs the model outputs: call "
                              f"opt.backward(loss, out) with the output the loss was computed from")
+        if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 0:
+            self.reset()
+            raise _empty_batch("the model output")
         check_likelihood_output(opts.likelihood, out)
         if self.stale:
             self.drop_stale()
@@ -421,14 +522,14 @@ class Capture:
                     f"estimates the same metric with mc_samples passes")
             vectors, weight = ggn_vectors(opts.likelihood, out), 1.0
         targets = self.pass_targets(weights)
-        self.g_active = True
+        self.g_active = self.in_pass = True
         try:
             for v in vectors:
                 torch.autograd.grad(out, targets, grad_outputs=v, retain_graph=True,
                                     allow_unused=True)
                 self.fold(weight, empirical=False)
         finally:
-            self.g_active = False
+            self.g_active = self.in_pass = False
         if not self.micro_batches:       # G complete (unless more micro-batches come): reduce
             self.comm.curvature_finished(self.pending_passes)
 
@@ -441,6 +542,42 @@ class Capture:
                 torch.randint(0, 2 ** 62, (1,)).item())
             self.generator.manual_seed(seed)
         return self.generator
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _empty_batch(where: str) -> ValueError:
+    return ValueError(
+        f"an empty batch (0 examples) reached {where} in a K-FAC step: the factors are "
+        f"averages over the batch's examples and there are none; skip empty batches (e.g. "
+        f"DataLoader(drop_last=True) or `if len(x) == 0: continue`), or run such a pass inside "
+        f"`with opt.paused():`")
+
+
+def _transformed(*tensors) -> bool:
+    """Is a torch.func transform running (vmap, grad, jacrev, jacfwd, jvp), or is any of the
+    tensors one of its wrappers? Such passes are not the step's."""
+    if _functorch is None:
+        return False
+    if _functorch.maybe_current_level() is not None:
+        return True
+    return any(isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t)
+               for t in tensors)
+
+
+def _accumulates(acc) -> bool:
+    """Does the running backward pass write into the .grad of the weight whose AccumulateGrad
+    node is ``acc``? ``loss.backward()`` does; ``torch.autograd.grad`` does not (torch reports a
+    running autograd.grad by refusing the question for a leaf's node), nor does
+    ``backward(inputs=...)`` without this weight. Unknown (no node, no API): True."""
+    if acc is None or _will_execute is None:
+        return True
+    try:
+        return bool(_will_execute(acc))
+    except RuntimeError:
+        return False
 
 
 def _remove_hooks(handles: list) -> None:

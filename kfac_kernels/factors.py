@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import ops
+from ._numerics import flush_all_
 from .arena import Arena
 from .averaging import blend_, first_estimate_weights, running_average_
 from .blocks import Block, SyrkJob
@@ -179,7 +180,10 @@ class FactorStatistics:
         ``factor_every > 1`` the estimate buffers are freed afterwards (see
         :meth:`kfac_kernels.arena.Arena.drop_estimates`)."""
         try:
-            return self._merge_all(stats, reject)
+            bad = self._merge_all(stats, reject)
+            # no subnormal numbers in the running factors (they slow every product after)
+            flush_all_(t for b in stats for t in (b.A, b.G))
+            return bad
         finally:
             if self.opts.factor_every > 1:
                 self.arena.drop_estimates()

@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import torch
 
+from ._numerics import flush_all_
 from .blocks import Block
 
 __all__ = ["Preconditioning", "ShapeGroup"]
@@ -78,6 +79,8 @@ class Preconditioning:
     def _build_plans(self, damping: float) -> None:
         for g in self.groups:
             plan = self.kind.plan(g.blocks, g.stacks, damping)
+            if plan is not None:     # no subnormal numbers in the plan's products
+                flush_all_(getattr(plan, k) for k in plan._TERMS)
             g.plan = plan.single() if (plan is not None and g.single) else plan
         self._plan_damping = damping
 

@@ -73,9 +73,8 @@ class Block:
         self.out_dim = self.weight.shape[0]
         # including the homogeneous coord (from the shape: a sharded weight is not indexed)
         self.in_dim = math.prod(self.weight.shape[1:]) + int(self.has_bias)
-        if factor_dtype is None:
-            factor_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        self.factor_dtype = factor_dtype
+        self._follow_weight = factor_dtype is None   # factor_dtype not given: the weight's
+        self.factor_dtype = factor_dtype or _dtype_for(self.weight)
 
         # running factors and their update count (device tensors: no host sync to maintain)
         self.A: Optional[torch.Tensor] = None
@@ -101,6 +100,13 @@ class Block:
         # pass of a step, and calls dropped from ``inputs`` with a stale step
         self._inputs_at_backward = 0
         self._call_offset = 0
+
+    def follow_weight_dtype(self) -> None:
+        """Before the first factor update, with ``factor_dtype`` not given: take the weight's
+        dtype as it is now (a ``model.double()`` after ``KFAC(model)`` gets float64 factors).
+        Once factors exist their dtype stays (convert the model before the first step)."""
+        if self._follow_weight and self.A is None:
+            self.factor_dtype = _dtype_for(self.weight)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -271,6 +277,11 @@ class Block:
         if self.A_ready is not None:
             return self.acc_examples
         return self.batch_size(self.inputs[0])
+
+
+def _dtype_for(weight: torch.Tensor) -> torch.dtype:
+    """Factors of a float64 weight are float64; of any other, float32."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def rows_jobs_expand(xs: List[torch.Tensor], k: int, homogeneous: bool) -> List[SyrkJob]:

@@ -34,17 +34,34 @@ def teacher_batch(step: int, n: int, dim: int, classes: int, device) -> tuple:
     return x.to(device), y.to(device)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options the DDP and FSDP2 examples share (same task, same defaults)."""
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=64, help="examples per rank per step")
-    ap.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     ap.add_argument("--curvature", default="fisher", choices=("empirical", "fisher", "ggn"))
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.0,
                     help="heavy-ball momentum (0: with the KL clip binding, momentum 0.9 "
                          "overshoots on this task and plateaus)")
     ap.add_argument("--log-every", type=int, default=20)
+    return ap
+
+
+#: K-FAC's settings in both examples, besides lr, momentum and curvature from the command line
+KFAC_SETTINGS = dict(damping=1e-2, likelihood="categorical", inverse_every=10, kl_clip=1e-2,
+                     seed=0)
+
+
+def held_out_loss(model, dim: int, classes: int, device) -> float:
+    """Cross-entropy on 2,048 held-out examples of the teacher task (the same on every rank)."""
+    xt, yt = teacher_batch(-1, 2048, dim, classes, device)
+    with torch.no_grad():
+        return float(F.cross_entropy(model(xt), yt))
+
+
+def main(argv=None) -> int:
+    ap = training_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap.add_argument("--fraction", type=float, default=1.0, help="grad_worker_fraction")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -62,17 +79,13 @@ def main(argv=None) -> int:
     model = nn.Sequential(nn.Linear(dim, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(),
                           nn.Linear(128, classes)).to(device)
     ddp = DDP(model, device_ids=[local_rank] if cuda else None)
-    opt = kk.KFAC(ddp, lr=args.lr, momentum=args.momentum, damping=1e-2, curvature=args.curvature,
-                  likelihood="categorical", inverse_every=10, kl_clip=1e-2, seed=0,
-                  grad_worker_fraction=args.fraction)
+    opt = kk.KFAC(ddp, lr=args.lr, momentum=args.momentum, curvature=args.curvature,
+                  grad_worker_fraction=args.fraction, **KFAC_SETTINGS)
     if rank == 0:
         print(opt.describe(), flush=True)
 
-    xt, yt = teacher_batch(-1, 2048, dim, classes, device)     # held out: the same on every rank
-
     def test_loss() -> float:
-        with torch.no_grad():
-            return float(F.cross_entropy(model(xt), yt))
+        return held_out_loss(model, dim, classes, device)
 
     first = test_loss()
     if rank == 0:

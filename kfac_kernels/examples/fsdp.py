@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 
 import kfac_kernels as kk
-from kfac_kernels.examples.ddp import teacher_batch
+from kfac_kernels.examples.ddp import KFAC_SETTINGS, held_out_loss, teacher_batch, training_args
 
 
 def build(device, dim: int, classes: int, args):
@@ -38,8 +38,8 @@ def build(device, dim: int, classes: int, args):
         if isinstance(layer, nn.Linear):
             fully_shard(layer)              # parameters become DTensors sharded on dim 0
     fully_shard(model)
-    opt = kk.KFAC(model, lr=args.lr, momentum=0.9, damping=1e-2, curvature=args.curvature,
-                  likelihood="categorical", inverse_every=10, kl_clip=1e-2, seed=0)
+    opt = kk.KFAC(model, lr=args.lr, momentum=args.momentum, curvature=args.curvature,
+                  **KFAC_SETTINGS)
     return model, opt
 
 
@@ -63,12 +63,7 @@ def train(model, opt, steps, start, args, world, rank, dim, classes, device, log
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=64, help="examples per rank per step")
-    ap.add_argument("--curvature", default="fisher", choices=("empirical", "fisher", "ggn"))
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--log-every", type=int, default=20)
+    ap = training_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -85,6 +80,9 @@ def main(argv=None) -> int:
     model, opt = build(device, dim, classes, args)
     if rank == 0:
         print(opt.describe(), flush=True)
+    first = held_out_loss(model, dim, classes, device)
+    if rank == 0:
+        print(f"test loss before training {first:.4f}", flush=True)
     half = args.steps // 2
     train(model, opt, half, 0, args, world, rank, dim, classes, device)
 
@@ -99,6 +97,9 @@ def main(argv=None) -> int:
     dist.barrier()
 
     train(model, opt, args.steps - half, half, args, world, rank, dim, classes, device)
+    last = held_out_loss(model, dim, classes, device)
+    if rank == 0:
+        print(f"test loss {first:.4f} -> {last:.4f}", flush=True)
 
     # resume from the checkpoint into fresh objects and replay the second half
     ckpt = torch.load(path[0], map_location=device, weights_only=False)

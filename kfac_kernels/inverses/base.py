@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import ops
+from .._numerics import flush_all_
 from ..ops.reference import pinv_cut
 from .plan import StepPlan, reciprocal_or_zero, two_sided
 
@@ -131,6 +132,9 @@ class InverseKind:
         for b in blocks:
             if b.diag_A and (only is None or (b, "A") in only):
                 b.inverse["lamA"] = b.A.to(b.factor_dtype, copy=True)
+        # no subnormal numbers in the decompositions (they slow every product after)
+        flush_all_(v for b in blocks for v in b.inverse.values()
+                   if isinstance(v, torch.Tensor))
 
     def decompose_units(self, units, only: Optional[set], inverse_updates: int) -> None:
         raise NotImplementedError

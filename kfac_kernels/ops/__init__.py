@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from . import _decomp_policy, _library, _registry, reference
+from . import _decomp_policy, _fallback, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
 
 _compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
@@ -37,12 +37,16 @@ __all__ = [
     "kron_rotate",
     "inverse_root",
     "eigenbasis_power_step",
+    "fallback_counts",
     "reference",
     "BackendUnavailable",
     "NotSupported",
     "backend_status",
     "available_backends",
 ]
+
+#: how many matrices the decompositions' repair handled in this process (see ops/_fallback.py)
+fallback_counts = _fallback.counts
 
 _FACTOR_DTYPES = (torch.float32, torch.float64)
 _INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -268,15 +272,20 @@ def symeig(factors: torch.Tensor, *, method: str = "auto",
                        return_info=return_info, **options)
 
 
-def _run_symeig(factors, method, backend, **kwargs):
-    """symeig's dispatch after the checks (shared with its torch.library custom op)."""
+def _run_symeig(factors, method, backend, return_info=False, **kwargs):
+    """symeig's dispatch after the checks (shared with its torch.library custom op), then the
+    repair of matrices that failed on a finite input (:mod:`._fallback`)."""
+    kwargs["return_info"] = True
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
         plan = _decomp_policy.symeig_plan(n, batch, method, kwargs.get("prev_eigenvectors")
                                           is not None)
-        return _decomp_policy.run("symeig", plan, factors.device, (factors,), kwargs, "method")
-    return _registry.call("symeig", backend, factors.device, factors, method=method, **kwargs)
+        out = _decomp_policy.run("symeig", plan, factors.device, (factors,), kwargs, "method")
+    else:
+        out = _registry.call("symeig", backend, factors.device, factors, method=method, **kwargs)
+    lam, q, info = _fallback.repair_symeig(factors, *out)
+    return (lam, q, info) if return_info else (lam, q)
 
 
 def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False,
@@ -298,15 +307,21 @@ def damped_inverse(factors: torch.Tensor, damping, *, return_info: bool = False,
 
 
 def _run_damped_inverse(factors, damping, backend, return_info):
-    """damped_inverse's dispatch after the checks (shared with its torch.library custom op)."""
+    """damped_inverse's dispatch after the checks (shared with its torch.library custom op),
+    then a float64 retry of matrices that failed on a finite input (:mod:`._fallback`)."""
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
         plan = _decomp_policy.damped_inverse_plan(n, batch)
-        return _decomp_policy.run("damped_inverse", plan, factors.device, (factors, damping),
-                                  dict(return_info=return_info), "variant")
-    return _registry.call("damped_inverse", backend, factors.device, factors, damping,
-                          return_info=return_info)
+        inv, info = _decomp_policy.run("damped_inverse", plan, factors.device, (factors, damping),
+                                       dict(return_info=True), "variant")
+    else:
+        inv, info = _registry.call("damped_inverse", backend, factors.device, factors, damping,
+                                   return_info=True)
+    inv, info = _fallback.repair_damped_inverse(
+        factors, damping, inv, info,
+        lambda f, d: reference.damped_inverse(f, d, return_info=True))
+    return (inv, info) if return_info else inv
 
 
 # ----------------------------------------------------------------------------- preconditioning
@@ -609,11 +624,8 @@ def inverse_root(factors: torch.Tensor, root: float, *, epsilon: float = 0.0,
 
 
 def _run_inverse_root(factors, root, epsilon, method, prev_eigenvectors, backend):
-    """inverse_root after the checks: symeig's dispatch, then the root from the eigenpairs."""
-    if backend == "torch":
-        return _registry.call("inverse_root", "torch", factors.device, factors, root,
-                              epsilon=epsilon, method=method,
-                              prev_eigenvectors=prev_eigenvectors, return_eigenvectors=True)
+    """inverse_root after the checks: symeig's dispatch (with its repair of failed matrices),
+    then the root from the eigenpairs (``reference.inverse_root`` is the same two steps)."""
     lam, q = _run_symeig(factors, method, _registry.op_backend(backend, "symeig"),
                          prev_eigenvectors=prev_eigenvectors)
     return reference.root_from_eig(lam, q, root, epsilon), q

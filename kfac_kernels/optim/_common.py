@@ -155,6 +155,10 @@ class StackedOptimizer(torch.optim.Optimizer):
         self._factor_dtype = factor_dtype
         self._batch = bool(batch_shapes)
         self._layout: Dict[int, tuple] = {}
+        #: matrices whose root / eigenbasis refresh came back non-finite (the previous one was
+        #: kept); the ops already repair failures on finite input, so this counts non-finite
+        #: factors (a NaN gradient accumulated) or a repair that failed too
+        self.failed_refreshes = 0
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -219,6 +223,21 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def _group_step(self, group: dict, sg: ShapeGroup) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def _kept_if_failed(self, new: torch.Tensor, old: Optional[torch.Tensor]) -> torch.Tensor:
+        """``new`` [B, n, n], with each matrix that is not finite replaced by its ``old`` one
+        (zero where there is none yet: that parameter's preconditioned update is zero until the
+        next refresh), counted in ``failed_refreshes``. One host read per refresh."""
+        ok = torch.isfinite(new.sum((-2, -1), dtype=torch.float64))
+        if bool(ok.all()):
+            return new
+        self.failed_refreshes += int((~ok).sum())
+        prev = old if old is not None else torch.zeros_like(new)
+        return torch.where(ok[:, None, None], new, prev.to(new.dtype))
+
+    def stats(self) -> Dict[str, int]:
+        """Counters for loggers: ``failed_refreshes`` (see the attribute)."""
+        return {"failed_refreshes": self.failed_refreshes}
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict):

@@ -145,9 +145,10 @@ class Shampoo(StackedOptimizer):
         root, q = ops.inverse_root(F, 4, epsilon=eps, method="refresh" if warm else "eigh",
                                    prev_eigenvectors=prev, return_eigenvectors=True,
                                    backend=self._b("inverse_root"))
-        sg.put(f"{side}_root", root)
+        old = sg.buffer(f"{side}_root", _missing) if sg.has(f"{side}_root") else None
+        sg.put(f"{side}_root", self._kept_if_failed(root, old))
         if group["root_method"] == "refresh":
-            sg.put(f"{side}_eigvecs", q)
+            sg.put(f"{side}_eigvecs", self._kept_if_failed(q, prev))
 
     def _graft(self, group, sg, G, U, t):
         kind = group["grafting"]

@@ -92,7 +92,9 @@ class SOAP(StackedOptimizer):
                                            backend=self._b("gradient_factor_update"))
                 for side, F in (("QL", L), ("QR", R)):
                     if F is not None:
-                        sg.put(side, ops.symeig(F, method="eigh", backend=self._b("symeig"))[1])
+                        q = ops.symeig(F, method="eigh", backend=self._b("symeig"))[1]
+                        # a failed first basis: the identity (Adam in that coordinate system)
+                        sg.put(side, self._kept_if_failed(q, _identity(q)))
                 return
             QL = sg.buffer("QL", _missing) if sg.left else None
             QR = sg.buffer("QR", _missing) if sg.right else None
@@ -140,6 +142,7 @@ class SOAP(StackedOptimizer):
                 Qn, _ = ops.eigenbasis_power_step(F, Q, backend=self._b("eigenbasis_power_step"))
             else:
                 Qn = ops.symeig(F, method="eigh", backend=self._b("symeig"))[1]
+            Qn = self._kept_if_failed(Qn, Q)
             turns.append(Q.transpose(-1, -2) @ Qn)
             sg.put(name, Qn)
         m = sg.buffer("exp_avg", _missing)
@@ -151,6 +154,10 @@ def _debiased(beta: float, t: int) -> float:
     (1 - beta^t)``, ``x_t = beta_t x_{t-1} + (1 - beta_t) y_t`` equals the plain average
     ``sum_i (1 - beta) beta^(t-i) y_i`` divided by ``1 - beta^t`` (``beta_1 = 0``)."""
     return 1.0 - (1.0 - beta) / (1.0 - beta ** t)
+
+
+def _identity(q: torch.Tensor) -> torch.Tensor:
+    return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
 
 
 def _missing():  # pragma: no cover - the first step creates every buffer the others read
