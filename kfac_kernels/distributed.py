@@ -221,9 +221,9 @@ def _slot_numel(shape, sym: bool) -> int:
 
 def factor_slot(b, which: str) -> Tuple[Tuple[int, ...], bool]:
     """(shape, symmetric) of block ``b``'s factor ``which`` ("A" or "G") as the engine computes
-    it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal A."""
+    it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal side."""
     n = b.in_dim if which == "A" else b.out_dim
-    if which == "A" and b.diag_A:
+    if b.is_diagonal(which):
         return (n,), False
     return ((b.num_stack, n, n) if b.stacked else (n, n)), True
 
@@ -673,7 +673,8 @@ class DistributedKFAC(LocalComm):
         """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``, as
         the inverse kind stores them (with a leading ``num_stack`` dim for a stacked block)."""
         lead = (b.num_stack,) if b.stacked else ()
-        return [(key, (shape if key == "lamA" and b.diag_A else lead + tuple(shape)), sym)
+        return [(key, (shape if key == "lam" + w and b.is_diagonal(w) else lead + tuple(shape)),
+                 sym)
                 for w in whichs for key, shape, sym in self.kind.entries(b, w)]
 
     def _check_entries(self, units) -> None:
@@ -865,11 +866,12 @@ def assign(blocks, k: int, world: int, assignment: str) -> List[Tuple[Any, Tuple
 
 def _cost(b, whichs, p: int) -> float:
     """Cost model of decomposing ``whichs`` of block ``b``: n^p per matrix (p = 3: compute,
-    2: memory), times the stack of a stacked block; a diagonal A costs n (nothing to decompose)."""
+    2: memory), times the stack of a stacked block; a diagonal side costs n (nothing to
+    decompose)."""
     total = 0.0
     for w in whichs:
         n = b.in_dim if w == "A" else b.out_dim
-        total += float(n) if (w == "A" and b.diag_A) else float(b.num_stack) * float(n) ** p
+        total += float(n) if b.is_diagonal(w) else float(b.num_stack) * float(n) ** p
     return total
 
 

@@ -29,6 +29,7 @@ LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 DAMPING_MODES = ("eigen", "pi")
 WEIGHT_SHARING = ("expand", "reduce")
 ASSIGNMENTS = ("compute", "memory", "round_robin")
+LARGE_FACTORS = ("diagonal", "first_order", "error")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -206,6 +207,13 @@ OPTIONS: Tuple[Option, ...] = (
            _names),
     Option("factor_storage_dtype", None, "engine", "None, or torch.bfloat16 to keep the running "
            "factors in bf16 (averaged and decomposed in factor_dtype)", _storage_dtype),
+    Option("max_factor_dim", 8192, "engine", "largest side n of a dense Kronecker factor (n x n "
+           "entries, an n-wide eigendecomposition); a side above it (a vocabulary-sized head or "
+           "embedding) is handled as large_factor says", positive_int),
+    Option("large_factor", "diagonal", "engine", "what a factor side above max_factor_dim gets: "
+           "'diagonal' (keep that factor's diagonal, exact K-FAC for it; docs/math.md), "
+           "'first_order' (the whole layer takes the first-order rule, with a warning) or "
+           "'error'", choice(*LARGE_FACTORS)),
     Option("distributed", None, "distributed", "None: on when torch.distributed is initialised "
            "with several processes; True: required; False: never", _enabled, agree=False),
     Option("process_group", None, "distributed", "the process group (default: the default "
