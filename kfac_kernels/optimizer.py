@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import amp, options
 from .discovery import fallback_warning
 from .engine import KFACEngine, KFACWarning
-from .pipeline import StepPipeline
+from .pipeline import ClipCount, StepPipeline
 
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
@@ -102,6 +102,24 @@ class _EngineViews:
         self._last_nu = nu
         if getattr(self, "_track_updates", False):
             self._last_updates = {b.name: u for b, u in U.items()}
+
+    def _count_clip(self, ok: Optional[torch.Tensor], warn: bool) -> None:
+        """Count whether this step's KL clip bound (device counters, :class:`ClipCount`); with
+        ``warn``, a clip that bound on every step of a window is warned about (read later)."""
+        nu = getattr(self, "_last_nu", None)
+        if not isinstance(nu, torch.Tensor) or nu is getattr(self, "_counted_nu", None):
+            return
+        self._counted_nu = nu
+        full = self.clip_count.record(nu, ok)
+        if full is not None and warn and self.engine.opts.kl_clip_mode == "step":
+            w = self.clip_count.window
+            self.engine.health.push(full, [(("kl_clip", "binds"), (
+                f"the KL clip bound on every one of the last {w} steps: while it binds, the "
+                f"step is sqrt(kl_clip / <U, V>) U whatever lr is, so lr has no effect "
+                f"(opt.stats()['kl_clip/bind_fraction'] counts it). To make lr the step size "
+                f"again, raise kl_clip until it binds only on outlier steps, or pass "
+                f"kl_clip_mode='direction' (the clip bounds the direction, lr scales the step; "
+                f"docs/math.md, 'The update')"))])
 
     def paused(self):
         """Context manager: forward/backward passes inside are not captured for the factors
@@ -193,6 +211,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                                        decay=opts.damping_adaptation_decay,
                                        bounds=opts.damping_bounds)
         self._skipped = 0
+        self.clip_count = ClipCount()
         self._driven = False         # this step came through scaler.step(opt)
         self.engine = KFACEngine(model, opts, trainable=trainable)
         self.pipeline = StepPipeline(self.engine)
@@ -415,7 +434,9 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:
-        """Count a rejected step (warned once, read later: no host sync) and close the step."""
+        """Count a rejected step (warned once, read later: no host sync), count whether the KL
+        clip bound, and close the step."""
+        self._count_clip(ok, warn=True)
         if ok is not None:
             bad = ~ok
             self._skipped = self._skipped + bad.to(torch.int64)
@@ -445,7 +466,8 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         sd["kfac"]["kl_clip"] = self.kl_clip
         sd["kfac"]["optimizer"] = {"skipped_steps": self._skipped, "damping": self.damping,
                                    "control": (None if self.control is None
-                                               else self.control.state_dict())}
+                                               else self.control.state_dict()),
+                                   "kl_clip_count": self.clip_count.state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -464,6 +486,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
             self._skipped = skipped.to(dev) if isinstance(skipped, torch.Tensor) else skipped
             if self.control is not None and extra.get("control") is not None:
                 self.control.load_state_dict(extra["control"])
+            self.clip_count.load_state_dict(extra.get("kl_clip_count"), dev)
 
 
 class KFACPreconditioner(_EngineViews):
@@ -488,6 +511,7 @@ class KFACPreconditioner(_EngineViews):
         self.lr = opts.lr
         self.kl_clip = opts.kl_clip
         self.grad_scaler = opts.grad_scaler
+        self.clip_count = ClipCount()
         self.engine = KFACEngine(model, opts)
         self.pipeline = StepPipeline(self.engine)
         self._warn_fallback((), "the base optimiser's own rule on the raw gradient")
@@ -520,6 +544,7 @@ class KFACPreconditioner(_EngineViews):
         pipe.curvature(ok, g_rescale)
         U, _, nu = pipe.directions(pipe.gradients(), None, self.kl_clip, self.lr)
         self._record(U, nu)
+        self._count_clip(ok, warn=False)
         local = eng.comm.local_part
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):
@@ -530,10 +555,14 @@ class KFACPreconditioner(_EngineViews):
         pipe.end()
 
     def state_dict(self) -> dict:
-        return self.engine.state_dict()
+        sd = self.engine.state_dict()
+        sd["kl_clip_count"] = self.clip_count.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.engine.load_state_dict(sd)
+        dev = next(iter(self.engine.blocks.values())).weight.device
+        self.clip_count.load_state_dict(sd.get("kl_clip_count"), dev)
 
 
 KFAC.__init__.__signature__ = options.signature("KFAC")

@@ -30,6 +30,7 @@ DAMPING_MODES = ("eigen", "pi")
 WEIGHT_SHARING = ("expand", "reduce")
 ASSIGNMENTS = ("compute", "memory", "round_robin")
 LARGE_FACTORS = ("diagonal", "first_order", "error")
+KL_CLIP_MODES = ("step", "direction")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -225,6 +226,11 @@ OPTIONS: Tuple[Option, ...] = (
            "ranks: 'compute' (n^3), 'memory' (n^2), 'round_robin'", choice(*ASSIGNMENTS)),
     Option("bucket_cap_mb", 25.0, "distributed", "largest message of one collective (MiB)",
            _bucket),
+    Option("kl_clip_mode", "step", "step", "what kl_clip bounds: 'step' (lr^2 sum <U, V>, the "
+           "step's predicted KL: while the clip binds the step is sqrt(C / sum <U, V>) U and lr "
+           "has no effect) or 'direction' (sum <U, V>, before lr: the direction is scaled by "
+           "min(1, sqrt(C / sum <U, V>)) and lr always scales the step); opt.stats() counts the "
+           "steps on which the clip binds (docs/math.md, 'The update')", choice(*KL_CLIP_MODES)),
     Option("grad_scaler", None, "step", "the torch.amp.GradScaler whose scaled loss is "
            "back-propagated"),
     Option("skip_nonfinite", True, "step", "a step with non-finite gradients or update changes "

@@ -296,7 +296,7 @@ def test_gpt2_small_shapes_step_within_the_factor_memory_bound():
         opt.zero_grad()
         opt.backward(loss, out)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         held = _held_bytes(opt.engine)
         assert 0 < held <= bound, (held, bound)
     assert all(math.isfinite(v) for v in losses)
