@@ -90,8 +90,14 @@ def discover(model, opts, trainable: Optional[set], conv_backend: str
         if reason:
             for pat in wanted:
                 why_not[pat].append(f"{mname or '<model>'} ({type(mod).__name__}): {reason}")
+            tied = reason.startswith("parameter shared")
             for pn, p in direct:
-                leave(f"{mname}.{pn}" if mname else pn, p, reason)
+                why = reason
+                if tied and len(set(owner[id(p)])) == 1:    # e.g. the bias beside a tied weight
+                    shared = [n for n, q in direct if len(set(owner[id(q)])) > 1]
+                    why = (f"its module's {', '.join(shared)} is shared with another module "
+                           f"(tied weights), so the module has no block")
+                leave(f"{mname}.{pn}" if mname else pn, p, why)
             continue
         for pat in wanted:
             why_not[pat].append("")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -63,6 +64,13 @@ class KFACEngine:
         self.factors = FactorStatistics(opts, self.health, self.op_backend)
         self.blocks, self.fallback = discover(model, opts, trainable,
                                               self.op_backend("conv_input_factor"))
+        # every parameter of the model by name (a parameter added to the optimiser later is
+        # named, with the reason it has no block)
+        self.param_names: Dict[int, str] = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), pname)
+        self.closed = False
+        _claim_modules(self)
         self.steps = 0                     # completed optimiser steps
         self.factor_updates = 0            # factor updates performed
         self.inverse_updates = 0
@@ -130,6 +138,11 @@ class KFACEngine:
     def close(self) -> None:
         """Remove every hook this engine registered (steps after it keep the last factors)."""
         self.capture.close()
+        self.closed = True
+        for b in self.blocks.values():
+            ref = _HOOKED.get(b.module)
+            if ref is not None and ref() is self:
+                del _HOOKED[b.module]
 
     # ------------------------------------------------------------------ factor update
     def finish_factor_update(self, reject: Optional[torch.Tensor] = None,
@@ -387,6 +400,32 @@ class KFACEngine:
             return ops._registry.resolve(op, self.opts.backend, dev)
         except ops.BackendUnavailable as exc:
             return f"unavailable ({exc})"
+
+
+# module -> weak reference to the engine whose capture hooks it carries
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _claim_modules(engine: "KFACEngine") -> None:
+    """Record ``engine`` as the one whose hooks its blocks' modules carry, warning when another
+    live, unclosed engine already put its hooks there (two optimisers on one model)."""
+    other = []
+    for name, b in engine.blocks.items():
+        ref = _HOOKED.get(b.module)
+        prev = ref() if ref is not None else None
+        if prev is not None and prev is not engine and not prev.closed:
+            other.append(name or "<model>")
+        _HOOKED[b.module] = weakref.ref(engine)
+    if other:
+        import warnings
+        shown = ", ".join(map(repr, other[:6])) + (", ..." if len(other) > 6 else "")
+        warnings.warn(
+            f"kfac_kernels: modules {shown} already carry the hooks of another live K-FAC "
+            f"optimiser (KFAC or KFACPreconditioner) on this model: both record every forward "
+            f"and backward pass (twice the capture memory and time) and the other one keeps "
+            f"collecting statistics. Call close() on the old optimiser (or drop every "
+            f"reference to it) before building a new one on the same model",
+            KFACWarning, stacklevel=4)
 
 
 class _WeakCall:

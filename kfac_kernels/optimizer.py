@@ -262,13 +262,48 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         """{id(param): its param group}."""
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
-    def _outside_model(self) -> List[Tuple[str, torch.Tensor, str]]:
-        """Parameters of the param groups that no module of the model holds."""
+    def _outside_model(self, params=None) -> List[Tuple[str, torch.Tensor, str]]:
+        """Parameters of the param groups (or of ``params``) that have neither a block nor a
+        reason recorded at construction: parameters no module of the model holds, and the
+        model's parameters that were frozen or not in the optimiser when KFAC was built (added
+        later with ``add_param_group``)."""
         in_blocks = self.engine.block_params()
         known = {id(p) for _, p, _ in self.engine.fallback}
-        return [(f"param {tuple(p.shape)}", p, "not in a module of the model given to KFAC")
-                for g in self.param_groups for p in g["params"]
-                if id(p) not in in_blocks and id(p) not in known]
+        names = self.engine.param_names
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+        out = []
+        for p in params:
+            if id(p) in in_blocks or id(p) in known:
+                continue
+            if id(p) in names:
+                out.append((names[id(p)], p, "frozen (requires_grad=False) or not in the "
+                            "optimiser when KFAC was built, so its module has no block"))
+            else:
+                out.append((f"param {tuple(p.shape)}", p,
+                            "not in a module of the model given to KFAC"))
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``. K-FAC finds its blocks when it is built, so a parameter
+        added later (e.g. a layer unfrozen during fine-tuning) takes the plain SGD step; a weight
+        matrix among them is warned about with the remedy."""
+        super().add_param_group(param_group)
+        if getattr(self, "engine", None) is None:      # torch's __init__ adds the first groups
+            return
+        extra = self._outside_model(self.param_groups[-1]["params"])
+        hit = [(n, p) for n, p, _ in extra if p.dim() >= 2]
+        if hit:
+            shown = ", ".join(f"{n} {tuple(p.shape)}" for n, p in hit[:10])
+            warnings.warn(
+                f"kfac_kernels: add_param_group: {len(hit)} weight parameter"
+                f"{'s' if len(hit) > 1 else ''} ({shown}) take{'' if len(hit) > 1 else 's'} a "
+                f"plain SGD step with K-FAC's lr, not K-FAC: K-FAC finds its blocks when it is "
+                f"built, and {'they were' if len(hit) > 1 else 'it was'} frozen "
+                f"(requires_grad=False), not in its param groups, or outside the model then. "
+                f"Remedy: build KFAC with the layer trainable (requires_grad=True) and in its "
+                f"param groups from the start (a group with lr=0 keeps it still until you raise "
+                f"its lr); describe() lists it", KFACWarning, stacklevel=2)
 
     def describe(self) -> str:
         """Blocks, shapes, backends and the parameters left to the first-order rule."""
