@@ -106,6 +106,7 @@ def test_stats_count_the_binding_steps_on_the_device():
     assert st["kl_clip/steps"] == 5 and st["kl_clip/binds"] == 3
     assert st["kl_clip/bind_fraction"] == pytest.approx(0.6)
     # kept in checkpoints
+    opt.close()
     other = kk.KFAC(model, lr=0.1, curvature="ggn", likelihood="categorical", kl_clip=1e6)
     other.load_state_dict(opt.state_dict())
     st2 = other.stats(sync=True)

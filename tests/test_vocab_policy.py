@@ -202,10 +202,12 @@ def test_checkpoint_with_other_diagonal_sides_is_refused():
     model = Wide().double()
     opt = _run(model, max_factor_dim=20, steps=1)
     sd = opt.state_dict()
+    opt.close()
     other = kk.KFAC(model, lr=0.05)
     with pytest.raises(ValueError, match="kept its factor A as its diagonal there and keeps "
                                          "it dense here.*max_factor_dim"):
         other.load_state_dict(sd)
+    other.close()
     same = kk.KFAC(model, lr=0.05, max_factor_dim=20)
     same.load_state_dict(sd)
     torch.testing.assert_close(same.blocks["out"].G, opt.blocks["out"].G)
