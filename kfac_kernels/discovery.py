@@ -5,6 +5,11 @@ has a block type (:func:`kfac_kernels.blocks.block_type_for`), its weight is tra
 the optimiser, it is not excluded by ``skip=`` / ``only=`` and its parameters are not shared
 with another module. Every other trainable parameter is a *fallback* parameter, kept with the
 reason, and takes the optimiser's first-order rule (``describe()`` lists them).
+
+A factor side larger than ``max_factor_dim`` (a vocabulary-sized head or embedding: a dense
+50,257 x 50,257 G is 10 GB in float32) is handled as ``large_factor`` says
+(:func:`large_factor_policy`): kept as its diagonal, the layer left to the first-order rule, or
+an error naming the remedies.
 """
 from __future__ import annotations
 
@@ -85,13 +90,26 @@ def discover(model, opts, trainable: Optional[set], conv_backend: str
         if reason:
             for pat in wanted:
                 why_not[pat].append(f"{mname or '<model>'} ({type(mod).__name__}): {reason}")
+            tied = reason.startswith("parameter shared")
             for pn, p in direct:
-                leave(f"{mname}.{pn}" if mname else pn, p, reason)
+                why = reason
+                if tied and len(set(owner[id(p)])) == 1:    # e.g. the bias beside a tied weight
+                    shared = [n for n, q in direct if len(set(owner[id(q)])) > 1]
+                    why = (f"its module's {', '.join(shared)} is shared with another module "
+                           f"(tied weights), so the module has no block")
+                leave(f"{mname}.{pn}" if mname else pn, p, why)
             continue
         for pat in wanted:
             why_not[pat].append("")
         block = cls(mname, mod, weight_sharing=opts.weight_sharing,
                     factor_dtype=opts.factor_dtype, backend=conv_backend)
+        reason = large_factor_policy(block, opts)
+        if reason:
+            for pat in wanted:
+                why_not[pat][-1] = f"{mname or '<model>'} ({type(mod).__name__}): {reason}"
+            for pn, p in direct:
+                leave(f"{mname}.{pn}" if mname else pn, p, reason)
+            continue
         blocks[mname] = block
         claimed.update(id(p) for p in block.params)
         for pn, p in direct:   # e.g. a frozen-weight module's trainable bias
@@ -109,6 +127,59 @@ def discover(model, opts, trainable: Optional[set], conv_backend: str
             "normalisation layers, kfac_kernels.nn cells); fallback parameters: "
             + (_by_module(fallback) or "none"))
     return blocks, fallback
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes for people (decimal units)."""
+    n = float(nbytes)
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def large_factor_policy(block: Block, opts) -> str:
+    """Apply ``large_factor`` to the sides of ``block`` larger than ``max_factor_dim``: with
+    "diagonal" they become diagonal (:meth:`Block.make_diagonal`) and "" is returned; with
+    "first_order", or where a diagonal side is not available, the reason the layer is left to
+    the first-order rule; with "error" a ValueError naming the remedies."""
+    limit = opts.max_factor_dim
+    large = [(w, block.factor_dim(w)) for w in ("A", "G")
+             if not block.is_diagonal(w) and block.factor_dim(w) > limit]
+    if not large:
+        return ""
+    name = block.name or "<model>"
+    dtype = block.factor_dtype
+    what = " and ".join(
+        f"{w} would be {n} x {n} ({size_text(n * n * block.num_stack * _itemsize(dtype))} in "
+        f"{str(dtype).replace('torch.', '')})" for w, n in large)
+    over = f"factor {what}, above max_factor_dim={limit}"
+    if opts.large_factor == "error":
+        raise ValueError(
+            f"module {name!r} ({type(block.module).__name__}): its Kronecker {over}. Remedies: "
+            f"large_factor='diagonal' (keep the diagonal of that factor: exact K-FAC for a "
+            f"diagonal factor, docs/math.md), large_factor='first_order' (this layer takes the "
+            f"first-order rule), skip=[{block.name!r}], or a larger max_factor_dim")
+    if opts.large_factor == "first_order":
+        return f"{over} (large_factor='first_order')"
+    why = ""
+    sides = [w for w, _ in large]
+    if len(sides) + sum(block.is_diagonal(w) for w in ("A", "G")) == 2:
+        why = "both of its factors would be diagonal"
+    elif any(w not in block.diagonal_sides for w in sides):
+        why = f"a {type(block).__name__} cannot keep that factor diagonal"
+    elif opts.inverse == "ekfac":
+        why = "inverse='ekfac' has no diagonal factor side"
+    if why:
+        return f"{over}; large_factor='diagonal' is not available: {why}"
+    for w in sides:
+        block.make_diagonal(w)
+    return ""
 
 
 def _by_module(fallback) -> str:

@@ -25,7 +25,9 @@ The optimisers (:mod:`kfac_kernels.optimizer`) drive it through :mod:`kfac_kerne
 from __future__ import annotations
 
 import contextlib
+import math
 import time
+import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -35,7 +37,7 @@ from . import ops
 from .blocks import Block
 from .capture import Capture
 from .comm import LocalComm, strategy_for, unwrap_model
-from .discovery import discover
+from .discovery import discover, size_text as _size
 from .factors import FactorStatistics
 from .health import Health, KFACWarning
 from .inverses import KINDS
@@ -62,6 +64,13 @@ class KFACEngine:
         self.factors = FactorStatistics(opts, self.health, self.op_backend)
         self.blocks, self.fallback = discover(model, opts, trainable,
                                               self.op_backend("conv_input_factor"))
+        # every parameter of the model by name (a parameter added to the optimiser later is
+        # named, with the reason it has no block)
+        self.param_names: Dict[int, str] = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), pname)
+        self.closed = False
+        _claim_modules(self)
         self.steps = 0                     # completed optimiser steps
         self.factor_updates = 0            # factor updates performed
         self.inverse_updates = 0
@@ -129,6 +138,11 @@ class KFACEngine:
     def close(self) -> None:
         """Remove every hook this engine registered (steps after it keep the last factors)."""
         self.capture.close()
+        self.closed = True
+        for b in self.blocks.values():
+            ref = _HOOKED.get(b.module)
+            if ref is not None and ref() is self:
+                del _HOOKED[b.module]
 
     # ------------------------------------------------------------------ factor update
     def finish_factor_update(self, reject: Optional[torch.Tensor] = None,
@@ -311,16 +325,30 @@ class KFACEngine:
             if tuple(entry["shape"]) != tuple(b.shape):
                 raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
                                  f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")
+            for w in ("A", "G"):
+                f = entry.get(w)
+                if f is not None and tuple(f.shape) != b.factor_shape(w):
+                    def kept(diag):
+                        return "as its diagonal" if diag else "dense"
+                    raise ValueError(
+                        f"state_dict does not fit: block {name!r} kept its factor {w} "
+                        f"{kept(f.dim() == 1)} there and keeps it {kept(b.is_diagonal(w))} here; "
+                        f"build the optimiser with the max_factor_dim / large_factor it was "
+                        f"saved with (max_factor_dim={self.opts.max_factor_dim}, large_factor="
+                        f"{self.opts.large_factor!r} here)")
 
     # ------------------------------------------------------------------ description
     def describe(self, extra_fallback: Sequence[Tuple[str, str]] = ()) -> str:
         o = self.opts
         dev = next(iter(self.blocks.values())).weight.device
-        rows = [("block", "module", "grad shape", "A", "G", "factors")]
+        rows = [("block", "module", "grad shape", "A", "G", "factors", "memory")]
+        totals = [0, 0, 0]
         for b in self.blocks.values():
             r = b.describe_row()
+            mem = self.factor_memory(b)
+            totals = [t + m for t, m in zip(totals, mem)]
             rows.append((r["name"] or "<model>", r["module"], r["shape"], r["A"], r["G"],
-                         str(b.factor_dtype).replace("torch.", "")))
+                         str(b.factor_dtype).replace("torch.", ""), _size(sum(mem))))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
         fmt = "  ".join("{:<%d}" % w for w in widths)
         lines = [f"K-FAC: {len(self.blocks)} blocks, curvature={o.curvature}"
@@ -330,6 +358,10 @@ class KFACEngine:
                  f"{o.inverse_every}"]
         lines += [fmt.format(*rows[0]), fmt.format(*["-" * w for w in widths])]
         lines += [fmt.format(*r) for r in rows[1:]]
+        lines.append(f"factor memory: {_size(sum(totals))} in total (running factors "
+                     f"{_size(totals[0])}, decompositions {_size(totals[1])}, a factor step's "
+                     f"estimates {_size(totals[2])}); sides above max_factor_dim="
+                     f"{o.max_factor_dim}: large_factor={o.large_factor!r}")
         lines.append("backends on " + str(dev) + ": " + ", ".join(
             f"{op}={self._backend_name(op, dev)}" for op in
             ("syrk_update", "conv_input_factor", self.kind.decomposition_op,
@@ -345,11 +377,55 @@ class KFACEngine:
             lines.append("fallback parameters: none")
         return "\n".join(lines)
 
+    def factor_memory(self, b: Block) -> Tuple[int, int, int]:
+        """Bytes of block ``b``'s curvature state, from the shapes (before any step too):
+        ``(running factors, decompositions, a factor step's estimates)``. The running factors are
+        kept in ``factor_storage_dtype`` when set, the rest in the block's factor dtype; the
+        decompositions are what the inverse kind stores (its ``entries`` and EKFAC's scalings);
+        the estimates are freed between factor steps when ``factor_every > 1``."""
+        def nbytes(numel, dtype):
+            return numel * torch.empty((), dtype=dtype).element_size()
+        numel = sum(math.prod(b.factor_shape(w)) for w in ("A", "G"))
+        lead = b.num_stack if b.stacked else 1
+        inv = sum(lead * math.prod(shape) for w in ("A", "G")
+                  for _, shape, _ in self.kind.entries(b, w))
+        if "S" in self.kind.extra_entries():
+            inv += math.prod(b.shape)
+        storage = self.opts.factor_storage_dtype or b.factor_dtype
+        return (nbytes(numel, storage), nbytes(inv, b.factor_dtype),
+                nbytes(numel, b.factor_dtype))
+
     def _backend_name(self, op: str, dev) -> str:
         try:
             return ops._registry.resolve(op, self.opts.backend, dev)
         except ops.BackendUnavailable as exc:
             return f"unavailable ({exc})"
+
+
+# module -> weak reference to the engine whose capture hooks it carries
+_HOOKED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _claim_modules(engine: "KFACEngine") -> None:
+    """Record ``engine`` as the one whose hooks its blocks' modules carry, warning when another
+    live, unclosed engine already put its hooks there (two optimisers on one model)."""
+    other = []
+    for name, b in engine.blocks.items():
+        ref = _HOOKED.get(b.module)
+        prev = ref() if ref is not None else None
+        if prev is not None and prev is not engine and not prev.closed:
+            other.append(name or "<model>")
+        _HOOKED[b.module] = weakref.ref(engine)
+    if other:
+        import warnings
+        shown = ", ".join(map(repr, other[:6])) + (", ..." if len(other) > 6 else "")
+        warnings.warn(
+            f"kfac_kernels: modules {shown} already carry the hooks of another live K-FAC "
+            f"optimiser (KFAC or KFACPreconditioner) on this model: both record every forward "
+            f"and backward pass (twice the capture memory and time) and the other one keeps "
+            f"collecting statistics. Call close() on the old optimiser (or drop every "
+            f"reference to it) before building a new one on the same model",
+            KFACWarning, stacklevel=4)
 
 
 class _WeakCall:

@@ -22,7 +22,29 @@ from .arena import Arena
 from .averaging import blend_, first_estimate_weights, running_average_
 from .blocks import Block, SyrkJob
 
-__all__ = ["FactorStatistics"]
+__all__ = ["FactorStatistics", "diag_update"]
+
+
+def diag_update(out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float,
+                homogeneous: bool) -> None:
+    """``out <- beta out + alpha diag(xbar^T xbar)`` in place: the diagonal that a syrk job
+    would write (``xbar = [x, 1]`` when ``homogeneous``), i.e. the sum over the rows of ``x`` of
+    its squared entries, without the n x n matrix (``out``: [..., n(+1)], ``x``: [..., rows,
+    n]). The sum of squares is taken as a squared norm, a reduction that makes no [rows, n]
+    temporary."""
+    n, rows = x.shape[-1], x.shape[-2]
+    sq = torch.linalg.vector_norm(x, dim=-2, dtype=out.dtype).square_().mul_(alpha)
+    body = out[..., :n]
+    if beta == 0.0:
+        body.copy_(sq)
+    else:
+        body.mul_(beta).add_(sq)
+    if homogeneous:
+        last = out[..., n]
+        if beta == 0.0:
+            last.fill_(alpha * rows)
+        else:
+            last.mul_(beta).add_(alpha * rows)
 
 
 class FactorStatistics:
@@ -89,7 +111,7 @@ class FactorStatistics:
                     continue
                 x = job.x
                 key = (tuple(x.shape), x.dtype, x.device, job.homogeneous, job.alpha,
-                       block.factor_dtype)
+                       block.factor_dtype, job.diag)
                 groups.setdefault(key, []).append((block, job))
             for members in groups.values():
                 if phase:
@@ -103,7 +125,8 @@ class FactorStatistics:
         the same input tensor (e.g. q/k/v projections of one activation) share one result."""
         x0 = members[0][1].x
         d = x0.shape[-1] + int(members[0][1].homogeneous)
-        shape = (*x0.shape[:-2], d, d)
+        diag = members[0][1].diag
+        shape = (*x0.shape[:-2], d) if diag else (*x0.shape[:-2], d, d)
         dtype = members[0][0].factor_dtype
         alpha, hom = members[0][1].alpha, members[0][1].homogeneous
         backend = self.backend("syrk_update")
@@ -116,7 +139,11 @@ class FactorStatistics:
                 out = self.arena.take((target, block), shape, dtype, x.device)
                 if out is None:
                     out = torch.empty(shape, dtype=dtype, device=x.device)
-                ops.syrk_update(out, x, alpha=alpha, beta=0.0, homogeneous=hom, backend=backend)
+                if diag:
+                    diag_update(out, x, alpha, 0.0, hom)
+                else:
+                    ops.syrk_update(out, x, alpha=alpha, beta=0.0, homogeneous=hom,
+                                    backend=backend)
                 done[key] = out
             setattr(block, target, out)
 
@@ -126,8 +153,11 @@ class FactorStatistics:
             t = getattr(block, target)
             if not t.is_contiguous():
                 t = t.contiguous()
-            ops.syrk_update(t, job.x, alpha=job.alpha, beta=1.0, homogeneous=job.homogeneous,
-                            backend=self.backend("syrk_update"))
+            if job.diag:
+                diag_update(t, job.x, job.alpha, 1.0, job.homogeneous)
+            else:
+                ops.syrk_update(t, job.x, alpha=job.alpha, beta=1.0,
+                                homogeneous=job.homogeneous, backend=self.backend("syrk_update"))
             setattr(block, target, t)
 
     # ------------------------------------------------------------------ this step's estimates

@@ -16,7 +16,7 @@ import torch.nn as nn
 from . import amp, options
 from .discovery import fallback_warning
 from .engine import KFACEngine, KFACWarning
-from .pipeline import StepPipeline
+from .pipeline import ClipCount, StepPipeline
 
 __all__ = ["KFAC", "KFACPreconditioner", "KFACWarning"]
 
@@ -102,6 +102,24 @@ class _EngineViews:
         self._last_nu = nu
         if getattr(self, "_track_updates", False):
             self._last_updates = {b.name: u for b, u in U.items()}
+
+    def _count_clip(self, ok: Optional[torch.Tensor], warn: bool) -> None:
+        """Count whether this step's KL clip bound (device counters, :class:`ClipCount`); with
+        ``warn``, a clip that bound on every step of a window is warned about (read later)."""
+        nu = getattr(self, "_last_nu", None)
+        if not isinstance(nu, torch.Tensor) or nu is getattr(self, "_counted_nu", None):
+            return
+        self._counted_nu = nu
+        full = self.clip_count.record(nu, ok)
+        if full is not None and warn and self.engine.opts.kl_clip_mode == "step":
+            w = self.clip_count.window
+            self.engine.health.push(full, [(("kl_clip", "binds"), (
+                f"the KL clip bound on every one of the last {w} steps: while it binds, the "
+                f"step is sqrt(kl_clip / <U, V>) U whatever lr is, so lr has no effect "
+                f"(opt.stats()['kl_clip/bind_fraction'] counts it). To make lr the step size "
+                f"again, raise kl_clip until it binds only on outlier steps, or pass "
+                f"kl_clip_mode='direction' (the clip bounds the direction, lr scales the step; "
+                f"docs/math.md, 'The update')"))])
 
     def paused(self):
         """Context manager: forward/backward passes inside are not captured for the factors
@@ -193,6 +211,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                                        decay=opts.damping_adaptation_decay,
                                        bounds=opts.damping_bounds)
         self._skipped = 0
+        self.clip_count = ClipCount()
         self._driven = False         # this step came through scaler.step(opt)
         self.engine = KFACEngine(model, opts, trainable=trainable)
         self.pipeline = StepPipeline(self.engine)
@@ -243,13 +262,48 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         """{id(param): its param group}."""
         return {id(p): g for g in self.param_groups for p in g["params"]}
 
-    def _outside_model(self) -> List[Tuple[str, torch.Tensor, str]]:
-        """Parameters of the param groups that no module of the model holds."""
+    def _outside_model(self, params=None) -> List[Tuple[str, torch.Tensor, str]]:
+        """Parameters of the param groups (or of ``params``) that have neither a block nor a
+        reason recorded at construction: parameters no module of the model holds, and the
+        model's parameters that were frozen or not in the optimiser when KFAC was built (added
+        later with ``add_param_group``)."""
         in_blocks = self.engine.block_params()
         known = {id(p) for _, p, _ in self.engine.fallback}
-        return [(f"param {tuple(p.shape)}", p, "not in a module of the model given to KFAC")
-                for g in self.param_groups for p in g["params"]
-                if id(p) not in in_blocks and id(p) not in known]
+        names = self.engine.param_names
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"]]
+        out = []
+        for p in params:
+            if id(p) in in_blocks or id(p) in known:
+                continue
+            if id(p) in names:
+                out.append((names[id(p)], p, "frozen (requires_grad=False) or not in the "
+                            "optimiser when KFAC was built, so its module has no block"))
+            else:
+                out.append((f"param {tuple(p.shape)}", p,
+                            "not in a module of the model given to KFAC"))
+        return out
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's ``add_param_group``. K-FAC finds its blocks when it is built, so a parameter
+        added later (e.g. a layer unfrozen during fine-tuning) takes the plain SGD step; a weight
+        matrix among them is warned about with the remedy."""
+        super().add_param_group(param_group)
+        if getattr(self, "engine", None) is None:      # torch's __init__ adds the first groups
+            return
+        extra = self._outside_model(self.param_groups[-1]["params"])
+        hit = [(n, p) for n, p, _ in extra if p.dim() >= 2]
+        if hit:
+            shown = ", ".join(f"{n} {tuple(p.shape)}" for n, p in hit[:10])
+            warnings.warn(
+                f"kfac_kernels: add_param_group: {len(hit)} weight parameter"
+                f"{'s' if len(hit) > 1 else ''} ({shown}) take{'' if len(hit) > 1 else 's'} a "
+                f"plain SGD step with K-FAC's lr, not K-FAC: K-FAC finds its blocks when it is "
+                f"built, and {'they were' if len(hit) > 1 else 'it was'} frozen "
+                f"(requires_grad=False), not in its param groups, or outside the model then. "
+                f"Remedy: build KFAC with the layer trainable (requires_grad=True) and in its "
+                f"param groups from the start (a group with lr=0 keeps it still until you raise "
+                f"its lr); describe() lists it", KFACWarning, stacklevel=2)
 
     def describe(self) -> str:
         """Blocks, shapes, backends and the parameters left to the first-order rule."""
@@ -415,7 +469,9 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:
-        """Count a rejected step (warned once, read later: no host sync) and close the step."""
+        """Count a rejected step (warned once, read later: no host sync), count whether the KL
+        clip bound, and close the step."""
+        self._count_clip(ok, warn=True)
         if ok is not None:
             bad = ~ok
             self._skipped = self._skipped + bad.to(torch.int64)
@@ -445,7 +501,8 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         sd["kfac"]["kl_clip"] = self.kl_clip
         sd["kfac"]["optimizer"] = {"skipped_steps": self._skipped, "damping": self.damping,
                                    "control": (None if self.control is None
-                                               else self.control.state_dict())}
+                                               else self.control.state_dict()),
+                                   "kl_clip_count": self.clip_count.state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -464,6 +521,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
             self._skipped = skipped.to(dev) if isinstance(skipped, torch.Tensor) else skipped
             if self.control is not None and extra.get("control") is not None:
                 self.control.load_state_dict(extra["control"])
+            self.clip_count.load_state_dict(extra.get("kl_clip_count"), dev)
 
 
 class KFACPreconditioner(_EngineViews):
@@ -488,6 +546,7 @@ class KFACPreconditioner(_EngineViews):
         self.lr = opts.lr
         self.kl_clip = opts.kl_clip
         self.grad_scaler = opts.grad_scaler
+        self.clip_count = ClipCount()
         self.engine = KFACEngine(model, opts)
         self.pipeline = StepPipeline(self.engine)
         self._warn_fallback((), "the base optimiser's own rule on the raw gradient")
@@ -520,6 +579,7 @@ class KFACPreconditioner(_EngineViews):
         pipe.curvature(ok, g_rescale)
         U, _, nu = pipe.directions(pipe.gradients(), None, self.kl_clip, self.lr)
         self._record(U, nu)
+        self._count_clip(ok, warn=False)
         local = eng.comm.local_part
         for b, u in U.items():
             for p, d in zip(b.params, b.split(u)):
@@ -530,10 +590,14 @@ class KFACPreconditioner(_EngineViews):
         pipe.end()
 
     def state_dict(self) -> dict:
-        return self.engine.state_dict()
+        sd = self.engine.state_dict()
+        sd["kl_clip_count"] = self.clip_count.state_dict()
+        return sd
 
     def load_state_dict(self, sd: dict) -> None:
         self.engine.load_state_dict(sd)
+        dev = next(iter(self.engine.blocks.values())).weight.device
+        self.clip_count.load_state_dict(sd.get("kl_clip_count"), dev)
 
 
 KFAC.__init__.__signature__ = options.signature("KFAC")

@@ -29,6 +29,8 @@ LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 DAMPING_MODES = ("eigen", "pi")
 WEIGHT_SHARING = ("expand", "reduce")
 ASSIGNMENTS = ("compute", "memory", "round_robin")
+LARGE_FACTORS = ("diagonal", "first_order", "error")
+KL_CLIP_MODES = ("step", "direction")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -206,6 +208,13 @@ OPTIONS: Tuple[Option, ...] = (
            _names),
     Option("factor_storage_dtype", None, "engine", "None, or torch.bfloat16 to keep the running "
            "factors in bf16 (averaged and decomposed in factor_dtype)", _storage_dtype),
+    Option("max_factor_dim", 8192, "engine", "largest side n of a dense Kronecker factor (n x n "
+           "entries, an n-wide eigendecomposition); a side above it (a vocabulary-sized head or "
+           "embedding) is handled as large_factor says", positive_int),
+    Option("large_factor", "diagonal", "engine", "what a factor side above max_factor_dim gets: "
+           "'diagonal' (keep that factor's diagonal, exact K-FAC for it; docs/math.md), "
+           "'first_order' (the whole layer takes the first-order rule, with a warning) or "
+           "'error'", choice(*LARGE_FACTORS)),
     Option("distributed", None, "distributed", "None: on when torch.distributed is initialised "
            "with several processes; True: required; False: never", _enabled, agree=False),
     Option("process_group", None, "distributed", "the process group (default: the default "
@@ -217,6 +226,11 @@ OPTIONS: Tuple[Option, ...] = (
            "ranks: 'compute' (n^3), 'memory' (n^2), 'round_robin'", choice(*ASSIGNMENTS)),
     Option("bucket_cap_mb", 25.0, "distributed", "largest message of one collective (MiB)",
            _bucket),
+    Option("kl_clip_mode", "step", "step", "what kl_clip bounds: 'step' (lr^2 sum <U, V>, the "
+           "step's predicted KL: while the clip binds the step is sqrt(C / sum <U, V>) U and lr "
+           "has no effect) or 'direction' (sum <U, V>, before lr: the direction is scaled by "
+           "min(1, sqrt(C / sum <U, V>)) and lr always scales the step); opt.stats() counts the "
+           "steps on which the clip binds (docs/math.md, 'The update')", choice(*KL_CLIP_MODES)),
     Option("grad_scaler", None, "step", "the torch.amp.GradScaler whose scaled loss is "
            "back-propagated"),
     Option("skip_nonfinite", True, "step", "a step with non-finite gradients or update changes "

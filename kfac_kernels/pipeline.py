@@ -21,13 +21,54 @@ import torch
 from . import amp
 from .blocks import Block
 
-__all__ = ["StepPipeline", "kl_factor"]
+__all__ = ["StepPipeline", "kl_factor", "ClipCount"]
 
 
 def kl_factor(kl_clip: float, total: torch.Tensor) -> torch.Tensor:
-    """nu = min(1, sqrt(C / sum_b lr_b^2 <U_b, V_b>)), on the device (no host sync)."""
+    """nu = min(1, sqrt(C / total)), on the device (no host sync): ``total`` is
+    sum_b lr_b^2 <U_b, V_b> (``kl_clip_mode="step"``) or sum_b <U_b, V_b> ("direction")."""
     nu = torch.sqrt(kl_clip / total.clamp_min(0))
     return torch.where(torch.isfinite(nu), nu.clamp(max=1.0), torch.ones_like(nu))
+
+
+class ClipCount:
+    """How often the KL clip binds (scales the update down, nu < 1), for ``opt.stats()``: a host
+    count of the steps the clip was evaluated on and device counts of the binding ones (no host
+    sync). Every ``window`` evaluated steps :meth:`record` hands back a device flag "it bound on
+    every one of them", which the optimiser queues with its health monitor (a warning read later,
+    without a sync)."""
+
+    def __init__(self, window: int = 50):
+        self.window = window
+        self.steps = 0                                   # steps the clip was evaluated on
+        self.binds: Optional[torch.Tensor] = None        # of those, steps with nu < 1 (device)
+        self._in_window: Optional[torch.Tensor] = None
+
+    def record(self, nu: torch.Tensor, ok: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Count one step's clip factor ``nu`` (a step rejected by ``ok`` does not bind);
+        returns the flag of a window that closed with this step, else None."""
+        bound = nu.detach() < 1
+        if ok is not None:
+            bound = bound & ok.to(bound.device)
+        b = bound.to(torch.int64)
+        self.binds = b if self.binds is None else self.binds + b
+        self._in_window = b if self._in_window is None else self._in_window + b
+        self.steps += 1
+        if self.steps % self.window:
+            return None
+        full, self._in_window = self._in_window == self.window, None
+        return full
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "binds": self.binds}
+
+    def load_state_dict(self, sd: Optional[dict], device) -> None:
+        if not sd:
+            return
+        self.steps = int(sd["steps"])
+        b = sd["binds"]
+        self.binds = b.to(device) if isinstance(b, torch.Tensor) else b
+        self._in_window = None
 
 
 class StepPipeline:
@@ -92,7 +133,8 @@ class StepPipeline:
         """``(U, ok, nu)``: the preconditioned directions, the ok flag extended by the finiteness
         of the <U, V> sums (when ``ok`` is not None), and the KL-clip factor (None without a
         clip). ``lr``: one learning rate (the clip bounds ``lr^2 sum <U, V>``) or one per block
-        (``sum lr_b^2 <U_b, V_b>``)."""
+        (``sum lr_b^2 <U_b, V_b>``); with ``kl_clip_mode="direction"`` the clip bounds
+        ``sum <U, V>`` and ``lr`` is not read."""
         U, dots = self.engine.precondition(grads)
         if not dots or (ok is None and kl_clip is None):
             return U, ok, None
@@ -103,7 +145,9 @@ class StepPipeline:
             ok = ok & torch.isfinite(stacked.sum(dtype=torch.float64)).to(ok.device)
         nu = None
         if kl_clip is not None:
-            if not isinstance(lr, dict):
+            if self.engine.opts.kl_clip_mode == "direction":
+                total = stacked.sum(dtype=torch.float64)
+            elif not isinstance(lr, dict):
                 total = lr ** 2 * stacked.sum(dtype=torch.float64)
             else:   # group the blocks by learning rate (usually one)
                 by_lr: Dict[float, list] = {}

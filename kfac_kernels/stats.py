@@ -8,6 +8,11 @@ Keys (``<block>`` is the block's module name, as in ``opt.blocks``):
 
 * ``damping``, ``kl_clip`` (when set), ``lr`` (of the first param group);
 * ``kl_clip/factor``: the factor the last step's update was scaled by (1 without a clip);
+* ``kl_clip/steps``, ``kl_clip/binds``, ``kl_clip/bind_fraction``: the steps the clip was
+  evaluated on, how many of them it bound on (scaled the update down; a device count), and their
+  ratio (device). Under ``kl_clip_mode="step"`` a clip that binds on (nearly) every step makes
+  ``lr`` inert: the step is then ``sqrt(kl_clip / <U, V>) U`` (docs/math.md, "The update");
+  differences of two readings give the recent rate;
 * ``steps``, ``factor_updates``, ``inverse_updates``, ``skipped_steps``;
 * ``time/inverse_update_s``: host seconds of the last inverse update (it reads decomposition
   health on the host, so on a GPU this is the update's wall time);
@@ -47,6 +52,11 @@ def collect(opt, sync: bool = False) -> Dict[str, Scalar]:
         out["lr"] = float(groups[0]["lr"])
     nu = getattr(opt, "_last_nu", None)
     out["kl_clip/factor"] = nu.detach() if isinstance(nu, torch.Tensor) else 1.0
+    count = getattr(opt, "clip_count", None)
+    if count is not None and count.steps:
+        out["kl_clip/steps"] = count.steps
+        out["kl_clip/binds"] = count.binds
+        out["kl_clip/bind_fraction"] = count.binds / float(count.steps)
     out["steps"] = eng.steps
     out["factor_updates"] = eng.factor_updates
     out["inverse_updates"] = eng.inverse_updates

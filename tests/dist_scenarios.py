@@ -26,6 +26,9 @@ def make_model(width=6, seed=0, kind="mlp"):
     torch.manual_seed(seed)
     if kind == "mixed":
         return MixedNet(width).double()
+    if kind == "wide":     # with max_factor_dim=24: a diagonal A, a diagonal G, a diagonal A
+        return nn.Sequential(nn.Flatten(), nn.Linear(32, width), nn.Tanh(),
+                             nn.Linear(width, 30), nn.Tanh(), nn.Linear(30, CLASSES)).double()
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
                          nn.Linear(3 * 4 * 4, width), nn.Tanh(),
                          nn.Linear(width, CLASSES)).double()
@@ -74,7 +77,8 @@ def _opt_kwargs(cfg):
               likelihood="categorical", inverse=cfg["inverse"], inverse_every=cfg.get("inv", 2),
               factor_every=cfg.get("fe", 1), ema_decay=0.9, loss_reduction=cfg.get("red", "mean"),
               kl_clip=cfg.get("kl"), seed=cfg.get("seed"),
-              full_eigh_every=cfg.get("full_every", 1))
+              full_eigh_every=cfg.get("full_every", 1),
+              max_factor_dim=cfg.get("maxdim", 8192))
     if cfg.get("kind", "kfac") == "kfac":
         kw.update(lr=cfg.get("lr", 0.05), momentum=0.5, weight_decay=1e-3)
     return kw

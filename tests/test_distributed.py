@@ -74,7 +74,13 @@ SPECIAL = {
         # two forward/backward passes per step: the A reduction launched in the first backward
         # pass misses the second pass's inputs and must be redone in step()
         dict(name="accumulate-empirical-eigh-f0.5", curvature="empirical", inverse="eigh",
-             frac=0.5, accum=2)],
+             frac=0.5, accum=2),
+        # factor sides over max_factor_dim kept diagonal (vectors in the flat buffers, lamA /
+        # lamG without an eigenbasis shared between ranks)
+        dict(name="diag-ggn-eigh-f0.5", curvature="ggn", inverse="eigh", frac=0.5,
+             model="wide", maxdim=24),
+        dict(name="diag-empirical-cholesky-f1", curvature="empirical", inverse="cholesky",
+             model="wide", maxdim=24)],
     3: [dict(name="unequal-empirical-eigh-f1", curvature="empirical", inverse="eigh",
              sizes=[2, 5, 4]),
         # every block kind: stacked (grouped conv, GroupNorm, LayerNorm), diagonal A (embedding)
@@ -118,7 +124,8 @@ def results(world):
 
 
 CASES = [(w, c["name"]) for w in (2, 3, 4) for c in configs(w)]
-BLOCKS = {"mlp": ["0", "3", "5"], "mixed": ["conv", "emb", "fc", "gn", "ln", "out"]}
+BLOCKS = {"mlp": ["0", "3", "5"], "mixed": ["conv", "emb", "fc", "gn", "ln", "out"],
+          "wide": ["1", "3", "5"]}
 
 
 @pytest.mark.timeout(200)
@@ -131,6 +138,8 @@ def test_matches_single_process_on_concatenated_batch(world, name):
         assert res["moved"] > 1e-3, "the run must actually train for the comparison to mean much"
         cfg = next(c for c in configs(world) if c["name"] == name)
         assert res["blocks"] == BLOCKS[cfg.get("model", "mlp")]   # DDP: no "module." prefix
+        if cfg.get("maxdim"):                 # 1: A 33, 3: G 30, 5: A 31 kept diagonal
+            assert res["describe"].count("(diagonal)") == 3, res["describe"]
     for res in per_rank[1:]:                                # ranks hold bit-identical parameters
         assert all(torch.equal(a, b) for a, b in zip(res["params"], per_rank[0]["params"]))
 

@@ -33,10 +33,13 @@ class BlockInputError(ValueError):
 
 @dataclass
 class SyrkJob:
-    """``target += alpha * xbar^T xbar`` for a block's factor estimate (batched by the engine)."""
+    """``target += alpha * xbar^T xbar`` for a block's factor estimate (batched by the engine);
+    with ``diag`` only its diagonal, ``target += alpha * sum_rows xbar * xbar`` (a vector: the
+    factor side is kept diagonal, see :meth:`Block.make_diagonal`)."""
     x: torch.Tensor
     alpha: float
     homogeneous: bool
+    diag: bool = False
 
 
 class Block:
@@ -50,11 +53,18 @@ class Block:
       in one call.
     * ``diag_A``: A is diagonal and stored as a vector (an embedding's token frequencies); its
       eigenbasis is the identity, and preconditioning goes through ``ops.kron_precondition_diag``.
+    * ``diag_G``: likewise for G. A side the block would otherwise keep dense is made diagonal by
+      :meth:`make_diagonal` when it is larger than ``max_factor_dim`` (a vocabulary-sized output
+      or input; docs/math.md, "Diagonal factor sides"): the block then keeps the diagonal of
+      that Kronecker factor, never the n x n matrix.
     """
 
     kind = "block"
     stacked = False
     diag_A = False
+    diag_G = False
+    #: the sides :meth:`make_diagonal` can keep as diagonals (those whose statistics are syrk jobs)
+    diagonal_sides: Tuple[str, ...] = ()
 
     def __init__(self, name: str, module: torch.nn.Module, *, weight_sharing: str = "expand",
                  factor_dtype: Optional[torch.dtype] = None, backend: str = "auto"):
@@ -122,10 +132,43 @@ class Block:
         """How many Kronecker blocks this block holds (1 unless ``stacked``)."""
         return 1
 
+    def is_diagonal(self, which: str) -> bool:
+        """Whether factor ``which`` ("A" or "G") is kept as its diagonal (a vector)."""
+        return self.diag_A if which == "A" else self.diag_G
+
+    def factor_dim(self, which: str) -> int:
+        """The side n of factor ``which`` (per member of a stacked block)."""
+        return self.in_dim if which == "A" else self.out_dim
+
+    def factor_shape(self, which: str) -> Tuple[int, ...]:
+        """The shape of the running factor ``which``: [n], [n, n] or [num_stack, n, n]."""
+        n = self.factor_dim(which)
+        if self.is_diagonal(which):
+            return (n,)
+        return (self.num_stack, n, n) if self.stacked else (n, n)
+
+    def make_diagonal(self, which: str) -> None:
+        """Keep factor ``which`` as its diagonal from now on (before any statistics exist)."""
+        if which not in self.diagonal_sides:
+            raise ValueError(f"block {self.name!r} ({type(self).__name__}) cannot keep its "
+                             f"factor {which} diagonal")
+        if self.A is not None:
+            raise RuntimeError(f"block {self.name!r} already holds factors")
+        setattr(self, "diag_" + which, True)
+
+    def sided(self, jobs: List[SyrkJob], which: str) -> List[SyrkJob]:
+        """``jobs`` (of factor ``which``) as diagonal jobs when that side is diagonal."""
+        if not self.is_diagonal(which):
+            return jobs
+        return [SyrkJob(j.x, j.alpha, j.homogeneous, diag=True) for j in jobs]
+
     def describe_row(self) -> dict:
+        def side(which):
+            n = self.factor_dim(which)
+            return f"{n} (diagonal)" if self.is_diagonal(which) else f"{n}x{n}"
         return dict(name=self.name, kind=self.kind, module=type(self.module).__name__,
-                    shape=f"{self.out_dim}x{self.in_dim}", A=f"{self.in_dim}x{self.in_dim}",
-                    G=f"{self.out_dim}x{self.out_dim}", bias=self.has_bias)
+                    shape=f"{self.out_dim}x{self.in_dim}", A=side("A"), G=side("G"),
+                    bias=self.has_bias)
 
     def backend_for(self, op: str) -> str:
         """The backend this block's ops run on (``ops._registry.op_backend`` of the engine's
@@ -244,7 +287,8 @@ class Block:
         A, G = self.A.to(self.factor_dtype), self.G.to(self.factor_dtype)
         if self.stacked:
             return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
-        return torch.kron(A if A.dim() == 2 else torch.diag(A), G)
+        return torch.kron(A if A.dim() == 2 else torch.diag(A), G if G.dim() == 2 else
+                          torch.diag(G))
 
     def clear_inputs(self) -> None:
         """Forget the current micro-batch's inputs and estimates (not the combined ones)."""

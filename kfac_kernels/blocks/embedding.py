@@ -53,7 +53,6 @@ class EmbeddingBlock(Block):
 
     def describe_row(self) -> dict:
         row = super().describe_row()
-        row["A"] = f"{self.in_dim} (diagonal)"
         row["module"] += f"({self.num_embeddings}, {self.out_dim}" + (
             f", padding_idx={self.padding_idx})" if self.padding_idx is not None else ")")
         return row

@@ -11,6 +11,7 @@ from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_ex
 
 class LinearBlock(Block):
     kind = "linear"
+    diagonal_sides = ("A", "G")
 
     @property
     def in_features(self) -> int:
@@ -31,12 +32,15 @@ class LinearBlock(Block):
     def a_jobs(self, inputs: List[torch.Tensor]):
         k = self.in_features
         if self.weight_sharing == "expand":
-            return rows_jobs_expand(inputs, k, self.has_bias), None
+            return self.sided(rows_jobs_expand(inputs, k, self.has_bias), "A"), None
         parts = [(x.reshape(x.shape[0], -1, k).sum(1), x[0].numel() // k) for x in inputs]
         a = mean_over_calls(parts, self.name)
-        return [SyrkJob(a, 1.0 / a.shape[0], self.has_bias)], None
+        return self.sided([SyrkJob(a, 1.0 / a.shape[0], self.has_bias)], "A"), None
 
     def g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
+        return self.sided(self._g_jobs(grads, scale), "G")
+
+    def _g_jobs(self, grads: List[torch.Tensor], scale: float) -> List[SyrkJob]:
         m = self.out_dim
         n = self.batch_size(grads[0])
         if self.weight_sharing == "expand":

@@ -67,9 +67,9 @@ def nbytes(numel: int, dtype: torch.dtype) -> int:
 
 def factor_slot(b: Any, which: str) -> Tuple[Tuple[int, ...], bool]:
     """(shape, symmetric) of block ``b``'s factor ``which`` ("A" or "G") as the engine computes
-    it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal A."""
+    it: [n, n], [num_stack, n, n] for a stacked block, or a vector [n] for a diagonal side."""
     n = b.in_dim if which == "A" else b.out_dim
-    if which == "A" and b.diag_A:
+    if b.is_diagonal(which):
         return (n,), False
     return ((b.num_stack, n, n) if b.stacked else (n, n)), True
 

@@ -396,7 +396,8 @@ class DistributedKFAC(LocalComm):
         """(key, shape, symmetric) of the decomposition entries of ``whichs`` of block ``b``, as
         the inverse kind stores them (with a leading ``num_stack`` dim for a stacked block)."""
         lead = (b.num_stack,) if b.stacked else ()
-        return [(key, (shape if key == "lamA" and b.diag_A else lead + tuple(shape)), sym)
+        return [(key, (shape if key == "lam" + w and b.is_diagonal(w) else lead + tuple(shape)),
+                 sym)
                 for w in whichs for key, shape, sym in self.kind.entries(b, w)]
 
     def _check_entries(self, units) -> None:

@@ -10,9 +10,9 @@ import torch
 from .. import ops
 from .._numerics import flush_all_
 from ..ops.reference import pinv_cut
-from .plan import StepPlan, reciprocal_or_zero, two_sided
+from .plan import StepPlan, damped_inverse_from_eigh, reciprocal_or_zero, two_sided
 
-__all__ = ["InverseKind", "Slice", "finite_each", "pi", "buckets", "select"]
+__all__ = ["InverseKind", "Slice", "finite_each", "pi", "buckets", "select", "diagonal_side"]
 
 
 def finite_each(stack: torch.Tensor) -> torch.Tensor:
@@ -27,18 +27,29 @@ def pi(b) -> torch.Tensor:
     """π = sqrt((tr A / dim A) / (tr G / dim G)) on the device (1 where undefined); one per
     member of a stacked block, and a diagonal A's trace is its sum."""
     diagA = b.A if b.diag_A else b.A.diagonal(dim1=-2, dim2=-1)
+    diagG = b.G if getattr(b, "diag_G", False) else b.G.diagonal(dim1=-2, dim2=-1)
     ta = diagA.to(b.factor_dtype).sum(-1) / b.A.shape[-1]
-    tg = b.G.diagonal(dim1=-2, dim2=-1).to(b.factor_dtype).sum(-1) / b.G.shape[-1]
+    tg = diagG.to(b.factor_dtype).sum(-1) / b.G.shape[-1]
     p = torch.sqrt(ta / tg)
     return torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
 
 
 def select(b, only: Optional[set]) -> Dict[str, torch.Tensor]:
     """A block's factors to decompose: all, or those listed in ``only`` as (block, which). A
-    diagonal A (embeddings) needs no decomposition: its eigenvalues are its entries."""
-    mats = {"G": b.G} if b.diag_A else {"A": b.A, "G": b.G}
+    diagonal side (an embedding's A, a side over ``max_factor_dim``) needs no decomposition:
+    its eigenvalues are its entries."""
+    mats = {w: getattr(b, w) for w in ("A", "G") if not getattr(b, "diag_" + w)}
     # factors stored in a narrower dtype (factor_storage_dtype) are decomposed in factor_dtype
     return {w: f.to(b.factor_dtype) for w, f in mats.items() if only is None or (b, w) in only}
+
+
+def diagonal_side(st: Dict[str, torch.Tensor]) -> Optional[str]:
+    """"A" or "G" when the stacked entries ``st`` are those of a block with that side diagonal
+    (its eigenvalues without an eigenbasis), else None."""
+    for w in ("A", "G"):
+        if "lam" + w in st and "Q" + w not in st:
+            return w
+    return None
 
 
 def buckets(units, mats: Callable) -> "OrderedDict[tuple, List[Tuple[object, str, torch.Tensor]]]":
@@ -54,7 +65,7 @@ class Slice:
     """One matrix of a stacked block, seen by the decompositions as a block of its own (so that
     batching by size and the fallback chain work per matrix)."""
 
-    diag_A = False
+    diag_A = diag_G = False
 
     def __init__(self, block, i: int):
         self.block, self.i = block, i
@@ -62,6 +73,9 @@ class Slice:
         self.A, self.G = block.A[i], block.G[i]
         self.factor_dtype = block.factor_dtype
         self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
+
+    def is_diagonal(self, which: str) -> bool:
+        return False
 
 
 class InverseKind:
@@ -99,8 +113,8 @@ class InverseKind:
         """(key, shape, symmetric) of what decomposing ``which`` ("A"/"G") of ``b`` stores in
         ``b.inverse`` (shape without the stack dim); what a strategy must share across ranks."""
         n = b.in_dim if which == "A" else b.out_dim
-        if which == "A" and b.diag_A:
-            return [("lamA", (n,), False)]
+        if b.is_diagonal(which):
+            return [("lam" + which, (n,), False)]
         return [("Q" + which, (n, n), False), ("lam" + which, (n,), False)]
 
     def extra_entries(self) -> Tuple[str, ...]:
@@ -130,8 +144,9 @@ class InverseKind:
             new = {k: torch.stack([p.inverse[k] for p in parts]) for k in parts[0].inverse}
             b.inverse = new if only is None else {**b.inverse, **new}
         for b in blocks:
-            if b.diag_A and (only is None or (b, "A") in only):
-                b.inverse["lamA"] = b.A.to(b.factor_dtype, copy=True)
+            for w in ("A", "G"):
+                if b.is_diagonal(w) and (only is None or (b, w) in only):
+                    b.inverse["lam" + w] = getattr(b, w).to(b.factor_dtype, copy=True)
         # no subnormal numbers in the decompositions (they slow every product after)
         flush_all_(v for b in blocks for v in b.inverse.values()
                    if isinstance(v, torch.Tensor))
@@ -169,16 +184,24 @@ class InverseKind:
         return lamG + (root / pis).unsqueeze(-1), lamA + (pis * root).unsqueeze(-1)
 
     def precondition_diag(self, members, st, V, damping: float):
-        """Blocks whose A is diagonal: ``ops.kron_precondition_diag`` with scalings lamG a^T
-        (eigenvalue damping) or the pi-damped product (damping_mode "pi", also under
-        inverse="cholesky": the same update, with G's inverse through its eigenbasis)."""
+        """Blocks with a diagonal side. A diagonal A: ``ops.kron_precondition_diag`` with
+        scalings lamG a^T (eigenvalue damping) or the pi-damped product (damping_mode "pi", also
+        under inverse="cholesky": the same update, with G's inverse through its eigenbasis). A
+        diagonal G is the same op on the transposed gradients: U^T = QA [(QA^T V^T) /
+        (lamA g^T + damping)] (docs/math.md, "Diagonal factor sides"); <U, V> is unchanged by
+        the transposition."""
         lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
         if self.opts.damping_mode == "pi":
             lamG, lamA = self.pi_damped(members, lamG, lamA, damping)
             damping = 0.0
+        backend = self.backend("kron_precondition_diag")
+        if diagonal_side(st) == "G":
+            Ut, dot = ops.kron_precondition_diag(
+                V.transpose(-1, -2), st["QA"], lamA.unsqueeze(-1) * lamG.unsqueeze(-2),
+                float(damping), return_dot=True, backend=backend)
+            return Ut.transpose(-1, -2), dot
         return ops.kron_precondition_diag(V, st["QG"], lamG.unsqueeze(-1) * lamA.unsqueeze(-2),
-                                          float(damping), return_dot=True,
-                                          backend=self.backend("kron_precondition_diag"))
+                                          float(damping), return_dot=True, backend=backend)
 
     # ---------------------------------------------------------------- per-step plans
     def plan(self, members, st: Dict[str, torch.Tensor], damping: float) -> Optional[StepPlan]:
@@ -197,15 +220,29 @@ class InverseKind:
         return ops._registry.resolve(op, self.backend(op), device) == "torch"
 
     def plan_diag(self, members, st, damping: float) -> Optional[StepPlan]:
-        """The plan of :meth:`precondition_diag`."""
-        if not self.torch_path("kron_precondition_diag", st["QG"].device):
+        """The plan of :meth:`precondition_diag` (a diagonal G: ``[(V QA) * R] QA^T``)."""
+        if not self.torch_path("kron_precondition_diag", st["lamG"].device):
             return None
         lamG, lamA = st["lamG"].clamp_min(0), st["lamA"].clamp_min(0)
+        side = diagonal_side(st)
         if self.opts.damping_mode == "pi":
             lamG, lamA = self.pi_damped(members, lamG, lamA, damping)
+            if damping > 0:
+                # pi damping factorises: the dense side's damped inverse once, the diagonal
+                # side's reciprocals broadcast over the other dim (one product per step, no
+                # [m, n] scalings)
+                if side == "G":
+                    return StepPlan(lamA.dtype, Ri=damped_inverse_from_eigh(st["QA"], lamA),
+                                    R=reciprocal_or_zero(lamG).unsqueeze(-1), batched=True)
+                return StepPlan(lamG.dtype, Li=damped_inverse_from_eigh(st["QG"], lamG),
+                                R=reciprocal_or_zero(lamA).unsqueeze(-2), batched=True)
             damping = 0.0
         scal = pinv_cut(lamG.unsqueeze(-1) * lamA.unsqueeze(-2), damping, 2)
-        return two_sided(st["QG"], None, reciprocal_or_zero(scal + float(damping)), batched=True)
+        R = reciprocal_or_zero(scal + float(damping))
+        if side == "G":
+            return StepPlan(st["QA"].dtype, Ri=st["QA"], R=R, Ro=st["QA"].transpose(-1, -2),
+                            batched=True)
+        return two_sided(st["QG"], None, R, batched=True)
 
     # ---------------------------------------------------------------- per-step hooks (EKFAC)
     def on_pass(self, block, grads, calls, alpha, n: int, basis_replaced: bool) -> None:

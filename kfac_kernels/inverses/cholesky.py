@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import torch
 
 from .. import ops
-from .base import InverseKind, buckets, finite_each, pi, select
+from .base import InverseKind, buckets, diagonal_side, finite_each, pi, select
 from .plan import StepPlan
 from .eigh import eigh_units
 
@@ -19,7 +19,8 @@ class CholeskyInverse(InverseKind):
     """Stores ``A_inv = (A + pi sqrt(gamma) I)^-1`` and ``G_inv = (G + sqrt(gamma)/pi I)^-1``;
     preconditions with ``ops.kron_precondition_inverse``: U = G_inv V A_inv. A block with a
     diagonal A has its G decomposed by eigh instead (the pi-damped update is then computed
-    exactly in G's eigenbasis, docs/layers.md)."""
+    exactly in G's eigenbasis, docs/layers.md); likewise a block with a diagonal G (a side over
+    ``max_factor_dim``) has its A decomposed by eigh."""
 
     name = "cholesky"
     damping_modes = ("pi",)
@@ -34,23 +35,24 @@ class CholeskyInverse(InverseKind):
                              "damping needs the eigenbasis: use inverse='eigh')")
 
     def entries(self, b, which: str):
-        if b.diag_A:
+        if b.diag_A or b.diag_G:
             return super().entries(b, which)
         n = b.in_dim if which == "A" else b.out_dim
         return [(which + "_inv", (n, n), True)]
 
     def decompose_units(self, units, only: Optional[set], inverse_updates: int) -> None:
-        self._cholesky([u for u in units if not u.diag_A], only)
-        eigh_units(self, [u for u in units if u.diag_A], only, inverse_updates)
+        diag = [u for u in units if u.diag_A or u.diag_G]
+        self._cholesky([u for u in units if not (u.diag_A or u.diag_G)], only)
+        eigh_units(self, diag, only, inverse_updates)
 
     def precondition(self, members, st, V, damping: float):
-        if "lamA" in st and "QA" not in st:     # diagonal A: G through its eigenbasis
+        if diagonal_side(st):     # a diagonal side: the other through its eigenbasis
             return self.precondition_diag(members, st, V, damping)
         return ops.kron_precondition_inverse(V, st["G_inv"], st["A_inv"], return_dot=True,
                                              backend=self.backend("kron_precondition_inverse"))
 
     def plan(self, members, st, damping: float):
-        if "lamA" in st and "QA" not in st:
+        if diagonal_side(st):
             return self.plan_diag(members, st, damping)
         if not self.torch_path("kron_precondition_inverse", st["G_inv"].device):
             return None

@@ -7,14 +7,14 @@ from typing import Dict, Optional
 import torch
 
 from .. import ops
-from .base import InverseKind, buckets, finite_each, select
+from .base import InverseKind, buckets, diagonal_side, finite_each, select
 from .plan import StepPlan, damped_inverse_from_eigh, eigen_reciprocal, two_sided
 
 __all__ = ["EighInverse", "eigh_units"]
 
 
 class EighInverse(InverseKind):
-    """Stores ``QA, lamA, QG, lamG`` (``lamA`` only for a diagonal A); preconditions with
+    """Stores ``QA, lamA, QG, lamG`` (no ``QA`` / ``QG`` for a diagonal side); preconditions with
     ``ops.kron_precondition_eigen``: U = QG [(QG^T V QA) / (lamG lamA^T + gamma)] QA^T."""
 
     name = "eigh"
@@ -23,7 +23,7 @@ class EighInverse(InverseKind):
         eigh_units(self, units, only, inverse_updates)
 
     def precondition(self, members, st, V, damping: float):
-        if "lamA" in st and "QA" not in st:     # diagonal A (embeddings)
+        if diagonal_side(st):     # a diagonal A (embeddings) or G (a side over max_factor_dim)
             return self.precondition_diag(members, st, V, damping)
         backend = self.backend("kron_precondition_eigen")
         if self.opts.damping_mode == "pi":
@@ -36,7 +36,7 @@ class EighInverse(InverseKind):
 
 
     def plan(self, members, st, damping: float):
-        if "lamA" in st and "QA" not in st:
+        if diagonal_side(st):
             return self.plan_diag(members, st, damping)
         if not self.torch_path("kron_precondition_eigen", st["QG"].device):
             return None
