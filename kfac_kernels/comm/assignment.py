@@ -60,7 +60,8 @@ def assign(blocks: Iterable[Any], k: int, world: int, assignment: str) -> List[U
 
 def decomposition_cost(b: Any, whichs: Sequence[str], p: int) -> float:
     """Cost model of decomposing ``whichs`` of block ``b``: n^p per matrix (p = 3: compute,
-    2: memory), times the stack of a stacked block; a diagonal side costs n (nothing to decompose)."""
+    2: memory), times the stack of a stacked block; a diagonal side costs n (nothing to
+    decompose)."""
     total = 0.0
     for w in whichs:
         n = b.in_dim if w == "A" else b.out_dim
