@@ -92,8 +92,7 @@ def test_zero_matrix_and_zero_steps(seed):
     assert torch.allclose(got, X / X.norm(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the interpreter "
-                    "mis-computes bf16)")
+@pytest.mark.gpu       # skipped without CUDA: "no CUDA device" (the interpreter mis-computes bf16)
 @pytest.mark.parametrize("shape", [(4, 768, 768), (3, 768, 3072), (2, 3072, 768), (1, 33, 129)])
 def test_bf16_within_twice_torch_error(shape):
     """bf16 on the GPU: error against float64 at most twice that of torch's own bf16 iteration
