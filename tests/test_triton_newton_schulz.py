@@ -105,3 +105,23 @@ def test_bf16_within_twice_torch_error(shape):
     base = torch.stack([torch_ns(x, reference.NS_COEFFICIENTS, 5, 1e-7) for x in X])
     u = 2.0 ** -8
     assert rel_err(got, want) <= 2 * rel_err(base, want) + u
+
+
+def test_muon_on_the_triton_backend(seed):
+    """kfac_kernels.optim.Muon with backend="triton" (fp32 iteration under the interpreter) takes
+    the steps of backend="torch": 3 steps on a batch of two same-shaped matrices and a tall one,
+    to fp32 accuracy."""
+    from kfac_kernels.optim import Muon
+    init = [torch.randn(s, device=DEVICE) for s in ((9, 14), (9, 14), (20, 6))]
+    runs = []
+    for backend in ("triton", "torch"):
+        ps = [p.clone().requires_grad_() for p in init]
+        opt = Muon(ps, lr=0.05, ns_steps=3, ns_dtype=torch.float32, backend=backend)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+            opt.step()
+        runs.append(ps)
+    for p, q, p0 in zip(*runs, init):
+        assert rel_err(p - p0, q - p0) <= TOL_FP32
