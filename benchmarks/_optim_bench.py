@@ -19,7 +19,10 @@ gradient holds; random gradients are full rank, as real ones of large batches ar
 Optimizers (``make(name, params)``): kk-soap / kk-shampoo (kfac_kernels.optim, one op call per
 shape group), their ``-looped`` variants (``batch_shapes=False``: one call per parameter), and
 heavyball-soap / heavyball-soap-compiled (heavyball.SOAP, eager: its ``compile_mode = None``;
-compiled: its default torch.compile of the step's functions).
+compiled: its default torch.compile of the step's functions); kk-muon / kk-muon-looped
+(kfac_kernels.optim.Muon: every 2-D parameter in Muon, as torch's own example splits them, the
+rest in its ``use_muon=False`` AdamW group) against torch-muon (``torch.optim.Muon`` on the same
+2-D parameters plus ``torch.optim.AdamW`` on the rest, stepped together).
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import torch
 
 SOAP_KW = dict(lr=3e-3, betas=(0.9, 0.95), shampoo_beta=0.95, eps=1e-8, weight_decay=0.01,
                precondition_frequency=10, max_precond_dim=2048)
+MUON_KW = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5)  # torch's, lr
+ADAMW_KW = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)              # the rest
 SHAMPOO_KW = dict(lr=1e-3, epsilon=1e-6, beta2=0.999, momentum=0.9, grafting="adam",
                   precondition_frequency=10, max_precond_dim=2048)
 
@@ -98,7 +103,23 @@ def steps(opt, params, n, device="cpu"):
 
 
 OPTIMIZERS = ("kk-soap", "kk-shampoo", "kk-soap-looped", "kk-shampoo-looped", "heavyball-soap",
-              "heavyball-soap-compiled")
+              "heavyball-soap-compiled", "kk-muon", "kk-muon-looped", "torch-muon")
+
+
+class _Pair:
+    """Two optimizers stepped as one (torch.optim.Muon for the matrices, AdamW for the rest)."""
+
+    def __init__(self, *opts):
+        self.opts = [o for o in opts if o is not None]
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
+def _muon_split(params):
+    mats = [p for p in params if p.dim() == 2]
+    return mats, [p for p in params if p.dim() != 2]
 
 
 HB_COMPILE_MODE = "max-autotune-no-cudagraphs"     # heavyball 3.2.1's default compile_mode
@@ -122,6 +143,16 @@ def make(name: str, params):
         return Shampoo(params, **SHAMPOO_KW)
     if name == "kk-shampoo-looped":
         return Shampoo(params, batch_shapes=False, **SHAMPOO_KW)
+    if name in ("kk-muon", "kk-muon-looped"):
+        from kfac_kernels.optim import Muon
+        mats, rest = _muon_split(params)
+        groups = [dict(params=mats)] + ([dict(params=rest, use_muon=False, **ADAMW_KW)]
+                                        if rest else [])
+        return Muon(groups, batch_shapes=name == "kk-muon", **MUON_KW)
+    if name == "torch-muon":
+        mats, rest = _muon_split(params)
+        return _Pair(torch.optim.Muon(mats, **MUON_KW),
+                     torch.optim.AdamW(rest, **ADAMW_KW) if rest else None)
     if name.startswith("heavyball-soap"):
         hb = heavyball_module()
         if hb is None:

@@ -1,5 +1,6 @@
 """Optimizer step time (CPU, or a GPU with --device cuda): kfac_kernels SOAP / Shampoo against
-heavyball SOAP, and batched (one op call per shape group) against looped (one call per parameter).
+heavyball SOAP, kfac_kernels Muon against torch.optim.Muon, and batched (one op call per shape
+group) against looped (one call per parameter).
 
 Only ``optimizer.step()`` is timed, on fixed random gradients (benchmarks/_optim_bench.py has the
 parameter sets and settings). Every optimizer is warmed up first (one period; heavyball's
@@ -11,6 +12,7 @@ stopped by a time limit keeps the cases it finished).
 
     python benchmarks/optim_step_time.py --threads 1                  # about 7 min on 2 cores
     python benchmarks/optim_step_time.py --device cuda --cases autoencoder,gpt2 --blocks 12
+    python benchmarks/optim_step_time.py --cases gpt2 --optimizers kk-muon,kk-muon-looped,torch-muon
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ def write(path, results, names, a, started, wall):
     import kfac_kernels
     dev = torch.device(a.device)
     lines = [f"# Optimizer step time on {'CPU' if dev.type == 'cpu' else 'GPU'}: kfac_kernels "
-             f"SOAP / Shampoo vs heavyball SOAP", "",
+             f"SOAP / Shampoo vs heavyball SOAP, Muon vs torch.optim.Muon", "",
              f"{started.strftime('%Y-%m-%d %H:%M UTC')}; {device_name(dev)}; python "
              f"{platform.python_version()}, torch "
              f"{torch.__version__}, kfac_kernels {kfac_kernels.__version__}, heavyball "
@@ -143,7 +145,11 @@ def write(path, results, names, a, started, wall):
              "ratios: median over rounds of the per-round ratio. Settings "
              "(benchmarks/_optim_bench.py): SOAP " + ", ".join(
                  f"{k}={v}" for k, v in B.SOAP_KW.items()) + "; Shampoo " + ", ".join(
-                 f"{k}={v}" for k, v in B.SHAMPOO_KW.items()) + ". kfac_kernels runs its ops "
+                 f"{k}={v}" for k, v in B.SHAMPOO_KW.items()) + "; Muon " + ", ".join(
+                 f"{k}={v}" for k, v in B.MUON_KW.items()) + " (bf16 iteration, as torch's; "
+             "every 2-D parameter, the rest AdamW " + ", ".join(
+                 f"{k}={v}" for k, v in B.ADAMW_KW.items()) + ": torch-muon is "
+             "torch.optim.Muon + torch.optim.AdamW). kfac_kernels runs its ops "
              "with backend='auto' (the torch reference on CPU; Triton / CUDA kernels where "
              "they apply on a GPU); heavyball-soap is eager "
              "(`heavyball.utils.compile_mode = None`, as TORCHDYNAMO_DISABLE=1), "
@@ -172,10 +178,16 @@ def write(path, results, names, a, started, wall):
             lines.append(f"| {n} | {statistics.median(r['times']):.1f} | {min(r['times']):.1f} | "
                          f"{'' if r1 is None else f'{r1:.2f}x'} | "
                          f"{'' if r2 is None else f'{r2:.2f}x'} | {r['warm']:.1f} |")
-        lb = [(opt, ratio(runs, f"kk-{opt}-looped", f"kk-{opt}")) for opt in ("soap", "shampoo")]
+        lb = [(opt, ratio(runs, f"kk-{opt}-looped", f"kk-{opt}"))
+              for opt in ("soap", "shampoo", "muon")]
         lines += ["", "Batched (one op call per shape group) against looped (one call per "
                   "parameter, `batch_shapes=False`): looped time / batched time = " + ", ".join(
-                      f"{o} {v:.2f}x" for o, v in lb if v is not None) + ".", ""]
+                      f"{o} {v:.2f}x" for o, v in lb if v is not None) + "."]
+        mt = [(n, ratio(runs, n, "torch-muon")) for n in ("kk-muon", "kk-muon-looped")]
+        if any(v is not None for _, v in mt):
+            lines.append("Muon against torch.optim.Muon (+ AdamW): time / torch-muon's time = "
+                         + ", ".join(f"{n} {v:.2f}x" for n, v in mt if v is not None) + ".")
+        lines.append("")
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 

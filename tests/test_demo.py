@@ -161,7 +161,7 @@ def test_default_run_keeps_its_three_optimisers():
     from kfac_kernels.demo import settings
     assert settings.OPTIMIZERS == ("kfac", "adam", "sgd")
     assert demo._parser().parse_args([]).optimizers == "kfac,adam,sgd"
-    assert set(settings.CHOICES) == {"kfac", "adam", "sgd", "soap", "shampoo"}
+    assert set(settings.CHOICES) == {"kfac", "adam", "sgd", "soap", "shampoo", "muon"}
     for task in settings.DEFAULTS.values():          # every choice has defaults and a --tune grid
         assert set(task) == set(settings.CHOICES)
     assert set(settings.GRIDS) == set(settings.CHOICES)
@@ -192,6 +192,43 @@ def test_quick_demo_with_soap_and_shampoo(tmp_path):
         assert "epsilon=1e-06" in runs["shampoo"]["settings"]
     assert md.count("| SOAP |") == len(MODELS) and md.count("| Shampoo |") == len(MODELS)
     assert "SOAP" in out.getvalue() and "Shampoo" in out.getvalue()
+
+
+def test_quick_demo_with_muon(tmp_path):
+    """--optimizers adam,muon: kfac_kernels.optim.Muon on the hidden Linear weights with its AdamW
+    group for the rest (both models), finite, losses going down; --set reaches Muon and its
+    AdamW group (adamw_lr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        rc = demo.main(["--quick", "--optimizers", "adam,muon", "--out", str(tmp_path),
+                        "--no-progress", "--set", "muon.adamw_lr=0.002",
+                        "--set", "muon.ns_steps=4"])
+    assert rc == 0, err.getvalue()[-2000:]
+    with open(tmp_path / "results.json") as fh:
+        results = json.load(fh)
+    for model in MODELS:
+        r = _runs(results, model)["muon"]
+        assert r["final"]["steps"] == demo.QUICK_STEPS and r["diverged_at"] is None
+        assert all(math.isfinite(v) for v in r["train_loss"])
+        assert r["train_loss"][-1] < r["train_loss"][0], (model, r["train_loss"])
+        assert "adamw_lr=0.002" in r["settings"] and "ns_steps=4" in r["settings"]
+    assert (tmp_path / "results.md").read_text().count("| Muon |") == len(MODELS)
+
+
+def test_muon_demo_groups():
+    """The demo's Muon: hidden Linear weights in Muon, everything else in the AdamW group."""
+    from kfac_kernels.demo import models
+    from kfac_kernels.demo.train import make_muon
+    from torch import nn
+    for name in MODELS:
+        model = models.build(name, 0)
+        opt = make_muon(model, 0.03, adamw_lr=3e-3)
+        muon, rest = opt.param_groups
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert [id(p) for p in muon["params"]] == [id(m.weight) for m in linears[:-1]]
+        assert rest["use_muon"] is False and rest["lr"] == 3e-3
+        assert len(muon["params"]) + len(rest["params"]) == len(list(model.parameters()))
 
 
 def test_unknown_soap_setting_is_refused(capsys, tmp_path):

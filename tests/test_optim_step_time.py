@@ -18,7 +18,8 @@ def bench(monkeypatch):
 
 def test_optim_step_time_smoke(bench, tmp_path):
     import _optim_bench as B
-    names = ["kk-soap", "kk-shampoo", "kk-soap-looped", "kk-shampoo-looped"]
+    names = ["kk-soap", "kk-shampoo", "kk-soap-looped", "kk-shampoo-looped", "kk-muon",
+             "kk-muon-looped", "torch-muon"]
     hb = B.heavyball_module()
     if hb is not None:
         names.append("heavyball-soap")
@@ -30,6 +31,8 @@ def test_optim_step_time_smoke(bench, tmp_path):
     for n in names:
         assert f"| {n} | " in text and "failed" not in text
     assert "looped time / batched time = soap" in text and "shampoo" in text
+    assert "muon" in text.split("looped time / batched time")[1].splitlines()[0]
+    assert "time / torch-muon's time = kk-muon" in text
     if hb is not None:
         assert hb.utils.compile_mode == mode_before       # the benchmark restores heavyball's global
 

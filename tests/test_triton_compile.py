@@ -21,7 +21,7 @@ from kfac_kernels.ops.triton import _aot  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)
 KERNELS = ("_syrk_kernel", "sym_finalize_kernel", "_conv_factor_kernel", "_kron_mm_kernel",
-           "_gram_pair_kernel")
+           "_gram_pair_kernel", "_ns_sym_kernel", "_ns_update_kernel")
 
 
 def _need_ptxas():

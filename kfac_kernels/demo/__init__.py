@@ -1,5 +1,6 @@
 """``python -m kfac_kernels demo``: K-FAC against Adam and SGD with momentum on real models
-(and, with ``--optimizers ...,soap,shampoo``, against kfac_kernels.optim's SOAP and Shampoo).
+(and, with ``--optimizers ...,soap,shampoo,muon``, against kfac_kernels.optim's SOAP, Shampoo and
+Muon).
 
 Trains a deep autoencoder (the K-FAC benchmark of Martens & Grosse 2015, scaled to 8x8 digits) and
 a small CNN classifier on scikit-learn's handwritten digits, with the same initial weights and the
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                     "a table and write results (markdown, JSON) and loss curves (PNG) to --out.")
     ap.add_argument("--models", choices=("autoencoder", "cnn", "all"), default="all")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                    help=f"comma-separated list from {', '.join(CHOICES)} (soap and shampoo: "
-                         f"kfac_kernels.optim, built on the kernel ops; default: %(default)s)")
+                    help=f"comma-separated list from {', '.join(CHOICES)} (soap, shampoo and "
+                         f"muon: kfac_kernels.optim, built on the kernel ops; muon with an AdamW "
+                         f"group for all but the hidden Linear weights; default: %(default)s)")
     ap.add_argument("--steps", type=int, default=None,
                     help="optimiser steps per run (default: per model, 200 for both)")
     ap.add_argument("--batch-size", type=int, default=None,
@@ -143,13 +145,16 @@ def unknown_override_keys(overrides: Dict[str, Dict[str, object]]) -> List[str]:
     import inspect
 
     import torch
-    from ..optim import SOAP, Shampoo
+    from ..optim import SOAP, Muon, Shampoo
     from ..optimizer import KFAC
+    from .train import MUON_EXTRA_KEYS
     ctor = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "soap": SOAP,
-            "shampoo": Shampoo}
+            "shampoo": Shampoo, "muon": Muon}
     bad = []
     for opt, kv in overrides.items():
-        params = inspect.signature(ctor[opt]).parameters
+        params = set(inspect.signature(ctor[opt]).parameters)
+        if opt == "muon":
+            params |= set(MUON_EXTRA_KEYS)
         bad += [f"{opt}.{k}" for k in kv if k not in params or k in ("model", "params", "seed")]
     return bad
 

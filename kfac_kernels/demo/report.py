@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence
 from .train import Run, Task
 
 COLORS = {"kfac": "#d62728", "adam": "#1f77b4", "sgd": "#2ca02c", "soap": "#9467bd",
-          "shampoo": "#ff7f0e"}
+          "shampoo": "#ff7f0e", "muon": "#8c564b"}
 
 
 def _fmt_loss(v: float) -> str:

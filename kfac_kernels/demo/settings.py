@@ -12,10 +12,10 @@ from typing import Dict, List
 from .train import OptimizerSpec
 
 OPTIMIZERS = ("kfac", "adam", "sgd")            # the default run
-# On request (--optimizers kfac,adam,sgd,soap,shampoo): kfac_kernels.optim's SOAP and Shampoo,
-# built on the kernel ops. Their lr is the best of GRIDS below at the default step budget (see
+# On request (--optimizers kfac,adam,sgd,soap,shampoo,muon): kfac_kernels.optim's SOAP, Shampoo
+# and Muon, built on the kernel ops. Their lr is the best of GRIDS below at the default step budget (see
 # docs/demo.md); everything else is common practice, not tuned here.
-EXTRA_OPTIMIZERS = ("soap", "shampoo")
+EXTRA_OPTIMIZERS = ("soap", "shampoo", "muon")
 CHOICES = OPTIMIZERS + EXTRA_OPTIMIZERS
 
 # K-FAC: Fisher curvature (one Monte-Carlo sample from the model's own predictive distribution),
@@ -26,8 +26,14 @@ _KFAC = dict(momentum=0.9, curvature="fisher", factor_every=5, inverse_every=10)
 # (Adam runs without it here too). Shampoo: running-average statistics, Adam grafting (Shampoo's
 # direction at Adam's step size per parameter), momentum 0.9, inverse roots every 10 steps.
 _SOAP = dict(betas=(0.9, 0.95), shampoo_beta=0.95, weight_decay=0.0, precondition_frequency=10)
+# Muon: torch.optim.Muon's defaults (momentum 0.95, Nesterov, 5 bf16 Newton-Schulz steps) without
+# weight decay, on the hidden Linear weights (kfac_kernels.optim.muon_param_groups); the rest
+# (convolutions, the output layer, biases) in its AdamW group at Adam's tuned lr, no weight decay.
+_MUON = dict(weight_decay=0.0, adamw_weight_decay=0.0)
 _SHAMPOO = dict(beta2=0.999, momentum=0.9, grafting="adam", epsilon=1e-6,
                 precondition_frequency=10)
+
+MUON_LR_AE, MUON_LR_CNN = 3e-2, 3e-3       # the --tune picks (GRIDS), docs/demo.md
 
 DEFAULTS: Dict[str, Dict[str, OptimizerSpec]] = {
     "autoencoder": {
@@ -36,6 +42,7 @@ DEFAULTS: Dict[str, Dict[str, OptimizerSpec]] = {
         "sgd": OptimizerSpec("sgd", 1e-2, dict(momentum=0.9)),
         "soap": OptimizerSpec("soap", 1e-2, dict(_SOAP)),
         "shampoo": OptimizerSpec("shampoo", 1e-3, dict(_SHAMPOO)),
+        "muon": OptimizerSpec("muon", MUON_LR_AE, dict(_MUON, adamw_lr=3e-3)),
     },
     "cnn": {
         "kfac": OptimizerSpec("kfac", 0.3, dict(_KFAC, damping=1e-1, kl_clip=1e-3)),
@@ -43,6 +50,7 @@ DEFAULTS: Dict[str, Dict[str, OptimizerSpec]] = {
         "sgd": OptimizerSpec("sgd", 1e-1, dict(momentum=0.9)),
         "soap": OptimizerSpec("soap", 3e-2, dict(_SOAP)),
         "shampoo": OptimizerSpec("shampoo", 1e-3, dict(_SHAMPOO)),
+        "muon": OptimizerSpec("muon", MUON_LR_CNN, dict(_MUON, adamw_lr=3e-2)),
     },
 }
 
@@ -59,4 +67,5 @@ GRIDS: Dict[str, List[Dict[str, float]]] = {
     "sgd": [dict(lr=lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)],
     "soap": [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)],
     "shampoo": [dict(lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)],
+    "muon": [dict(lr=lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)],
 }

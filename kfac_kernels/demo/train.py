@@ -70,14 +70,14 @@ TASKS: Dict[str, Task] = {
 @dataclass(frozen=True)
 class OptimizerSpec:
     """One optimiser and its settings (``kwargs`` go to the constructor besides ``lr``)."""
-    name: str                                   # "kfac" | "adam" | "sgd" | "soap" | "shampoo"
+    name: str                         # "kfac" | "adam" | "sgd" | "soap" | "shampoo" | "muon"
     lr: float
     kwargs: Dict[str, object] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return {"kfac": "K-FAC", "adam": "Adam", "sgd": "SGD+momentum", "soap": "SOAP",
-                "shampoo": "Shampoo"}[self.name]
+                "shampoo": "Shampoo", "muon": "Muon"}[self.name]
 
     def describe(self) -> str:
         parts = [f"lr={self.lr:g}"] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -98,6 +98,8 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module, task: Task, seed: int)
         from ..optim import SOAP, Shampoo
         cls = SOAP if spec.name == "soap" else Shampoo
         return cls(model.parameters(), lr=spec.lr, **spec.kwargs)
+    if spec.name == "muon":
+        return make_muon(model, spec.lr, **spec.kwargs)
     if spec.name == "kfac":
         from ..optimizer import KFAC
         kw = dict(spec.kwargs)
@@ -105,6 +107,17 @@ def make_optimizer(spec: OptimizerSpec, model: nn.Module, task: Task, seed: int)
             kw.setdefault("likelihood", task.likelihood)
         return KFAC(model, lr=spec.lr, seed=seed, **kw)
     raise ValueError(f"unknown optimiser {spec.name!r}")
+
+
+MUON_EXTRA_KEYS = ("adamw_lr", "adamw_weight_decay")    # the demo's settings of Muon's AdamW group
+
+
+def make_muon(model: nn.Module, lr: float, adamw_lr: float, adamw_weight_decay: float = 0.0,
+              **muon_kwargs):
+    """kfac_kernels.optim.Muon on the hidden Linear weights, its AdamW group on the rest."""
+    from ..optim import Muon, muon_param_groups
+    groups = muon_param_groups(model, adamw_lr=adamw_lr, weight_decay=adamw_weight_decay)
+    return Muon(groups, lr=lr, **muon_kwargs)
 
 
 # ---------------------------------------------------------------------------------------- runs

@@ -21,6 +21,8 @@ register("kron_precondition_inverse", "triton",
 register("gradient_factor_update", "triton",
          "kfac_kernels.ops.triton.gradient_factors:gradient_factor_update")
 register("kron_rotate", "triton", "kfac_kernels.ops.triton.kron:kron_rotate")
+# Muon's Newton-Schulz iteration: both of its Gram products on the symmetric-product kernel.
+register("newton_schulz", "triton", "kfac_kernels.ops.triton.newton_schulz:newton_schulz")
 
 # CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy: symeig and damped_inverse.
 # On CUDA tensors with backend="auto" these two ops follow kfac_kernels/ops/_decomp_policy.py.

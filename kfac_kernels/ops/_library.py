@@ -13,6 +13,9 @@ these ops only while dynamo is tracing (``torch.compiler.is_compiling()``); eage
 custom-op dispatcher and its overhead. Registration happens at import: it costs a few
 milliseconds, initialises no device and compiles nothing (measured in docs/robustness.md).
 
+``newton_schulz`` (Muon's iteration) declares its custom op in :mod:`kfac_kernels.ops` itself,
+next to its wrapper and checks, in the same way (``torch.ops.kfac_kernels.newton_schulz``).
+
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
 """

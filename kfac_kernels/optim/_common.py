@@ -183,11 +183,11 @@ class StackedOptimizer(torch.optim.Optimizer):
         for p in live:
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        key = (tuple(id(p) for p in live), group["max_precond_dim"])
+        limit = group.get("max_precond_dim", 0)     # Muon has no factors: 0
+        key = (tuple(id(p) for p in live), limit)
         cached = self._layout.get(gi)
         if cached is not None and cached[0] == key:
             return cached[1]
-        limit = group["max_precond_dim"]
         buckets: Dict[tuple, list] = {}
         for p in live:
             st = self.state[p]

@@ -51,7 +51,7 @@ def cases(core_only: bool = False):
     import importlib
 
     out = []
-    for name in ("syrk", "conv_factor", "kron", "gradient_factors"):
+    for name in ("syrk", "conv_factor", "kron", "gradient_factors", "newton_schulz"):
         try:
             mod = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError:
