@@ -31,7 +31,8 @@ TOL_FP16_OUT = 2.0**-11 + TOL_FP32
 # reference does not see, a rounding of the output.
 MATH = {"fp64": dict(acc=torch.float64), "fp32": dict(acc=torch.float32),
         "tf32": dict(acc=torch.float32, inputs=TF32),             # matrix units round x to TF32
-        "bf16-data": dict(acc=torch.float32, inputs=torch.bfloat16)}  # reference on unrounded data
+        "bf16-data": dict(acc=torch.float32, inputs=torch.bfloat16),  # reference on unrounded data
+        "fp32-fp16-out": dict(acc=torch.float32, out=torch.float16)}  # fp32 math, fp16 result
 
 
 def abs_call(fn, *args, **kwargs):
