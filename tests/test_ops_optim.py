@@ -150,9 +150,10 @@ def test_inverse_root_matches_eigh_formula(n, batch, dtype, root):
     eps = 1e-2
     P = ops.inverse_root(F, root, epsilon=eps)
     want = spd_root(F, root, eps)
-    # first-order bounds (tests/README.md): eigh's backward error n u ||F|| moves (F + eps I)^(-1/root)
-    # by (kappa / root) n u relatively, forming Q D Q^T adds n u; kappa = (lam_max + eps) / eps is
-    # ~9e3 for n = 33 here (rank-deficient F), so float32 reaches ~1e-4 on P and ~1e-3 on the product
+    # first-order bounds (tests/README.md): eigh's backward error n u ||F|| moves
+    # (F + eps I)^(-1/root) by (kappa / root) n u relatively, forming Q D Q^T adds n u;
+    # kappa = (lam_max + eps) / eps is ~9e3 for n = 33 here (rank-deficient F), so float32
+    # reaches ~1e-4 on P and ~1e-3 on the product
     kappa = cond_psd(F, eps)
     assert P.dtype == dtype and rel(P, want) <= solve_tol(n, kappa / root + 1, dtype)
     # the defining property: P^root (F + eps I) = I (product in float64): eigh's backward error

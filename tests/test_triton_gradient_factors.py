@@ -29,7 +29,8 @@ def _ref(L0, R0, G, beta, scale):
         return (abs_call(fn, *args, beta=beta, scale=scale) if absolute
                 else fn(*args, beta=beta, scale=scale))
     terms = (G.shape[-1] + 3, G.shape[-2] + 3)         # L = G G^T sums columns, R = G^T G rows
-    return tuple(None if w is None else (w, wa, t) for w, wa, t in zip(run(False), run(True), terms))
+    return tuple(None if w is None else (w, wa, t)
+                 for w, wa, t in zip(run(False), run(True), terms))
 
 
 def _check(out, want, math):
