@@ -305,3 +305,69 @@ def brute_norm(model, name, x, y, curvature, likelihood, fisher_targets=None):
             u = torch.stack([g.reshape(-1) for g in gs], -1)          # [C, 2]
             F_ = F_ + w * u.unsqueeze(-1) * u.unsqueeze(-2)
     return F_ / x.shape[0]
+
+
+# ----------------------------------------------------------------------------- tolerances
+# The rule (tests/README.md, "Tolerances"): a bound on a float32 / TF32 / bf16 / fp16 result is the
+# algorithm's error bound for the problem at hand (size, condition number, unit roundoff), or the
+# comparison is made in float64. These helpers write those bounds once.
+
+TF32 = "tf32"   # TF32 matrix units: inputs rounded to 10 explicit mantissa bits, fp32 accumulation
+
+
+def unit_roundoff(dtype) -> float:
+    """u = 2^-p (p significand bits): 2^-53 float64, 2^-24 float32, 2^-11 float16 and TF32,
+    2^-8 bfloat16. Every rounding of a real x gives x (1 + d) with |d| <= u."""
+    if dtype == TF32:
+        return 2.0 ** -11
+    return torch.finfo(dtype).eps / 2
+
+
+def gamma(n: int, dtype) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of n successive roundings
+    (a sum or dot product of n terms is exact for perturbed terms |d_i| <= gamma_n)."""
+    nu = n * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"gamma({n}) is undefined in {dtype}: n u >= 1")
+    return nu / (1 - nu)
+
+
+def sum_tol(ref: torch.Tensor, ref_abs: torch.Tensor, terms: int, acc=torch.float32,
+            inputs=None, out=None) -> float:
+    """Bound on the relative Frobenius error of a result whose every entry is a sum of at most
+    ``terms`` products (a GEMM, a syrk, a chain of them), accumulated in ``acc``:
+    ``|fl(s) - s| <= gamma_terms |A||B|`` entrywise, so ``gamma_terms ||ref_abs|| / ||ref||`` with
+    ``ref_abs`` the same computation run on absolute values (float64). ``inputs``: a dtype the
+    inputs were rounded to from the reference's float64 data (bf16, fp16, TF32; each product of
+    ``factors`` rounded numbers adds 2 u_in, 3 for a triple product: pass a tuple (dtype, count)).
+    ``out``: the dtype the result is stored in (one more rounding, u_out relative to ||ref||)."""
+    ratio = float(ref_abs.double().norm() / ref.double().norm().clamp_min(1e-300))
+    tol = gamma(terms, acc) * ratio
+    if inputs is not None:
+        dtype, count = inputs if isinstance(inputs, tuple) else (inputs, 2)
+        tol += gamma(count, dtype) * ratio
+    if out is not None:
+        tol += unit_roundoff(out) * (1 + tol)
+    return tol
+
+
+def solve_tol(n: int, kappa: float, dtype, c: float = 1.0) -> float:
+    """First-order bound ``c n u kappa`` on the relative error of a backward-stable solve,
+    inverse or eigendecomposition-based matrix function of an n x n matrix of condition number
+    ``kappa`` (backward error ``c n u ||F||``, amplified by ``kappa``). ``c`` counts the
+    backward-stable stages whose errors add (documented at each call)."""
+    return c * n * unit_roundoff(dtype) * kappa
+
+
+def eig_tol(n: int, dtype, c: float = 1.0) -> float:
+    """Backward error of a stable symmetric eigensolver: ``||F Q - Q L||_F / ||F||_F`` and
+    ``||Q^T Q - I||`` at most ``c n u`` (Householder tridiagonalisation, QR/divide and conquer,
+    Jacobi; Higham, Accuracy and Stability, and Demmel's Applied Numerical Linear Algebra)."""
+    return c * n * unit_roundoff(dtype)
+
+
+def cond_psd(F: torch.Tensor, epsilon: float = 0.0) -> float:
+    """Largest condition number over a stack of PSD matrices shifted by ``epsilon``,
+    (lam_max + eps) / (max(lam_min, 0) + eps), from float64 eigenvalues."""
+    lam = torch.linalg.eigvalsh(F.double()).clamp_min(0) + epsilon
+    return float((lam[..., -1] / lam[..., 0].clamp_min(1e-300)).max())

@@ -29,15 +29,15 @@ class Net(nn.Module):
         return self.out(torch.tanh(self.a(h)) + torch.tanh(self.b(h)))
 
 
-def train(backend, inverse, device="cpu", steps=4):
+def train(backend, inverse, device="cpu", steps=4, dtype=torch.float32):
     torch.manual_seed(0)
-    model = Net().to(device)
+    model = Net().to(device=device, dtype=dtype)
     opt = kk.KFAC(model, lr=0.1, momentum=0.5, damping=1e-2, curvature="ggn",
                   likelihood="categorical", inverse=inverse, inverse_every=2, kl_clip=1e-2,
                   backend=backend)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(13, 2, 6, 6, generator=g).to(device)
+        x = torch.randn(13, 2, 6, 6, generator=g).to(device=device, dtype=dtype)
         y = torch.randint(0, 4, (13,), generator=g).to(device)
         out = model(x)
         opt.zero_grad()
@@ -51,14 +51,16 @@ def test_triton_backend_trains_like_the_reference(inverse):
     ok, why = backend_status("triton")
     if not ok:
         pytest.skip(f"triton backend unavailable: {why}")
-    ref_model, ref_opt = train("torch", inverse)
-    tri_model, tri_opt = train("triton", inverse)
+    # in float64 (tests/README.md): four steps of a nonlinear model amplify the kernels' rounding
+    # differences by an amount no bound states; the float32 kernels have their own tests
+    ref_model, ref_opt = train("torch", inverse, dtype=torch.float64)
+    tri_model, tri_opt = train("triton", inverse, dtype=torch.float64)
     assert "syrk_update=triton" in tri_opt.describe()
     for name in ref_opt.blocks:
-        assert rel_err(tri_opt.blocks[name].A, ref_opt.blocks[name].A) < 1e-5
-        assert rel_err(tri_opt.blocks[name].G, ref_opt.blocks[name].G) < 1e-5
+        assert rel_err(tri_opt.blocks[name].A, ref_opt.blocks[name].A) < 1e-12
+        assert rel_err(tri_opt.blocks[name].G, ref_opt.blocks[name].G) < 1e-12
     for p, q in zip(ref_model.parameters(), tri_model.parameters()):
-        assert rel_err(q.detach(), p.detach()) < 1e-4
+        assert rel_err(q.detach(), p.detach()) < 1e-10
 
 
 @pytest.mark.gpu

@@ -7,6 +7,8 @@ import torch
 from kfac_kernels import ops
 from kfac_kernels.ops import reference
 
+from helpers import cond_psd, solve_tol, sum_tol, unit_roundoff
+
 SHAPES = [(1, 1), (7, 13), (33, 5), (3, 7, 13), (2, 1, 6), (4, 9, 9)]
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -55,7 +57,12 @@ def test_gradient_factor_update_matches_the_products(shape, dtype, beta):
     GtG = G.transpose(-1, -2) @ G
     wantL = scale * GGt + (beta * L0.double() if beta else 0)
     wantR = scale * GtG + (beta * R0.double() if beta else 0)
-    assert rel(L, wantL) <= TOL[dtype] and rel(R, wantR) <= TOL[dtype]
+    # bound: gamma_(k+3) |G||G|^T (+ beta |L0|), G rounded to dtype first (tests/README.md)
+    Ga = G.abs()
+    absL = scale * Ga @ Ga.transpose(-1, -2) + (beta * L0.double().abs() if beta else 0)
+    absR = scale * Ga.transpose(-1, -2) @ Ga + (beta * R0.double().abs() if beta else 0)
+    assert rel(L, wantL) <= sum_tol(wantL, absL, n + 3, acc=dtype, inputs=dtype)
+    assert rel(R, wantR) <= sum_tol(wantR, absR, m + 3, acc=dtype, inputs=dtype)
     assert torch.equal(L, L.transpose(-1, -2)) and torch.equal(R, R.transpose(-1, -2))
 
 
@@ -99,12 +106,24 @@ def test_kron_rotate_round_trip_and_formula(shape, dtype):
     U = ops.kron_rotate(V.float(), QL, QR)
     assert U.dtype == dtype and U.shape == V.shape
     want = QL.double().transpose(-1, -2) @ V.float().double() @ QR.double()
-    assert rel(U, want) <= TOL[dtype]
+    # bound: gamma_(m+n) |QL|^T |V| |QR| (a chain of two products, tests/README.md)
+    Va, La, Ra = V.float().double().abs(), QL.double().abs(), QR.double().abs()
+    tol = sum_tol(want, La.transpose(-1, -2) @ Va @ Ra, m + n, acc=dtype)
+    assert rel(U, want) <= tol
     back = ops.kron_rotate(U, QL, QR, back=True)
-    assert rel(back, V) <= 10 * TOL[torch.float32]
-    # identity sides
-    assert rel(ops.kron_rotate(V.to(dtype), None, QR), V @ QR.double()) <= TOL[dtype]
-    assert rel(ops.kron_rotate(V.to(dtype), QL, None, back=True), QL.double() @ V) <= TOL[dtype]
+    # the way back: V's rounding to float32, both rotations' errors, and QL, QR orthogonal only
+    # to their rounding (measured here, in float64)
+    eye = lambda k: torch.eye(k, dtype=torch.float64)   # noqa: E731
+    orth_err = sum(float((q.double().transpose(-1, -2) @ q.double() - eye(q.shape[-1])).norm(
+        dim=(-2, -1)).max()) for q in (QL, QR))
+    assert rel(back, V) <= unit_roundoff(torch.float32) + 2 * tol + orth_err
+    # identity sides: one product each
+    want = V.to(dtype).double() @ QR.double()
+    tol = sum_tol(want, V.to(dtype).double().abs() @ Ra, n, acc=dtype, inputs=dtype)
+    assert rel(ops.kron_rotate(V.to(dtype), None, QR), V @ QR.double()) <= tol
+    want = QL.double() @ V.to(dtype).double()
+    tol = sum_tol(want, La @ V.to(dtype).double().abs(), m, acc=dtype, inputs=dtype)
+    assert rel(ops.kron_rotate(V.to(dtype), QL, None, back=True), QL.double() @ V) <= tol
 
 
 def test_kron_rotate_rejects_bad_input():
@@ -131,15 +150,20 @@ def test_inverse_root_matches_eigh_formula(n, batch, dtype, root):
     eps = 1e-2
     P = ops.inverse_root(F, root, epsilon=eps)
     want = spd_root(F, root, eps)
-    # fp32: eigenvalues span ~6e3 times epsilon here, so the small ones carry ~1e-4 relative error
-    assert P.dtype == dtype and rel(P, want) <= (1e-3 if dtype == torch.float32 else 1e-10)
-    # the defining property: P^root (F + eps I) = I
+    # first-order bounds (tests/README.md): eigh's backward error n u ||F|| moves
+    # (F + eps I)^(-1/root) by (kappa / root) n u relatively, forming Q D Q^T adds n u;
+    # kappa = (lam_max + eps) / eps is ~9e3 for n = 33 here (rank-deficient F), so float32
+    # reaches ~1e-4 on P and ~1e-3 on the product
+    kappa = cond_psd(F, eps)
+    assert P.dtype == dtype and rel(P, want) <= solve_tol(n, kappa / root + 1, dtype)
+    # the defining property: P^root (F + eps I) = I (product in float64): eigh's backward error
+    # gives n u kappa, each of the root factors' own error another n u kappa
     Pd = P.double()
     prod = torch.linalg.matrix_power(Pd, root) if isinstance(root, int) else None
     if prod is not None:
         eye = torch.eye(n, dtype=torch.float64)
-        assert rel(prod @ (F.double() + eps * eye), eye.expand(batch, n, n)) <= (
-            1e-3 if dtype == torch.float32 else 1e-9)
+        assert rel(prod @ (F.double() + eps * eye), eye.expand(batch, n, n)) <= solve_tol(
+            n, kappa, dtype, c=1 + root)
 
 
 def test_inverse_root_refresh_warm_start_and_eigenvectors():

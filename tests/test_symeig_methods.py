@@ -12,6 +12,8 @@ from kfac_kernels.ops import _decomp_policy as policy
 from kfac_kernels.ops import reference
 from kfac_kernels.ops._registry import BackendUnavailable
 
+from helpers import eig_tol
+
 
 def spd(bsz, n, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -150,7 +152,10 @@ def test_refresh_float32_and_nonfinite():
     lam, q, info, _ = reference.refresh_eigh(f2, q0.float())
     assert info.tolist() == [0, 0, 1]
     assert torch.isnan(lam[2]).all() and torch.isnan(q[2]).all()
-    assert residual(f2[:2], lam[:2], q[:2]).max() <= 1e-5 and orth_err(q[:2]) <= 1e-5
+    # a full-size subspace: Rayleigh-Ritz is exact, so only rounding is left, from four
+    # backward-stable stages (QR of F Q0, Q1^T F Q1, eigh, Q1 Z): 4 n u each
+    bound = eig_tol(24, torch.float32, c=4)
+    assert residual(f2[:2], lam[:2], q[:2]).max() <= bound and orth_err(q[:2]) <= bound
     with pytest.raises(ValueError, match="orth must be"):
         reference.refresh_eigh(f, q0.float(), orth="svd", skip_tol=-1.0)
 
