@@ -82,6 +82,7 @@ class Capture:
         self.cells: Dict[Block, Dict[int, list]] = defaultdict(dict)
         # the AccumulateGrad node of each weight: does a backward pass write its .grad?
         self._accumulators: Dict[int, tuple] = {}
+        self._call_weight: Dict[Block, torch.Tensor] = {}   # set by the pre-hook (FSDP2)
         self.hooks = [b.module.register_forward_hook(self._forward_hook(b))
                       for b in blocks.values()]
         # the weights the forward calls used, when the strategy asks (FSDP2 unshards them)
@@ -144,7 +145,11 @@ class Capture:
                 # the call's absolute index (inputs of closed micro-batches were dropped)
                 call = len(block.inputs) - 1 + block._call_offset
                 cell = self.cells[block][call] = [True, module.training]
-                acc = None if compiling else self._accumulator(getattr(module, "weight", None))
+                # the weight this call used (FSDP2: the unsharded one its pre-hook recorded;
+                # module.weight is already resharded when this hook runs)
+                w = (self._call_weight.pop(block, None) if self.comm.records_used_weights
+                     else getattr(module, "weight", None))
+                acc = None if compiling else self._accumulator(w)
                 hook = self._grad_hook(block, call, cell, acc)
                 if compiling:
                     self.compiled = True
@@ -173,6 +178,7 @@ class Capture:
             if not torch.compiler.is_compiling() and _transformed(*args):
                 return
             w = module.weight
+            self._call_weight[block] = w
             used = self.used.setdefault(block, [])
             if not any(u is w for u in used):
                 used.append(w)
