@@ -368,3 +368,30 @@ def no_host_sync(rank, world, curvature):
         with (host_sync_forbidden() if s == 1 else contextlib.nullcontext()):
             opt.step()
     return opt.engine.factor_updates
+
+
+def foreign_probe(rank, world, curvature):
+    """An input-gradient probe (torch.autograd.grad) on the sharded model between two K-FAC steps
+    leaves parameters and factors bit-identical to the run without it."""
+    cfg = dict(model="mlp", curvature=curvature, inverse="eigh", seed=0)
+    sizes = [4] * world
+
+    def run(probe):
+        model = sharded_model(cfg, world)
+        opt, _ = _build(model, cfg)
+        for s in range(3):
+            if probe and s == 1:
+                x, y = global_batch(100, sum(sizes))
+                x, y = shard(x, sizes, rank), shard(y, sizes, rank)
+                # an input-gradient probe (FSDP2's sharded parameters are not in the graph,
+                # and its resharded weights do not support a double backward)
+                x = x.clone().requires_grad_(True)
+                torch.autograd.grad(F.cross_entropy(model(x), y), x)
+            _train(model, opt, None, cfg, 1, sizes, rank, start=s)
+        out = [_full(p) for p in model.parameters()]
+        out += [t.detach().clone() for b in opt.blocks.values() for t in (b.A, b.G)]
+        opt.close()
+        return out
+
+    ref, got = run(False), run(True)
+    return all(torch.equal(a, b) for a, b in zip(ref, got)) and len(ref) == len(got)

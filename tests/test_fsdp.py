@@ -185,3 +185,11 @@ def test_a_mesh_over_other_ranks_needs_a_matching_process_group():
 @pytest.mark.parametrize("curvature", ["empirical", "fisher"])
 def test_factor_step_of_a_sharded_model_has_no_host_sync(curvature):
     assert run_ranks(FS.no_host_sync, 2, curvature, timeout=60) == [2, 2]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("curvature", ["empirical", "fisher"])
+def test_autograd_grad_probe_between_steps_changes_nothing(curvature):
+    """FSDP2's forward reshards the weight before K-FAC's forward hook runs: the recording check
+    must read the weight the call used (capture.py)."""
+    assert all(run_ranks(FS.foreign_probe, 2, curvature, timeout=110))
