@@ -12,7 +12,7 @@ Stale steps: ``zero_grad`` marks what was captured so far; a backward pass that 
 ``step()`` means that step was never taken, and its captures are dropped (not merged into the
 next factor update). :meth:`Capture.reset` is the one reset of every capture buffer.
 
-Passes that are not the step's (docs/architecture.md, "What a hook records"):
+Passes that are not the step's (docs/robustness.md, "What a hook records"):
 
 * a forward or backward pass inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``,
   ``jacfwd``, ``jvp``, ``functional_call`` under them) is never recorded: its tensors are the
