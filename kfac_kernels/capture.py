@@ -214,8 +214,6 @@ class Capture:
                 return
             if self.foreign.get(block):
                 self.foreign[block].discard(call)
-            if cell is not None:
-                self.modes.add(cell[1])
             if self.g_active:
                 if self.stale:
                     self.drop_stale()
@@ -400,7 +398,9 @@ class Capture:
     def check_modes(self) -> None:
         """Warn (once) when one step captured forward passes in training and in evaluation mode:
         an evaluation pass run with gradients enabled enters the factors like a training one."""
-        if len(self.modes) > 1:
+        # the modes of the calls still captured (a dropped probe's call does not count)
+        modes = self.modes | {c[1] for cells in self.cells.values() for c in cells.values()}
+        if len(modes) > 1:
             self.health.warn_once(
                 ("modes",), "this step captured forward passes in training mode and in eval mode: "
                 "a forward pass run with gradients enabled enters the factors, evaluation passes "

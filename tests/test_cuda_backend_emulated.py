@@ -149,9 +149,15 @@ def test_jacobi_options_warm_start_and_failures(emulated):
     check_eigh(f2, lam, q, 1e-12)
     _, _, _, cold = cuda_symeig_mod.jacobi_eigh(f2)
     assert (cold > sweeps).all()
+    # one sweep does not converge: the kernel reports it (info 1, NaN) ...
+    raw = cuda_symeig_mod.symeig(f2, method="jacobi", return_info=True, max_sweeps=1)
+    assert raw[2].tolist() == [1, 1, 1] and torch.isnan(raw[0]).all()
+    # ... and the op repairs those matrices in float64 (ops/_fallback.py)
+    before = ops.fallback_counts()["symeig_float64"]
     lam, q, info = ops.symeig(f2, method="jacobi", backend="cuda", return_info=True,
                               max_sweeps=1)
-    assert info.tolist() == [1, 1, 1] and torch.isnan(lam).all()
+    assert info.tolist() == [0, 0, 0] and ops.fallback_counts()["symeig_float64"] == before + 3
+    check_eigh(f2, lam, q, 1e-12)
     loose = cuda_symeig_mod.jacobi_eigh(f2, tol=1e-3)
     assert (loose[3] < cold).all() and loose[2].tolist() == [0, 0, 0]
     g = f.clone()

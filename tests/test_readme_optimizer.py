@@ -17,9 +17,30 @@ def _snippet() -> str:
     text = open(README, encoding="utf-8").read()
     assert HEADING in text
     section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "no python block in the README section"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+              if "def shampoo_step" in b]
+    assert len(blocks) == 1, "no Shampoo block (def shampoo_step) in the README section"
     return blocks[0]
+
+
+def test_readme_muon_snippet_runs():
+    """The section's Muon lines run as written on a small model and take a step."""
+    text = open(README, encoding="utf-8").read()
+    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)
+              if "muon_param_groups" in b]
+    assert len(blocks) == 1, "no Muon block in the README section"
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16),
+                                torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    ns = {"model": model}
+    exec(compile(blocks[0], "README.md:muon", "exec"), ns)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 10, (4, 5))
+    torch.nn.functional.cross_entropy(model(x).reshape(-1, 10), x.reshape(-1)).backward()
+    ns["opt"].step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def _run_snippet(capsys):
