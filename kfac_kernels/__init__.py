@@ -10,7 +10,7 @@ compilation, no Triton, CuPy or compiled module until a backend that needs them 
 from ._version import __version__
 from . import ops
 
-__all__ = ["__version__", "ops", "nn", "KFAC", "KFACPreconditioner"]
+__all__ = ["__version__", "ops", "nn", "recipes", "KFAC", "KFACPreconditioner"]
 
 
 def __dir__():
@@ -21,7 +21,7 @@ def __getattr__(name):  # lazy, so `import kfac_kernels.ops` stays minimal
     if name in ("KFAC", "KFACPreconditioner"):
         from . import optimizer
         return getattr(optimizer, name)
-    if name == "nn":
+    if name in ("nn", "recipes"):
         import importlib
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'kfac_kernels' has no attribute {name!r}")
