@@ -23,7 +23,7 @@ def transformer(lr: float = 1e-3, **overrides: Any) -> Dict[str, Any]:
       made lr meaningless); ``damping`` is Adam's epsilon.
     * ``curvature="empirical"``: the bases come from the loss's own gradients, so there is no
       extra backward pass (the sampled Fisher's costs one, and gave no better steps here).
-    * ``factor_every=5, inverse_every=20``: the bases move slowly; amortising the factor work and
+    * ``factor_every=5, inverse_every=10``: the bases move slowly; amortising the factor work and
       the eigendecompositions keeps a step near AdamW's cost.
     * ``momentum=0.9`` heavy ball on the normalised update: lr about AdamW's lr / 3 (the heavy
       ball sums about 1 / (1 - momentum) updates where Adam averages them).
@@ -32,6 +32,6 @@ def transformer(lr: float = 1e-3, **overrides: Any) -> Dict[str, Any]:
     """
     kw = dict(lr=lr, momentum=0.9, inverse="eigen_adam", damping=1e-8, ema_decay=0.95,
               curvature="empirical", loss_reduction="token_mean", factor_every=5,
-              inverse_every=20, kl_clip=None)
+              inverse_every=10, kl_clip=None)
     kw.update(overrides)
     return kw

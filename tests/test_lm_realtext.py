@@ -51,3 +51,16 @@ def test_time_to_target():
 def test_stdlib_text_is_deterministic_prefix():
     a, b = lm.stdlib_text(0.05), lm.stdlib_text(0.1)
     assert len(a) == 50_000 and b[:50_000] == a
+
+
+def test_resnet_bn_quick(tmp_path):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "resnet_bn.py")
+    spec = importlib.util.spec_from_file_location("resnet_bn", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    md = mod.main(["--quick", "--out", str(tmp_path), "--name", "r"])
+    for label in ("SGD-momentum lr 0.05", "AdamW lr 3e-3", "K-FAC (issue 23 settings)"):
+        assert f"| {label} |" in md
+    runs = json.load(open(os.path.join(tmp_path, "r.json")))["runs"]
+    assert all(len(r["eval_step"]) == 2 and 0.0 <= min(r["test_acc"]) for r in runs)
