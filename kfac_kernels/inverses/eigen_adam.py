@@ -19,6 +19,8 @@ moves the eigenvectors little and keeps their order (by eigenvalue), so each coo
 history stays meaningful.
 
 ``damping`` is Adam's epsilon here (in gradient units, e.g. 1e-8), not a curvature damping.
+A step in which some blocks of a shape group have no gradient (unused modules) preconditions
+that group from a copy of its entries: those blocks' second moments skip that step.
 The second moment is updated once per call of the preconditioning, i.e. once per step; the
 adaptive options (which precondition several times per step) are refused.
 """
