@@ -169,7 +169,7 @@ def main(argv=None) -> str:
              f"- ResNet width {args.width} (3 residual blocks, BatchNorm), "
              f"{sum(p.numel() for p in init.parameters()):,} parameters; interleaved rounds of "
              f"{args.round} steps; accuracies in eval mode (running BN statistics)", "",
-             f"| optimizer | ms/step | x first | steps to {args.target:.0%} train acc (eval "
+             f"| optimizer | ms/step (median) | x first | steps to {args.target:.0%} train acc (eval "
              f"mode) | seconds | held-out acc, 2nd half: min / max | final train / held-out |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in runners:
