@@ -10,10 +10,12 @@ compilation, no Triton, CuPy or compiled module until a backend that needs them 
 from ._version import __version__
 from . import ops
 
-#: public subpackages, each imported on first use (``kk.optim``, ``kk.integrations``, ``kk.nn``)
-_SUBPACKAGES = ("nn", "optim", "integrations")
+#: public subpackages, each imported on first use (``kk.optim``, ``kk.integrations``, ``kk.nn``,
+#: ``kk.recipes``)
+_SUBPACKAGES = ("nn", "optim", "integrations", "recipes")
 
-__all__ = ["__version__", "ops", "nn", "optim", "integrations", "KFAC", "KFACPreconditioner"]
+__all__ = ["__version__", "ops", "nn", "optim", "integrations", "recipes", "KFAC",
+           "KFACPreconditioner"]
 
 
 def __dir__():

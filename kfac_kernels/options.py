@@ -176,7 +176,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("mc_samples", 1, "engine", "samples per example of curvature='fisher'", positive_int,
            positional=True),
     Option("inverse", "eigh", "engine", "inverse kind: 'eigh' (eigenbasis), 'cholesky' "
-           "(damped inverses, pi damping) or 'ekfac' (eigenvalue-corrected)", _inverse,
+           "(damped inverses, pi damping), 'ekfac' (eigenvalue-corrected) or 'eigen_adam' (Adam's "
+           "second moment in the eigenbasis; damping is Adam's epsilon)", _inverse,
            positional=True),
     Option("kl_clip", None, "step", "bound C on sum lr^2 <U, V> (the update is scaled by "
            "min(1, sqrt(C / sum lr^2 <U, V>))); None: off; KFAC keeps it in param_groups too",

@@ -119,6 +119,30 @@ def test_hf_trainer_steps_kfac(tmp_path, curvature, vocab, length, bf16):
     assert set(dtypes) == {torch.bfloat16 if bf16 else torch.float32}
 
 
+def test_hf_trainer_transformer_recipe(tmp_path):
+    """kfac_recipe="transformer": the recipe's settings (lr from the TrainingArguments), trains."""
+    transformers = _hf()
+    from kfac_kernels.integrations.hf import KFACTrainer
+    model = _gpt2(transformers)
+    trainer = KFACTrainer(
+        model=model, args=transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+            learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+            logging_steps=1, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0),
+        train_dataset=_Sequences(64, V, T), kfac_recipe="transformer",
+        kfac_kwargs=dict(skip=["transformer.wpe", "transformer.wte"]))
+    trainer.train()
+    opt = trainer.kfac_optimizer
+    expect = kk.recipes.transformer(lr=3e-3)
+    for k in ("inverse", "curvature", "factor_every", "inverse_every", "loss_reduction"):
+        assert getattr(opt.opts, k) == expect[k], k
+    assert opt.param_groups[0]["lr"] == 3e-3
+    losses = _train_losses(trainer)
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    with pytest.raises(ValueError, match="kfac_recipe"):
+        KFACTrainer(model=model, args=trainer.args, kfac_recipe="cnn")
+
+
 @pytest.mark.parametrize("curvature", ["empirical", "ggn"])
 def test_hf_trainer_step_equals_the_hand_written_kfac_loop(tmp_path, curvature):
     """One batch of 8 (so the data order does not matter), no gradient clipping: two Trainer

@@ -10,7 +10,7 @@ def test_every_name_in_all_resolves():
     for name in kk.__all__:
         assert getattr(kk, name) is not None, name
     assert set(kk.__all__) <= set(dir(kk))
-    for sub in ("optim", "integrations", "nn", "ops"):
+    for sub in ("optim", "integrations", "nn", "ops", "recipes"):
         assert sub in kk.__all__ and sub in dir(kk)
     assert kk.optim.SOAP is not None and kk.optim.Shampoo is not None
     for name in kk.optim.__all__:

@@ -65,9 +65,13 @@ def make_model():
 
 
 def make_kfac(model, args):
-    # with lr this large the KL clip binds on every step: each step is lr * nu * U with
-    # lr^2 nu^2 <U, V> = kl_clip, a trust region of radius kl_clip in the metric
-    return kk.KFAC(model, lr=args.kfac_lr, momentum=0.9, damping=args.damping,
+    if args.kfac == "recipe":
+        # the transformer recipe (kfac_kernels/recipes.py, docs/transformers.md): Adam's second
+        # moment in K-FAC's eigenbasis, empirical metric, factors every 5 steps, no KL clip
+        return kk.KFAC(model, **kk.recipes.transformer(lr=args.kfac_lr or 1e-3), seed=args.seed)
+    # "classic": eigenvalue scalings; with lr this large the KL clip binds on every step: each
+    # step is lr * nu * U with lr^2 nu^2 <U, V> = kl_clip, a trust region of radius kl_clip
+    return kk.KFAC(model, lr=args.kfac_lr or 10.0, momentum=0.9, damping=args.damping,
                    curvature="fisher", likelihood="categorical", factor_every=1,
                    loss_reduction="token_mean",      # the loss is a per-token mean
                    inverse_every=10, ema_decay=0.95, kl_clip=args.kl_clip, seed=args.seed)
@@ -80,9 +84,15 @@ def make_adamw(model, args):
 
 def main(argv=None) -> int:
     ap = _text.parser(__doc__.splitlines()[0], steps=400)
-    ap.add_argument("--kfac-lr", type=float, default=10.0)
-    ap.add_argument("--damping", type=float, default=0.3 / CTX)   # per position (token_mean)
-    ap.add_argument("--kl-clip", type=float, default=0.03 / CTX)   # per position (token_mean)
+    ap.add_argument("--kfac", choices=["recipe", "classic"], default="recipe",
+                    help="K-FAC settings: kfac_kernels.recipes.transformer() (default) or the "
+                         "classic eigenvalue-scaled K-FAC with a KL clip (--damping, --kl-clip)")
+    ap.add_argument("--kfac-lr", type=float, default=None,
+                    help="default: 1e-3 (recipe), 10 (classic)")
+    ap.add_argument("--damping", type=float, default=0.3 / CTX,
+                    help="classic only: per position (token_mean)")
+    ap.add_argument("--kl-clip", type=float, default=0.03 / CTX,
+                    help="classic only: per position (token_mean)")
     ap.add_argument("--adamw-lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
     if args.threads:

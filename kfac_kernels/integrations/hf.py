@@ -134,6 +134,8 @@ class KFACTrainer(transformers.Trainer):
     args.weight_decay`` (on Trainer's decay group, with each layer's bias joining its weight:
     :func:`kfac_param_groups`), ``grad_scaler`` = accelerate's GradScaler when ``fp16=True``;
     ``loss_reduction="token_mean"`` (HF's loss is a per-token mean; see the module docstring).
+    ``kfac_recipe="transformer"``: start from :func:`kfac_kernels.recipes.transformer` (with
+    ``lr = args.learning_rate``); ``kfac_kwargs`` override its entries (docs/transformers.md).
     ``kfac_output_fn(outputs, inputs) -> tensor``: the output the curvature passes start from
     (default :func:`curvature_output`). An optimiser passed as ``optimizers=(opt, sched)`` must
     be a ``kk.KFAC``.
@@ -155,7 +157,12 @@ class KFACTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args, kfac_kwargs: Optional[Dict[str, Any]] = None,
-                 kfac_output_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, **kwargs):
+                 kfac_output_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+                 kfac_recipe: Optional[str] = None, **kwargs):
+        if kfac_recipe not in (None, "transformer"):
+            raise ValueError(f"kfac_recipe must be None or 'transformer' "
+                             f"(kfac_kernels.recipes), got {kfac_recipe!r}")
+        self.kfac_recipe = kfac_recipe
         self.kfac_kwargs = dict(kfac_kwargs or {})
         self.kfac_output_fn = kfac_output_fn
         self._kfac_in_training_step = False
@@ -219,6 +226,9 @@ class KFACTrainer(transformers.Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             kw = dict(self.kfac_kwargs)
+            if self.kfac_recipe == "transformer":
+                from .. import recipes
+                kw = {**recipes.transformer(lr=self.args.learning_rate), **kw}
             kw.setdefault("lr", self.args.learning_rate)
             kw.setdefault("weight_decay", self.args.weight_decay)
             kw.setdefault("loss_reduction", "token_mean")

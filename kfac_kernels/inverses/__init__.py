@@ -9,6 +9,9 @@ new kind is a new file with an :class:`InverseKind` subclass and one entry here.
   ``(G + sqrt(gamma)/pi I)^-1`` through Cholesky; pi damping only.
 * ``"ekfac"`` (:class:`EkfacInverse`): the eigenbases of "eigh" with eigenvalue-corrected
   scalings S (George et al. 2018), re-estimated in the current basis on every factor step.
+* ``"eigen_adam"`` (:class:`EigenAdamInverse`): the eigenbases of "eigh" with Adam's bias-corrected
+  per-coordinate second moment of the rotated gradient in place of the eigenvalues (SOAP's
+  ingredient, in K-FAC's basis); ``damping`` is Adam's epsilon.
 """
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ from .base import InverseKind, Slice, finite_each, pi
 from .cholesky import CholeskyInverse
 from .eigh import EighInverse
 from .ekfac import EkfacInverse
+from .eigen_adam import EigenAdamInverse
 
 KINDS: Dict[str, Type[InverseKind]] = {
     "eigh": EighInverse,
     "cholesky": CholeskyInverse,
     "ekfac": EkfacInverse,
+    "eigen_adam": EigenAdamInverse,
 }
 
-__all__ = ["KINDS", "InverseKind", "EighInverse", "CholeskyInverse", "EkfacInverse", "Slice",
+__all__ = ["KINDS", "InverseKind", "EighInverse", "CholeskyInverse", "EkfacInverse", "EigenAdamInverse", "Slice",
            "finite_each", "pi"]

@@ -1,0 +1,112 @@
+"""inverse="eigen_adam": Adam's per-coordinate second moment in K-FAC's Kronecker eigenbasis.
+
+The eigenbases are those of "eigh" (A = QA diag(lamA) QA^T, G = QG diag(lamG) QG^T, refreshed
+every ``inverse_every`` steps). What replaces the eigenvalues is what makes SOAP (Vyas et al.
+2024) strong: a running second moment of the ROTATED mini-batch gradient, per coordinate, with
+Adam's bias correction, and Adam's square root. For a block's gradient matrix V (weight | bias)
+at its t-th preconditioned step::
+
+    R  = QG^T V QA                          (QA = I for a diagonal A: embeddings)
+    M2 <- beta M2 + (1 - beta) R^2          (M2 = 0 before the first step; beta = ema_decay)
+    U  = QG [ R / (sqrt(M2 / (1 - beta^t)) + eps) ] QA^T,      eps = damping  (0/0 := 0)
+
+and the optimiser's heavy-ball momentum and lr act on U as for every kind (``<U, V>`` is
+returned for the KL clip, which this kind does not need: the update is already normalised
+per coordinate like Adam's, so lr sets the step size). Unlike EKFAC's scalings (per-example
+second moments, restarted with every new basis), M2 is a second moment of the mini-batch
+gradient and is kept across basis refreshes without rotation, as SOAP keeps its V: a refresh
+moves the eigenvectors little and keeps their order (by eigenvalue), so each coordinate's
+history stays meaningful.
+
+``damping`` is Adam's epsilon here (in gradient units, e.g. 1e-8), not a curvature damping.
+A step in which some blocks of a shape group have no gradient (unused modules) preconditions
+that group from a copy of its entries: those blocks' second moments skip that step.
+The second moment is updated once per call of the preconditioning, i.e. once per step; the
+adaptive options (which precondition several times per step) are refused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .eigh import EighInverse
+from .plan import reciprocal_or_zero
+
+__all__ = ["EigenAdamInverse"]
+
+
+class EigenAdamInverse(EighInverse):
+    """Stores the eigh entries plus ``M2`` (the rotated second moment, the gradient matrix's
+    shape) and ``t`` (preconditioned steps since the block's first decomposition)."""
+
+    name = "eigen_adam"
+    damping_modes = ("eigen",)
+    precondition_op = "kron_rotate"
+
+    @classmethod
+    def check_options(cls, values: dict) -> None:
+        if values["damping_mode"] != "eigen":
+            raise ValueError("inverse='eigen_adam' uses damping as Adam's epsilon: use "
+                             "damping_mode='eigen' (the default)")
+        for name in ("adaptive_lr", "adaptive_momentum", "adaptive_damping"):
+            if values.get(name):
+                raise ValueError(f"inverse='eigen_adam' updates its second moment once per "
+                                 f"step and cannot be combined with {name}=True (which "
+                                 f"preconditions several times per step); use "
+                                 f"inverse='eigh' or 'ekfac' for the adaptive options")
+
+    def check_distributed(self, k: int, world: int) -> None:
+        if k < world:
+            raise NotImplementedError(
+                f"inverse='eigen_adam' under torch.distributed needs grad_worker_fraction=1 "
+                f"(every rank keeps every block's second moment), got "
+                f"{self.opts.grad_worker_fraction}")
+
+    def extra_entries(self):
+        return ("M2", "t")
+
+    # ---------------------------------------------------------------- decompositions
+    def decompose(self, blocks, only: Optional[set], inverse_updates: int) -> None:
+        """As "eigh", keeping each block's second moment and step count across the refresh."""
+        kept = {b: {k: b.inverse[k] for k in ("M2", "t") if k in b.inverse} for b in blocks}
+        super().decompose(blocks, only, inverse_updates)
+        for b in blocks:
+            if kept[b]:
+                # copies: the old entries may be views of a shape group's stack
+                b.inverse.update({k: v.clone() for k, v in kept[b].items()})
+
+    def after_decomposition(self, blocks, comm) -> None:
+        for b in blocks:
+            inv = b.inverse
+            if "M2" not in inv and "QG" in inv:
+                dt, dev = inv["QG"].dtype, inv["QG"].device
+                inv["M2"] = torch.zeros(b.shape, dtype=dt, device=dev)
+                inv["t"] = torch.zeros((b.num_stack,) if b.stacked else (), dtype=dt,
+                                       device=dev)
+
+    def plan(self, members, st, damping: float):
+        return None        # the scalings change every step: the per-call path below
+
+    # ---------------------------------------------------------------- preconditioning
+    def precondition(self, members, st, V, damping: float):
+        """``(U, <U, V>)`` for the stack ``V`` [B, m, n]; updates ``st["M2"]`` and ``st["t"]``
+        in place (views of the shape group's stacks, so the blocks see them)."""
+        QG, QA = st["QG"], st.get("QA")
+        beta = float(self.opts.ema_decay)
+        Vw = V.to(QG.dtype)
+        QGt = QG.transpose(-1, -2)
+        R = torch.matmul(QGt, Vw)
+        if QA is not None:
+            R = torch.matmul(R, QA)
+        M2, t = st["M2"], st["t"]
+        M2.mul_(beta).addcmul_(R, R, value=1.0 - beta)
+        t.add_(1.0)
+        corr = (1.0 - torch.pow(torch.full_like(t, beta), t)).reshape(t.shape + (1, 1))
+        # a coordinate with no gradient yet (M2 = 0) at eps = 0 moves by 0, not 0/0
+        N = R * reciprocal_or_zero((M2 / corr).sqrt_() + float(damping))
+        U = torch.matmul(QG, N)
+        if QA is not None:
+            U = torch.matmul(U, QA.transpose(-1, -2))
+        dot = (U * Vw).sum((-2, -1))
+        return U.to(V.dtype), dot
