@@ -24,7 +24,7 @@ includes amortised factor and inverse steps; the median shows a typical plain st
 Optimizers are given as ``family:key=value,...`` (``--opt``, repeatable); families: ``adamw``
 (``sched=cos`` for linear warmup + cosine decay), ``soap``, ``shampoo``, ``kfac`` (kk.KFAC
 keywords; ``recipe=1`` starts from :func:`kfac_kernels.recipes.transformer`), ``kfacpre``
-(KFACPreconditioner + AdamW; ``adam_lr=``), ``muon`` (kfac_kernels.optim.Muon, when present),
+(KFACPreconditioner + AdamW; ``adam_lr=``), ``muon`` (kfac_kernels.optim.Muon on the hidden Linear weights, AdamW with ``adam_lr=`` on the rest),
 ``sgd``. A value written ``x/T`` is divided by the context length (per-token damping and KL clip
 under ``loss_reduction="token_mean"``); ``a|b`` is a list (``skip=``, ``only=``); ``label=`` names
 the run.
@@ -179,8 +179,10 @@ class Runner:
         elif family == "muon":
             if not hasattr(kk.optim, "Muon"):
                 raise ValueError("--opt muon: kfac_kernels.optim has no Muon in this version")
-            self.opts.append(kk.optim.Muon(model, **kw) if kw.pop("model_arg", False)
-                             else kk.optim.Muon(params, **kw))
+            # Muon on the hidden Linear weights, AdamW (adam_lr, AdamW's tuned 1e-3 by default)
+            # on the embeddings, head, norms and biases: the usual split
+            groups = kk.optim.muon_param_groups(model, adamw_lr=kw.pop("adam_lr", 1e-3))
+            self.opts.append(kk.optim.Muon(groups, **kw))
         elif family == "kfac":
             if kw.pop("recipe", False):
                 from kfac_kernels import recipes
