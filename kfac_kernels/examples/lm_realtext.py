@@ -24,7 +24,8 @@ includes amortised factor and inverse steps; the median shows a typical plain st
 Optimizers are given as ``family:key=value,...`` (``--opt``, repeatable); families: ``adamw``
 (``sched=cos`` for linear warmup + cosine decay), ``soap``, ``shampoo``, ``kfac`` (kk.KFAC
 keywords; ``recipe=1`` starts from :func:`kfac_kernels.recipes.transformer`), ``kfacpre``
-(KFACPreconditioner + AdamW; ``adam_lr=``), ``muon`` (kfac_kernels.optim.Muon on the hidden Linear weights, AdamW with ``adam_lr=`` on the rest),
+(KFACPreconditioner + AdamW; ``adam_lr=``), ``muon`` (kfac_kernels.optim.Muon on the hidden
+Linear weights, AdamW with ``adam_lr=`` on the rest),
 ``sgd``. A value written ``x/T`` is divided by the context length (per-token damping and KL clip
 under ``loss_reduction="token_mean"``); ``a|b`` is a list (``skip=``, ``only=``); ``label=`` names
 the run.
