@@ -1,8 +1,9 @@
 """Capture: the hooks that record what the factors need, and the extra curvature passes.
 
 On steps where factors are due, a forward hook on every block's module keeps the layer's input
-(``block.inputs``) and puts a hook on its output that records the output-gradient. Gradients
-come from the user's ``loss.backward()`` ("empirical") or from the extra backward passes of
+(in the block's record, ``capture.of(block).inputs``: :mod:`kfac_kernels.capture_state`) and
+puts a hook on its output that records the output-gradient. Gradients come from the user's
+``loss.backward()`` ("empirical") or from the extra backward passes of
 :meth:`Capture.curvature_backward` ("fisher": sampled targets, "ggn": one pass per column of the
 output Hessian's square root). After each pass the gradients are folded into each block's
 ``G_hat`` (batched, :mod:`kfac_kernels.factors`), so memory stays bounded however many passes a
@@ -37,6 +38,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .blocks import Block
+from .capture_state import BlockCapture
 from .curvature import (check_likelihood_output, ggn_num_columns, ggn_vectors, positions,
                         sample_vectors)
 
@@ -58,6 +60,8 @@ class Capture:
         self.opts = opts
         self.factors, self.kind, self.comm, self.health = factors, kind, comm, health
         self.inverse_due = inverse_due
+        # the per-step record of each block: written here only (read through :meth:`of`)
+        self._state: Dict[Block, BlockCapture] = {b: BlockCapture() for b in blocks.values()}
         self.generator: Optional[torch.Generator] = None   # the sampler of curvature="fisher"
         self.capturing = False            # are forward passes of this step captured?
         self.g_active = False             # do output-gradient hooks record right now?
@@ -93,6 +97,41 @@ class Capture:
         # the hooks hold the capture weakly: an optimiser dropped without close() frees its
         # factors, and its hooks are removed when it is collected
         weakref.finalize(self, _remove_hooks, self.hooks)
+
+    # ------------------------------------------------------------------ the records
+    def of(self, block: Block) -> BlockCapture:
+        """The block's capture record of this step (read it; :class:`Capture` writes it)."""
+        return self._state[block]
+
+    def captured_blocks(self) -> List[Block]:
+        """The blocks with statistics captured this step, in the engine's order."""
+        return [b for b in self.blocks.values() if self._state[b].captured()]
+
+    def examples(self, block: Block) -> int:
+        """Examples behind the block's statistics of this step on this process: the combined
+        micro-batches', or the batch size of the captured inputs."""
+        rec = self._state[block]
+        if rec.A_ready is not None:
+            return rec.examples
+        return block.batch_size(rec.inputs[0])
+
+    def input_counts(self) -> tuple:
+        """(inputs held, micro-batches combined) of every block: changes when a capture does."""
+        return tuple((len(r.inputs), r.A_ready is not None) for r in self._state.values())
+
+    def a_statistics(self, blocks: List[Block]):
+        """This step's A estimate of each of ``blocks`` (:meth:`FactorStatistics.a_statistics`)."""
+        return self.factors.a_statistics(blocks, self.of)
+
+    def statistics(self, blocks: List[Block]):
+        """This step's (A, G) estimates of ``blocks`` (:meth:`FactorStatistics.statistics`)."""
+        return self.factors.statistics(blocks, self.of)
+
+    def rescale_g(self, factor: torch.Tensor) -> None:
+        """Multiply every G estimate of this step by a device factor (a GradScaler's 1/S^2)."""
+        for rec in self._state.values():
+            if rec.G_hat is not None:
+                rec.G_hat = rec.G_hat * factor.to(rec.G_hat.dtype)
 
     # ------------------------------------------------------------------ switches
     def start_step(self, step: int) -> None:
@@ -140,10 +179,11 @@ class Capture:
                 # accumulation) if a backward pass follows before zero_grad(), else the next
                 # step's forward run before its zero_grad() (decided by what comes next)
                 self.boundary = True
-            block.inputs.append(block.prepare_input(x.detach(), output))
+            rec = self._state[block]
+            rec.inputs.append(block.prepare_input(x.detach(), output))
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 # the call's absolute index (inputs of closed micro-batches were dropped)
-                call = len(block.inputs) - 1 + block._call_offset
+                call = len(rec.inputs) - 1 + rec.call_offset
                 cell = self.cells[block][call] = [True, module.training]
                 # the weight this call used (FSDP2: the unsharded one its pre-hook recorded;
                 # module.weight is already resharded when this hook runs)
@@ -220,12 +260,13 @@ class Capture:
                 if self.boundary:
                     self.close_micro_batch()
                 if not self.micro_batches:    # (accumulating: reduced once, at step())
-                    self.comm.backward_started(self.factors.a_statistics)
+                    self.comm.backward_started(self)
+                rec = self._state[block]
                 self.grads[block].append(grad.detach() if grad.requires_grad else grad)
                 # call index among the inputs kept (stale ones dropped: see drop_stale)
-                self.grad_calls[block].append(call - block._call_offset)
+                self.grad_calls[block].append(call - rec.call_offset)
                 self.seen_backward = True
-                block._inputs_at_backward = len(block.inputs)
+                rec.at_backward = len(rec.inputs)
         return hook
 
     # ------------------------------------------------------------------ stale steps
@@ -243,17 +284,18 @@ class Capture:
         calls = self.foreign.pop(block, None)
         if not calls:
             return False
-        off, n = block._call_offset, len(block.inputs)
+        rec = self._state[block]
+        off, n = rec.call_offset, len(rec.inputs)
         first = min(calls) - off
         if first < 0 or any(c not in calls for c in range(first + off, n + off)):
             return False
-        if first < block._inputs_at_backward:
+        if first < rec.at_backward:
             return False
         for c in range(first + off, n + off):
             cell = self.cells[block].pop(c, None)
             if cell is not None:
                 cell[0] = False
-        block.inputs = block.inputs[:first]
+        rec.inputs = rec.inputs[:first]
         self.outputs[block] = self.outputs[block][:first]
         return True
 
@@ -265,15 +307,10 @@ class Capture:
         """Drop the captures of a step that was never taken; layer inputs captured after its
         backward pass (this step's forward, run before ``zero_grad``) are kept."""
         for b in self.blocks.values():
-            mark = b._inputs_at_backward
-            b.inputs = b.inputs[mark:]
+            rec = self._state[b]
+            mark = rec.at_backward
+            rec.drop_step(mark)                    # hooks know absolute calls
             self.outputs[b] = self.outputs[b][mark:]
-            b._call_offset = b._call_offset + mark   # hooks know absolute calls
-            b.A_hat = b.G_hat = None
-            b.S_hat = None
-            b.A_acc = b.G_acc = b.A_ready = None
-            b.acc_examples = 0
-            b._inputs_at_backward = 0
         self.micro_batches = 0
         self.boundary = False
         self.grads = defaultdict(list)
@@ -291,8 +328,7 @@ class Capture:
         self.comm.clear()
         self.factors.arena.release()
         for b in self.blocks.values():
-            b.clear_capture()
-            b._inputs_at_backward = b._call_offset = 0
+            self._state[b].clear()
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
         self.used = {}
@@ -321,28 +357,30 @@ class Capture:
         self.comm.clear()    # reductions launched for the first micro-batch alone: not needed
         if empirical and self.has_grads():
             self.fold(1.0, empirical=True)     # a loss scale (GradScaler) is applied at the end
-        live = [b for b in self.blocks.values() if b.inputs]
-        marks = {b: b._inputs_at_backward for b in live}
-        got = [b for b in live if b.G_hat is not None and marks[b]]
+        st = self._state
+        live = [b for b in self.blocks.values() if st[b].inputs]
+        marks = {b: st[b].at_backward for b in live}
+        got = [b for b in live if st[b].G_hat is not None and marks[b]]
         if got:
-            rest = {b: b.inputs[marks[b]:] for b in got}
+            rest = {b: st[b].inputs[marks[b]:] for b in got}
             for b in got:                     # this micro-batch's inputs only
-                b.inputs = b.inputs[:marks[b]]
-            self.factors.check_batch_sizes(got, self.take_out_batch())
-            a_hats = self.factors.a_statistics(got)
+                st[b].inputs = st[b].inputs[:marks[b]]
+            self.factors.check_batch_sizes(got, self.take_out_batch(), self.of)
+            a_hats = self.a_statistics(got)
             for b in got:
-                n = b.batch_size(b.inputs[0])
+                rec = st[b]
+                n = b.batch_size(rec.inputs[0])
                 u = self.factors.micro_batch_weight(n, empirical)
-                a, g = a_hats[b] * float(n), b.G_hat * u
-                b.A_acc = a if b.A_acc is None else b.A_acc + a
-                b.G_acc = g if b.G_acc is None else b.G_acc + g
-                b.acc_examples += n
+                a, g = a_hats[b] * float(n), rec.G_hat * u
+                rec.A_acc = a if rec.A_acc is None else rec.A_acc + a
+                rec.G_acc = g if rec.G_acc is None else rec.G_acc + g
+                rec.examples += n
                 self.kind.close_micro_batch(b, u)
-                b.inputs = b.inputs + rest[b]
+                rec.inputs = rec.inputs + rest[b]
             self.micro_batches += 1
         for b in live:
             mark = marks[b]
-            b.keep_inputs_from(mark)
+            st[b].keep_from(mark)
             self.outputs[b] = self.outputs[b][mark:]
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
@@ -358,9 +396,10 @@ class Capture:
         self.boundary = False
         dropped = False
         for b in self.blocks.values():
-            mark = b._inputs_at_backward
-            if b.inputs and mark < len(b.inputs):
-                b.inputs = b.inputs[:mark]
+            rec = self._state[b]
+            mark = rec.at_backward
+            if rec.inputs and mark < len(rec.inputs):
+                rec.inputs = rec.inputs[:mark]
                 self.outputs[b] = self.outputs[b][:mark]
                 dropped = True
         if not dropped:
@@ -372,27 +411,29 @@ class Capture:
 
     def finish_micro_batches(self, g_rescale: Optional[torch.Tensor] = None) -> bool:
         """At ``step()`` after gradient accumulation (False, nothing done, without it): close the
-        last micro-batch and leave every block the step's estimates, A in ``A_ready`` and G in
-        ``G_hat``. ``g_rescale``: the device factor of a GradScaler's loss scale ("empirical")."""
+        last micro-batch and leave in every block's record the step's estimates, A in
+        ``A_ready`` and G in ``G_hat``. ``g_rescale``: the device factor of a GradScaler's loss
+        scale ("empirical")."""
         self.drop_unbackwarded()
         if not self.micro_batches:
             return False
         self.boundary = True         # the last micro-batch is complete too
-        for b in self.blocks.values():
-            if b.inputs:
-                b._inputs_at_backward = len(b.inputs)
+        for rec in self._state.values():
+            if rec.inputs:
+                rec.at_backward = len(rec.inputs)
         self.close_micro_batch()
         empirical = self.opts.curvature == "empirical"
         for b in self.blocks.values():
-            if not b.acc_examples:
+            rec = self._state[b]
+            if not rec.examples:
                 continue
-            f = self.factors.micro_batch_final(b.acc_examples, empirical)
+            f = self.factors.micro_batch_final(rec.examples, empirical)
             if empirical and g_rescale is not None:
-                f = g_rescale.to(b.G_acc.dtype) * f
-            b.A_ready = b.A_acc / float(b.acc_examples)
-            b.G_hat = b.G_acc * f
-            b.A_acc = b.G_acc = None
-            self.kind.finish_micro_batches(b, f, b.acc_examples)
+                f = g_rescale.to(rec.G_acc.dtype) * f
+            rec.A_ready = rec.A_acc / float(rec.examples)
+            rec.G_hat = rec.G_acc * f
+            rec.A_acc = rec.G_acc = None
+            self.kind.finish_micro_batches(b, f, rec.examples)
         return True
 
     def check_modes(self) -> None:
@@ -433,23 +474,26 @@ class Capture:
         for block, grads in self.grads.items():
             if not grads:
                 continue
-            n = block.batch_size(block.inputs[0]) if block.inputs else block.batch_size(grads[0])
+            rec = self._state[block]
+            n = block.batch_size(rec.inputs[0]) if rec.inputs else block.batch_size(grads[0])
             if n == 0:
                 self.reset()
                 raise _empty_batch(repr(block.name))
             calls = self.grad_calls[block]
             scale = self.factors.g_scale(n, weight, empirical, self._positions())
-            for job in block.pass_jobs(grads, calls, scale):
+            for job in block.pass_jobs(rec.inputs, grads, calls, scale, rec.per_call):
                 jobs.append((block, job))
-            if wants and block.inputs:
+            if wants and rec.inputs:
                 alpha = scale / n
                 if g_rescale is not None:
                     alpha = g_rescale * alpha
-                self.kind.on_pass(block, grads, calls, alpha, n,
+                self.kind.on_pass(block, rec.inputs, grads, calls, alpha, n,
                                   basis_replaced=self.inverse_due())
         self.grads = defaultdict(list)
         self.grad_calls = defaultdict(list)
-        self.factors.run_jobs(jobs, target="G_hat", accumulate=True)
+        into = {b: self._state[b].G_hat for b, _ in jobs}
+        for b, g in self.factors.run_jobs(jobs, target="G_hat", into=into).items():
+            self._state[b].G_hat = g
         if jobs:
             self.pending_passes += 1
 
@@ -488,9 +532,10 @@ class Capture:
         if self.stale:
             self.drop_stale()
         self.out_batch = out.shape[0]
-        batch = {b.batch_size(b.inputs[0]) for b in self.blocks.values() if b.inputs}
+        st = self._state
+        batch = {b.batch_size(st[b].inputs[0]) for b in self.blocks.values() if st[b].inputs}
         if batch and out.shape[0] not in batch:
-            seen = sorted({b.batch_size(x) for b in self.blocks.values() for x in b.inputs})
+            seen = sorted({b.batch_size(x) for b in self.blocks.values() for x in st[b].inputs})
             raise ValueError(
                 f"the output's batch size {out.shape[0]} does not match the batch sizes of the "
                 f"layer inputs captured this step {seen}: every forward pass run with gradients "
@@ -500,16 +545,16 @@ class Capture:
         if self.used:      # the parameters the forward pass used (FSDP2: the unsharded ones)
             weights = []
             for b in self.blocks.values():
-                if b.inputs:
+                if st[b].inputs:
                     for w in self.used.get(b) or [b.weight]:
                         if not any(w is u for u in weights):
                             weights.append(w)
         else:
-            weights = [b.weight for b in self.blocks.values() if b.inputs]
+            weights = [b.weight for b in self.blocks.values() if st[b].inputs]
         if not weights:
             return
         if not self.micro_batches:
-            self.comm.curvature_started(self.factors.a_statistics)
+            self.comm.curvature_started(self)
         # a strategy may seed every rank's draws per step (later micro-batches draw on)
         if opts.curvature == "fisher" and not self.micro_batches:
             gen = self.comm.sampler(self.generator, out.device, step)
@@ -537,7 +582,7 @@ class Capture:
         finally:
             self.g_active = self.in_pass = False
         if not self.micro_batches:       # G complete (unless more micro-batches come): reduce
-            self.comm.curvature_finished(self.pending_passes)
+            self.comm.curvature_finished(self)
 
     def _sampler(self, out: torch.Tensor) -> torch.Tensor:
         """The sampling generator on the output's device, seeded once (``seed``, else from the

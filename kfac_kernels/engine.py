@@ -160,17 +160,15 @@ class KFACEngine:
         if opts.curvature == "empirical" and cap.has_grads():
             cap.fold(1.0, empirical=True, g_rescale=g_rescale)
             if g_rescale is not None:   # output-gradients of a scaled loss: G_hat / S^2
-                for b in self.blocks.values():
-                    if b.G_hat is not None:
-                        b.G_hat = b.G_hat * g_rescale.to(b.G_hat.dtype)
-        captured = [b for b in self.blocks.values() if b.captured()]
+                cap.rescale_g(g_rescale)
+        captured = cap.captured_blocks()
         if not captured:
             cap.reset()
             return False
         if not accumulated:       # (checked per micro-batch otherwise)
-            self.factors.check_batch_sizes(captured, cap.take_out_batch())
+            self.factors.check_batch_sizes(captured, cap.take_out_batch(), cap.of)
         cap.check_modes()
-        if cap.pending_passes == 0 or all(b.G_hat is None for b in captured):
+        if cap.pending_passes == 0 or all(cap.of(b).G_hat is None for b in captured):
             cap.reset()
             if opts.curvature == "empirical":
                 raise RuntimeError(
@@ -181,7 +179,7 @@ class KFACEngine:
                 f"opt.backward(loss, out) instead of loss.backward() on steps where factors "
                 f"are updated (every factor_every={opts.factor_every} steps)")
         # averaged over ranks by a distributed strategy (part of it launched during backward)
-        stats = self.comm.factor_statistics(captured, cap.pending_passes, self.factors)
+        stats = self.comm.factor_statistics(captured, cap)
         cap.reset()
         flags = self.factors.merge(stats, reject)
         if flags is not None:

@@ -21,6 +21,10 @@ from ._numerics import flush_all_
 from .arena import Arena
 from .averaging import blend_, first_estimate_weights, running_average_
 from .blocks import Block, SyrkJob
+from .capture_state import BlockCapture
+
+#: ``of(block)`` -> the block's capture record of this step (``Capture.of``)
+CaptureOf = Callable[[Block], BlockCapture]
 
 __all__ = ["FactorStatistics", "diag_update"]
 
@@ -90,17 +94,20 @@ class FactorStatistics:
         return float(total) if empirical else 1.0 / total
 
     # ------------------------------------------------------------------ batched syrk
-    def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str, accumulate: bool) -> None:
-        """Execute syrk jobs, grouped by shape.
+    def run_jobs(self, jobs: List[Tuple[Block, SyrkJob]], target: str,
+                 into: Optional[Dict[Block, Optional[torch.Tensor]]] = None
+                 ) -> Dict[Block, torch.Tensor]:
+        """Execute syrk jobs, grouped by shape; returns {block: result}.
 
-        ``target`` is the block attribute that receives the result. A block's first job
-        initialises its target (beta = 0) unless ``accumulate`` and it already holds one.
-        Identical initialising jobs (the same input tensor feeding several layers) are computed
-        once."""
+        ``target`` names the estimate ("A_hat" or "G_hat": the arena region the results go
+        to). ``into``: each block's estimate so far, which its jobs accumulate into; a block's
+        first job initialises its result (beta = 0) when it has none. Identical initialising
+        jobs (the same input tensor feeding several layers) are computed once, except for G."""
+        out: Dict[Block, torch.Tensor] = {b: t for b, t in (into or {}).items() if t is not None}
         first: Dict[Block, bool] = {}
         ordered = []
         for block, job in jobs:
-            init = block not in first and not (accumulate and getattr(block, target) is not None)
+            init = block not in first and block not in out
             first[block] = True
             ordered.append((block, job, init))
         # the initialising jobs run first, then the accumulating ones
@@ -115,11 +122,12 @@ class FactorStatistics:
                 groups.setdefault(key, []).append((block, job))
             for members in groups.values():
                 if phase:
-                    self._run_init(members, target)
+                    self._run_init(members, target, out)
                 else:
-                    self._run_accumulate(members, target)
+                    self._run_accumulate(members, out)
+        return out
 
-    def _run_init(self, members, target: str) -> None:
+    def _run_init(self, members, target: str, results: Dict[Block, torch.Tensor]) -> None:
         """One syrk per distinct input, into the block's region of the arena
         (:mod:`kfac_kernels.arena`) when the layout has it, else into a new tensor; blocks fed
         the same input tensor (e.g. q/k/v projections of one activation) share one result."""
@@ -145,12 +153,12 @@ class FactorStatistics:
                     ops.syrk_update(out, x, alpha=alpha, beta=0.0, homogeneous=hom,
                                     backend=backend)
                 done[key] = out
-            setattr(block, target, out)
+            results[block] = out
 
-    def _run_accumulate(self, members, target: str) -> None:
+    def _run_accumulate(self, members, results: Dict[Block, torch.Tensor]) -> None:
         """Accumulation into distinct targets: one call each."""
         for block, job in members:
-            t = getattr(block, target)
+            t = results[block]
             if not t.is_contiguous():
                 t = t.contiguous()
             if job.diag:
@@ -158,47 +166,47 @@ class FactorStatistics:
             else:
                 ops.syrk_update(t, job.x, alpha=job.alpha, beta=1.0,
                                 homogeneous=job.homogeneous, backend=self.backend("syrk_update"))
-            setattr(block, target, t)
+            results[block] = t
 
     # ------------------------------------------------------------------ this step's estimates
-    def statistics(self, captured: List[Block]) -> "OrderedDict[Block, Tuple]":
+    def statistics(self, captured: List[Block], of: CaptureOf) -> "OrderedDict[Block, Tuple]":
         """This step's estimates {block: (A_hat, G_hat)} from the captured inputs and the folded
-        output-gradients (batched syrk / conv_input_factor)."""
-        a_hats = self.a_statistics(captured)
+        output-gradients (batched syrk / conv_input_factor); ``of(block)``: the block's capture
+        record (:meth:`kfac_kernels.capture.Capture.of`)."""
+        a_hats = self.a_statistics(captured, of)
         stats: "OrderedDict[Block, Tuple]" = OrderedDict()
         for b in captured:
-            if b.G_hat is None:   # no gradient reached this module this step: nothing to learn
+            g_hat = of(b).G_hat
+            if g_hat is None:   # no gradient reached this module this step: nothing to learn
                 continue
-            stats[b] = (a_hats[b], b.G_hat)
+            stats[b] = (a_hats[b], g_hat)
         return stats
 
-    def a_statistics(self, captured: List[Block]) -> "OrderedDict[Block, torch.Tensor]":
+    def a_statistics(self, captured: List[Block], of: CaptureOf
+                     ) -> "OrderedDict[Block, torch.Tensor]":
         """This step's A_hat of each captured block (batched), in the block's factor dtype."""
         a_jobs, a_ready = [], {}
-        combined = {b: b.A_ready for b in captured if b.A_ready is not None}  # accumulation
+        combined = {b: of(b).A_ready for b in captured if of(b).A_ready is not None}
         for b in captured:
-            if b in combined:
+            if b in combined:      # gradient accumulation: the micro-batches' combined estimate
                 continue
-            jobs, mat = b.a_jobs(b.inputs)
+            jobs, mat = b.a_jobs(of(b).inputs)
             a_jobs += [(b, j) for j in jobs]
             if mat is not None:
                 a_ready[b] = mat
-        for b in captured:
-            b.A_hat = None
-        self.run_jobs(a_jobs, target="A_hat", accumulate=False)
+        done = self.run_jobs(a_jobs, target="A_hat")
         a_hats: "OrderedDict[Block, torch.Tensor]" = OrderedDict()
         for b in captured:
             if b in combined:
                 a_hats[b] = combined[b]
                 continue
-            a_hat = a_ready.get(b, b.A_hat)
-            if a_ready.get(b) is not None and b.A_hat is not None:
-                a_hat = a_ready[b] + b.A_hat
+            a_hat = a_ready.get(b, done.get(b))
+            if a_ready.get(b) is not None and done.get(b) is not None:
+                a_hat = a_ready[b] + done[b]
             elif b in a_ready:      # a ready-made matrix (conv, embedding): into the arena
                 view = self.arena.take(("A_hat", b), a_hat.shape, b.factor_dtype, a_hat.device)
                 if view is not None:
                     a_hat = view.copy_(a_hat)
-            b.A_hat = None
             a_hats[b] = a_hat if a_hat.dtype == b.factor_dtype else a_hat.to(b.factor_dtype)
         return a_hats
 
@@ -323,12 +331,13 @@ class FactorStatistics:
         return bad_stats
 
     # ------------------------------------------------------------------ checks
-    def check_batch_sizes(self, captured: List[Block], out_batch: Optional[int]) -> None:
+    def check_batch_sizes(self, captured: List[Block], out_batch: Optional[int], of: CaptureOf
+                          ) -> None:
         """Warn (once per block) about a layer whose inputs do not have the examples in dim 0:
         the model output's batch size (or, for "empirical", the most common one among the layers)
         differs from it, e.g. a position embedding called on arange(T) or a Linear fed
         x.view(-1, d). Its statistics would not be per-example. Shapes only: no host sync."""
-        sizes = {b: {b.batch_size(x) for x in b.inputs} for b in captured}
+        sizes = {b: {b.batch_size(x) for x in of(b).inputs} for b in captured}
         n = out_batch
         if n is None:
             counts: Dict[int, int] = defaultdict(int)

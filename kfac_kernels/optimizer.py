@@ -397,7 +397,8 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         if driven or self.skip_nonfinite:
             scale = grad_scale if grad_scale is not None else amp.scaler_scale(self.grad_scaler)
             if (driven and eng.capturing and eng.opts.curvature == "empirical"
-                    and any(b.inputs or b.acc_examples for b in eng.blocks.values())):
+                    and any(eng.capture.of(b).inputs or eng.capture.of(b).examples
+                            for b in eng.blocks.values())):
                 if scale is None:
                     raise RuntimeError(
                         "scaler.unscale_(opt) ran before scaler.step(opt), so KFAC cannot tell "

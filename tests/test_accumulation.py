@@ -232,3 +232,32 @@ def test_forward_before_zero_grad_then_micro_batches(curvature, deterministic_fi
     for n, b in big.blocks.items():
         assert _rel(acc.blocks[n].A, b.A) <= TOL and _rel(acc.blocks[n].G, b.G) <= TOL
     assert max(_rel(p, q) for p, q in zip(m2.parameters(), m1.parameters())) <= TOL
+
+
+def test_the_capture_record_holds_the_micro_batch_state_and_is_reset_by_the_step():
+    """The per-step buffers live in the block's record (``capture.of(block)``), which only the
+    capture writes: after the second micro-batch's backward pass the first one is combined (its
+    examples counted, its inputs freed), the second one's inputs are held; step() clears it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    opt = kk.KFAC(model, lr=0.1)
+    cap = opt.engine.capture
+    blocks = list(opt.blocks.values())
+    assert not hasattr(blocks[0], "inputs") and not hasattr(blocks[0], "G_hat")
+    opt.zero_grad()
+    sizes = (4, 6)
+    for n in sizes:
+        F.cross_entropy(model(torch.randn(n, 5)), torch.randint(0, 3, (n,))).backward()
+    for b in blocks:
+        rec = cap.of(b)
+        assert rec.examples == sizes[0] and rec.A_acc is not None and rec.G_acc is not None
+        assert [x.shape[0] for x in rec.inputs] == [sizes[1]]
+        assert rec.call_offset == 1 and rec.at_backward == 1 and rec.captured()
+    assert cap.captured_blocks() == blocks
+    opt.step()
+    for b in blocks:
+        rec = cap.of(b)
+        assert not rec.captured() and rec.examples == 0 and rec.inputs == []
+        assert rec.G_hat is None and rec.A_acc is None and rec.A_ready is None
+        assert rec.call_offset == 0 and rec.per_call == {}
+        assert b.A is not None and b.count is not None

@@ -275,7 +275,8 @@ def test_statistics_of_a_step_the_loop_skipped_are_dropped(curvature, inverse, f
         assert rel_err(opt.blocks[name].G, b.G) <= 1e-12
         if inverse == "ekfac":
             assert rel_err(opt.blocks[name].inverse["S"], b.inverse["S"]) <= 1e-12
-    assert len(opt.engine.capture.grads) == 0 and all(not b.inputs for b in opt.blocks.values())
+    assert len(opt.engine.capture.grads) == 0 and all(
+        not opt.engine.capture.of(b).inputs for b in opt.blocks.values())
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -203,7 +203,7 @@ def test_close_removes_hooks_and_later_steps_use_the_last_factors():
     opt.step()
     assert not torch.equal(w, model[0].weight.detach())
     assert all(torch.equal(A[n], b.A) for n, b in opt.blocks.items())
-    assert not any(b.inputs for b in opt.blocks.values())
+    assert not any(opt.engine.capture.of(b).inputs for b in opt.blocks.values())
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -40,10 +40,12 @@ def rss_bytes() -> int:
 
 def captured_sizes(opt) -> dict:
     eng = opt.engine
-    return {"inputs": sum(len(b.inputs) for b in eng.blocks.values()),
+    recs = [eng.capture.of(b) for b in eng.blocks.values()]
+    return {"inputs": sum(len(r.inputs) for r in recs),
             "grads": sum(len(v) for v in eng.capture.grads.values()),
             "grad_keys": len(eng.capture.grads),
-            "hats": sum((b.A_hat is not None) + (b.G_hat is not None) for b in eng.blocks.values()),
+            "hats": sum((r.G_hat is not None) + (r.A_ready is not None)
+                        + (r.A_acc is not None) + (r.G_acc is not None) for r in recs),
             "deferred": len(eng.health),
             "state": len(opt.state), "groups": len(eng.preconditioning.groups),
             "hooks": sum(len(m._forward_hooks) for m in opt.model_modules)}

@@ -1,5 +1,5 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
-average, the arena and the compatibility modules so far)."""
+average, the arena, the compatibility modules and the capture record so far)."""
 import importlib.util
 import os
 import subprocess

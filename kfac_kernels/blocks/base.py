@@ -94,22 +94,8 @@ class Block:
         # decompositions, filled by the engine: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}
         self.inverse: dict = {}
         self.ekfac_count: Optional[torch.Tensor] = None  # EKFAC: accepted scalings since the basis
-        # capture buffers for the current step
-        self.inputs: List[torch.Tensor] = []
-        self.A_hat: Optional[torch.Tensor] = None
-        self.G_hat: Optional[torch.Tensor] = None
-        self.S_hat: Optional[torch.Tensor] = None        # EKFAC: this step's scalings estimate
-        # gradient accumulation (several micro-batches in one step, kfac_kernels.capture): the
-        # weighted sums of the micro-batches closed so far, their example count, and the step's
-        # A estimate once all are in
-        self.A_acc: Optional[torch.Tensor] = None
-        self.G_acc: Optional[torch.Tensor] = None
-        self.acc_examples = 0
-        self.A_ready: Optional[torch.Tensor] = None
-        # capture bookkeeping (kfac_kernels.capture): inputs captured before the first backward
-        # pass of a step, and calls dropped from ``inputs`` with a stale step
-        self._inputs_at_backward = 0
-        self._call_offset = 0
+        # what a step captures for this block (inputs, estimates, micro-batch sums) is not kept
+        # here: kfac_kernels.capture.Capture owns it (capture.of(block), capture_state.py)
 
     def follow_weight_dtype(self) -> None:
         """Before the first factor update, with ``factor_dtype`` not given: take the weight's
@@ -196,10 +182,13 @@ class Block:
         the reduce form; ``scale`` carries the curvature type's rescaling and pass weight."""
         raise NotImplementedError
 
-    def pass_jobs(self, grads: List[torch.Tensor], calls: List[int], scale: float) -> List[SyrkJob]:
+    def pass_jobs(self, inputs: List[torch.Tensor], grads: List[torch.Tensor], calls: List[int],
+                  scale: float, cache: Optional[dict] = None) -> List[SyrkJob]:
         """:meth:`g_jobs` for blocks that need to know which call produced each output-gradient:
-        ``calls[j]`` indexes ``self.inputs`` for ``grads[j]`` (backward passes deliver gradients
-        in their own order). Defaults to ``g_jobs``."""
+        ``calls[j]`` indexes ``inputs`` (the micro-batch's captured inputs) for ``grads[j]``
+        (backward passes deliver gradients in their own order). ``cache``: a dict, keyed by
+        call, the block may keep per-call tensors in for the micro-batch's other passes (the
+        capture clears it with the inputs). Defaults to ``g_jobs``."""
         return self.g_jobs(grads, scale)
 
     # ------------------------------------------------------------------ EKFAC
@@ -289,38 +278,6 @@ class Block:
             return torch.block_diag(*[torch.kron(a, g) for a, g in zip(A, G)])
         return torch.kron(A if A.dim() == 2 else torch.diag(A), G if G.dim() == 2 else
                           torch.diag(G))
-
-    def clear_inputs(self) -> None:
-        """Forget the current micro-batch's inputs and estimates (not the combined ones)."""
-        self.inputs = []
-        self.A_hat = None
-        self.G_hat = None
-        self._inputs_at_backward = self._call_offset = 0
-
-    def keep_inputs_from(self, mark: int) -> None:
-        """Drop the first ``mark`` captured inputs (a closed micro-batch's) and this micro-batch's
-        estimates; hooks registered on the calls kept still know their absolute call index."""
-        self.inputs = self.inputs[mark:]
-        self.A_hat = self.G_hat = None
-        self._call_offset += mark
-        self._inputs_at_backward = 0
-
-    def clear_capture(self) -> None:
-        self.clear_inputs()
-        self.A_acc = self.G_acc = self.A_ready = None
-        self.acc_examples = 0
-
-    def captured(self) -> bool:
-        """Has this step captured statistics for the block (inputs of the current micro-batch, or
-        micro-batches already combined)?"""
-        return bool(self.inputs) or self.A_ready is not None
-
-    def step_examples(self) -> int:
-        """Examples behind this step's statistics on this process: the combined micro-batches', or
-        the batch size of the captured inputs."""
-        if self.A_ready is not None:
-            return self.acc_examples
-        return self.batch_size(self.inputs[0])
 
 
 def _dtype_for(weight: torch.Tensor) -> torch.dtype:

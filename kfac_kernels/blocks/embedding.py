@@ -105,16 +105,17 @@ class EmbeddingBlock(Block):
             w = w / w.sum(1, keepdim=True).clamp_min(1.0)                   # 1 / T_n
         return [], segment_counts(tok, w, V) / n
 
-    def pass_jobs(self, grads: List[torch.Tensor], calls: List[int], scale: float) -> List[SyrkJob]:
+    def pass_jobs(self, inputs: List[torch.Tensor], grads: List[torch.Tensor], calls: List[int],
+                  scale: float, cache: Optional[dict] = None) -> List[SyrkJob]:
         d = self.out_dim
-        n = self.batch_size(self.inputs[calls[0]])
+        n = self.batch_size(inputs[calls[0]])
         rows = []
         for gr, c in zip(grads, calls):
-            tok = self._tokens(self.inputs[c])
+            tok = self._tokens(inputs[c])
             if tok.shape[0] != n and self.weight_sharing == "reduce":
                 raise BlockInputError(
                     f"module {self.name!r} was called with batch sizes "
-                    f"{[self.batch_size(self.inputs[c]) for c in calls]} in one step; "
+                    f"{[self.batch_size(inputs[c]) for c in calls]} in one step; "
                     f"weight_sharing='reduce' needs the same batch size in every call")
             gr = gr.reshape(tok.shape[0], -1, d)                            # [N, T, d]
             w = self._mask(tok, gr.dtype)

@@ -20,7 +20,7 @@ run in one batched call, and EKFAC's scalings coincide with F_c's eigenvalues.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,6 @@ class NormBlock(Block):
         # LayerNorm/RMSNorm: channels are the trailing normalized_shape; the others: dim 1
         self.trailing = isinstance(module, nn.LayerNorm) or (
             hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm))
-        self._xhat: Dict[int, torch.Tensor] = {}
 
     @property
     def num_stack(self) -> int:
@@ -97,12 +96,14 @@ class NormBlock(Block):
             t = t.movedim(1, -1)
         return t.reshape(n, -1, self.channels)
 
-    def per_example(self, inputs, grads, calls) -> torch.Tensor:
-        """u [N, C, 1(+1)]: per-example gradients of (scale, shift), summed over calls (xhat is
-        computed once per call and step, however many backward passes the metric runs)."""
+    def per_example(self, inputs, grads, calls, cache: Optional[dict] = None) -> torch.Tensor:
+        """u [N, C, 1(+1)]: per-example gradients of (scale, shift), summed over calls (with a
+        ``cache``, xhat is computed once per call and micro-batch, however many backward passes
+        the metric runs)."""
         pairs = self.paired(inputs, grads, calls)
         n = self.batch_size(pairs[0][0])
-        cache = self._xhat if inputs is self.inputs else {}
+        if cache is None:
+            cache = {}
         u = None
         for (x, g), c in zip(pairs, calls):
             xh = cache.get(c)
@@ -120,20 +121,13 @@ class NormBlock(Block):
         return [], torch.ones(self.channels, 1, 1, dtype=self.factor_dtype,
                               device=self.weight.device)
 
-    def pass_jobs(self, grads: List[torch.Tensor], calls: List[int], scale: float) -> List[SyrkJob]:
-        u = self.per_example(self.inputs, grads, calls)
+    def pass_jobs(self, inputs: List[torch.Tensor], grads: List[torch.Tensor], calls: List[int],
+                  scale: float, cache: Optional[dict] = None) -> List[SyrkJob]:
+        u = self.per_example(inputs, grads, calls, cache)
         return [SyrkJob(u.transpose(0, 1), scale / u.shape[0], False)]  # [C, N, 2] -> [C, 2, 2]
 
     def g_jobs(self, grads, scale):  # pragma: no cover - the engine calls pass_jobs
         raise NotImplementedError("NormBlock needs pass_jobs (pairs gradients with inputs)")
-
-    def clear_inputs(self) -> None:
-        super().clear_inputs()
-        self._xhat = {}
-
-    def keep_inputs_from(self, mark: int) -> None:
-        super().keep_inputs_from(mark)
-        self._xhat = {}
 
     # ------------------------------------------------------------------ gradients
     def grad_matrix(self, grads=None) -> Optional[torch.Tensor]:

@@ -38,7 +38,7 @@ import torch
 
 if TYPE_CHECKING:   # annotations only: this module imports nothing of the package at run time
     from ..blocks import Block
-    from ..factors import FactorStatistics
+    from ..capture import Capture
 
 class StrategyOptions(Protocol):
     """What the strategies read of the optimiser's :class:`kfac_kernels.options.Options` (whose
@@ -57,8 +57,6 @@ class StrategyOptions(Protocol):
 
 #: this step's statistics per block (an ordered dict: the blocks' order is every rank's order)
 Stats = Dict["Block", Tuple[torch.Tensor, torch.Tensor]]
-#: ``statistics(captured)`` -> {block: A_hat}, computed when a strategy asks (FactorStatistics)
-AStatistics = Callable[[List["Block"]], Dict["Block", torch.Tensor]]
 #: ``decompose(blocks, only)``: only a set of (block, "A"|"G") pairs, None for all
 Decompose = Callable[[List["Block"], Optional[Set[Tuple["Block", str]]]], None]
 #: ``local(grads)`` -> (U, dots): preconditioning with the decompositions this process holds
@@ -131,10 +129,12 @@ class LocalComm:
     records_used_weights = False
 
     # ---------------------------------------------------------------- capture
-    def backward_started(self, a_statistics: AStatistics) -> None:
-        """The first output-gradient of a factor step arrived: the forward pass is over."""
+    def backward_started(self, capture: "Capture") -> None:
+        """The first output-gradient of a factor step arrived: the forward pass is over
+        (``capture``: the engine's :class:`kfac_kernels.capture.Capture`, read-only here; its
+        ``a_statistics(blocks)`` computes this process's A estimates)."""
 
-    def curvature_started(self, a_statistics: AStatistics) -> None:
+    def curvature_started(self, capture: "Capture") -> None:
         """The curvature passes of "fisher"/"ggn" begin."""
 
     def sampler(self, generator: Optional[torch.Generator], device: torch.device,
@@ -143,7 +143,7 @@ class LocalComm:
         strategy needs), or None for the engine's own (seeded once)."""
         return None
 
-    def curvature_finished(self, pending_passes: int) -> None:
+    def curvature_finished(self, capture: "Capture") -> None:
         """The curvature passes are over: G is complete."""
 
     def clear(self) -> None:
@@ -154,11 +154,10 @@ class LocalComm:
         """Device flag ``found`` (> 0: skip the step) as every process must see it."""
         return found
 
-    def factor_statistics(self, captured: List[Block], pending_passes: int,
-                          factors: FactorStatistics) -> Stats:
-        """``{block: (A_hat, G_hat)}`` of this step (``factors``: the
-        :class:`kfac_kernels.factors.FactorStatistics` that computes this process's own)."""
-        return factors.statistics(captured)
+    def factor_statistics(self, captured: List[Block], capture: "Capture") -> Stats:
+        """``{block: (A_hat, G_hat)}`` of this step (``capture.statistics(blocks)`` computes
+        this process's own)."""
+        return capture.statistics(captured)
 
     def reduce_scalings(self, s_hats: Dict[Block, torch.Tensor],
                         counts: Mapping[Block, int]) -> Dict[Block, torch.Tensor]:

@@ -42,13 +42,13 @@ import torch
 import torch.distributed as dist
 
 from .assignment import assign, decomposition_cost, worker_grid
-from .base import (AStatistics, CommStats, Decompose, DistributedOptions, LocalComm,
+from .base import (CommStats, Decompose, DistributedOptions, LocalComm,
                    MismatchError, Precondition, Stats, StrategyOptions)
 from .buckets import MB, Bucket, factor_slot, split_buckets
 
 if TYPE_CHECKING:
     from ..blocks import Block
-    from ..factors import FactorStatistics
+    from ..capture import Capture
     from ..inverses.base import InverseKind
 
 __all__ = ["DistributedKFAC", "sampling_seed"]
@@ -252,36 +252,34 @@ class DistributedKFAC(LocalComm):
                                         for key, *_ in bk.slots}))
         return out
 
-    def _input_counts(self):
-        return tuple((len(b.inputs), b.A_ready is not None) for b in self.blocks)
-
-    def _launch_a(self, a_statistics) -> Optional[_Pending]:
-        captured = [b for b in self.blocks if b.captured()]
+    def _launch_a(self, capture: "Capture") -> Optional[_Pending]:
+        captured = [b for b in self.blocks if capture.of(b).captured()]
         if not captured:
             return None
-        a_hats = a_statistics(captured)
-        weights = {b: float(b.step_examples()) for b in captured}
+        a_hats = capture.a_statistics(captured)
+        weights = {b: float(capture.examples(b)) for b in captured}
         pend = self._reduce(self.a_buckets, {(b, "A"): a for b, a in a_hats.items()}, weights,
                             scale=True)
-        pend.snapshot = self._input_counts()
+        pend.snapshot = capture.input_counts()
         return pend
 
-    def _launch_g(self, pending_passes: int) -> _Pending:
-        ready = {b: b.G_hat for b in self.blocks if b.captured() and b.G_hat is not None}
-        weights = {b: float(b.step_examples()) for b in ready}
+    def _launch_g(self, capture: "Capture") -> _Pending:
+        ready = {b: capture.of(b).G_hat for b in self.blocks
+                 if capture.of(b).captured() and capture.of(b).G_hat is not None}
+        weights = {b: float(capture.examples(b)) for b in ready}
         pend = self._reduce(self.g_buckets, {(b, "G"): g for b, g in ready.items()}, weights,
                             scale=self.g_divided)
-        pend.snapshot = pending_passes
+        pend.snapshot = capture.pending_passes
         return pend
 
-    def backward_started(self, a_statistics: AStatistics) -> None:
+    def backward_started(self, capture: "Capture") -> None:
         """First output-gradient of a capture step: the forward pass is over, reduce A now."""
         if self._a is None:
-            self._a = self._launch_a(a_statistics)
+            self._a = self._launch_a(capture)
 
-    def curvature_started(self, a_statistics: AStatistics) -> None:
+    def curvature_started(self, capture: "Capture") -> None:
         if self._a is None:
-            self._a = self._launch_a(a_statistics)
+            self._a = self._launch_a(capture)
 
     def sampler(self, generator: Optional[torch.Generator], device: torch.device,
                 step: int) -> torch.Generator:
@@ -291,10 +289,10 @@ class DistributedKFAC(LocalComm):
         generator.manual_seed(sampling_seed(self.base_seed, self.rank, step))
         return generator
 
-    def curvature_finished(self, pending_passes: int) -> None:
+    def curvature_finished(self, capture: "Capture") -> None:
         if self._g is not None:
             self._g.wait()
-        self._g = self._launch_g(pending_passes)
+        self._g = self._launch_g(capture)
 
     def agree(self, found: torch.Tensor) -> torch.Tensor:
         """Every rank takes the same skip decision (the running factors must stay identical):
@@ -307,21 +305,20 @@ class DistributedKFAC(LocalComm):
         """The engine dropped this step's capture: forget reductions launched for it."""
         self._a = self._g = None
 
-    def factor_statistics(self, captured: List[Block], pending_passes: int,
-                          factors: FactorStatistics) -> Stats:
+    def factor_statistics(self, captured: List[Block], capture: "Capture") -> Stats:
         """{block: (A, G)} averaged over ranks, for the blocks with statistics on this step
         (reductions launched during the backward pass are reused when nothing was captured
         since)."""
         a, g = self._a, self._g
         self._a = self._g = None
-        if a is None or a.snapshot != self._input_counts():
+        if a is None or a.snapshot != capture.input_counts():
             if a is not None:         # inputs captured after the launch (several forward passes)
                 a.wait()
-            a = self._launch_a(factors.a_statistics)
-        if g is None or g.snapshot != pending_passes:
+            a = self._launch_a(capture)
+        if g is None or g.snapshot != capture.pending_passes:
             if g is not None:
                 g.wait()
-            g = self._launch_g(pending_passes)
+            g = self._launch_g(capture)
         assert a is not None, "factor_statistics called without captured blocks"
         a.wait()
         g.wait()

@@ -245,8 +245,9 @@ class InverseKind:
         return two_sided(st["QG"], None, R, batched=True)
 
     # ---------------------------------------------------------------- per-step hooks (EKFAC)
-    def on_pass(self, block, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
-        """One backward pass's output-gradients of ``block`` (scaled by ``alpha``)."""
+    def on_pass(self, block, inputs, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
+        """One backward pass's output-gradients of ``block`` (scaled by ``alpha``); ``inputs``:
+        the layer inputs of the micro-batch (``calls[j]`` indexes them for ``grads[j]``)."""
 
     def after_factor_update(self, blocks, reject, comm) -> None:
         """After the running factors of ``blocks`` were updated (``reject``: the step's flag)."""

@@ -37,6 +37,8 @@ class EkfacInverse(EighInverse):
         # exists: {block: [(inputs, grads, calls, alpha)]}
         self._stash: Dict[object, list] = defaultdict(list)
         self._n: Dict[object, int] = {}   # local examples behind each block's estimate
+        # this step's scalings estimate S_hat of each block (in the current eigenbasis)
+        self._s_hat: Dict[object, torch.Tensor] = {}
         # gradient accumulation: weighted S sums of closed micro-batches, stash entries weighed
         self._acc: Dict[object, torch.Tensor] = {}
         self._closed: Dict[object, int] = {}
@@ -84,23 +86,22 @@ class EkfacInverse(EighInverse):
         return True       # the scalings move with every factor update
 
     # ---------------------------------------------------------------- per-step statistics
-    def on_pass(self, b, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
-        """Fold one backward pass into ``b.S_hat`` in the CURRENT eigenbasis, or, when that basis
-        is replaced in this step's inverse update (or does not exist yet), keep the pass until
-        the new basis exists (:meth:`after_decomposition` computes S from it)."""
+    def on_pass(self, b, inputs, grads, calls, alpha, n: int, basis_replaced: bool) -> None:
+        """Fold one backward pass into the block's S_hat in the CURRENT eigenbasis, or, when that
+        basis is replaced in this step's inverse update (or does not exist yet), keep the pass
+        until the new basis exists (:meth:`after_decomposition` computes S from it)."""
         self._n[b] = n
         if basis_replaced or "QG" not in b.inverse or "S" not in b.inverse:
-            self._stash[b].append((list(b.inputs), list(grads), list(calls), alpha))
+            self._stash[b].append((list(inputs), list(grads), list(calls), alpha))
             return
-        part = b.ekfac_sums(b.inputs, grads, calls, b.inverse["QG"], b.inverse.get("QA"))
+        part = b.ekfac_sums(inputs, grads, calls, b.inverse["QG"], b.inverse.get("QA"))
         part = part.to(b.factor_dtype) * alpha
-        b.S_hat = part if b.S_hat is None else b.S_hat + part
+        self._s_hat[b] = part if b not in self._s_hat else self._s_hat[b] + part
 
     def close_micro_batch(self, b, weight: float) -> None:
-        if b.S_hat is not None:
-            s = b.S_hat * weight
+        if b in self._s_hat:
+            s = self._s_hat.pop(b) * weight
             self._acc[b] = s if b not in self._acc else self._acc[b] + s
-            b.S_hat = None
         stash, done = self._stash.get(b, []), self._closed.get(b, 0)
         stash[done:] = [(x, g, c, alpha * weight) for x, g, c, alpha in stash[done:]]
         self._closed[b] = len(stash)
@@ -108,7 +109,7 @@ class EkfacInverse(EighInverse):
     def finish_micro_batches(self, b, final, examples: int) -> None:
         if b in self._acc:
             s = self._acc.pop(b)
-            b.S_hat = s * (final.to(s.dtype) if isinstance(final, torch.Tensor) else final)
+            self._s_hat[b] = s * (final.to(s.dtype) if isinstance(final, torch.Tensor) else final)
         if b in self._stash:
             self._stash[b] = [(x, g, c, alpha * final) for x, g, c, alpha in self._stash[b]]
         self._closed.pop(b, None)
@@ -124,9 +125,7 @@ class EkfacInverse(EighInverse):
     def after_factor_update(self, blocks, reject, comm) -> None:
         """S <- rho S + (1 - rho) S_hat, rho = min(1 - 1/k, ema_decay), k counting accepted
         estimates since the eigenbasis last changed; on the device, guarded like the factors."""
-        s_hats = OrderedDict((b, b.S_hat) for b in blocks if b.S_hat is not None)
-        for b in blocks:
-            b.S_hat = None
+        s_hats = OrderedDict((b, self._s_hat.pop(b)) for b in blocks if b in self._s_hat)
         for b, s_hat in self._reduce(comm, s_hats).items():
             ok = torch.isfinite(s_hat).all()
             if reject is not None:      # the whole step was rejected
@@ -167,4 +166,5 @@ class EkfacInverse(EighInverse):
     def drop_capture(self) -> None:
         """The step's captures were dropped (stale): forget their stashed passes."""
         self._stash = defaultdict(list)
+        self._s_hat = {}
         self._acc, self._closed = {}, {}
