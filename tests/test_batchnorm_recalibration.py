@@ -39,7 +39,7 @@ def test_weights_unchanged_and_kfac_captures_nothing():
     before = [p.detach().clone() for p in model.parameters()]
     kk.nn.recalibrate_batchnorm(model, [torch.randn(6, 2, 5, 5, dtype=torch.float64)])
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert all(not b.inputs for b in opt.blocks.values())
+    assert all(not opt.engine.capture.of(b).inputs for b in opt.blocks.values())
     opt.close()
 
 
