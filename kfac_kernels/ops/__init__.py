@@ -17,6 +17,9 @@ import torch
 
 from . import _decomp_policy, _fallback, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
+# ops already in their own module (issue 25): wrapper, checks, custom op and registrations
+from .conv_factor import _conv_args, conv_input_factor, conv_input_factor_grouped
+from .syrk import ema_factor_update, syrk_update
 
 _compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
 
@@ -49,12 +52,12 @@ __all__ = [
 #: how many matrices the decompositions' repair handled in this process (see ops/_fallback.py)
 fallback_counts = _fallback.counts
 
-_FACTOR_DTYPES = (torch.float32, torch.float64)
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._checks import FACTOR_DTYPES as _FACTOR_DTYPES  # noqa: E402
+from ._checks import INPUT_DTYPES as _INPUT_DTYPES  # noqa: E402
 
-_OPS = ("syrk_update", "ema_factor_update", "conv_input_factor", "symeig", "damped_inverse",
+_OPS = ("symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-        "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
+        "kron_precondition_diag", "ekfac_scalings",
         "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
         "eigenbasis_power_step", "newton_schulz")
 for _op in _OPS:
@@ -71,160 +74,14 @@ def available_backends():
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_tensor(name, t, dtypes=None, dims=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
-    if dims is not None and t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape "
-                         f"{tuple(t.shape)}")
-
-
-def _check_same_device(**tensors):
-    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devs.values())) > 1:
-        raise ValueError("inputs are on different devices: "
-                         + ", ".join(f"{n} on {d}" for n, d in devs.items()))
-
-
-def _check_number(name, v):
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-
-
-def _check_damping(damping, batch_shape, device):
-    if isinstance(damping, torch.Tensor):
-        if damping.dim() not in (0, len(batch_shape)) or (
-                damping.dim() and tuple(damping.shape) != tuple(batch_shape)):
-            raise ValueError(f"damping must be a number, a 0-d tensor or have shape "
-                             f"{tuple(batch_shape)}, got {tuple(damping.shape)}")
-        if damping.device != device:
-            raise ValueError(f"damping is on {damping.device}, the matrices on {device}")
-    else:
-        _check_number("damping", damping)
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-
-
-def _split_damping(damping):
-    """(tensor or None, float) as the custom ops take a damping that is a number or a tensor."""
-    if isinstance(damping, torch.Tensor):
-        return damping, 0.0
-    return None, float(damping)
-
-
-def _check_symmetric_stack(name, f):
-    _check_tensor(name, f, _FACTOR_DTYPES, (2, 3))
-    if f.shape[-1] != f.shape[-2]:
-        raise ValueError(f"{name} must be square matrices, got shape {tuple(f.shape)}")
-
-
-# ----------------------------------------------------------------------------- factor updates
-
-def _check_prev_eigenvectors(factors: torch.Tensor, prev: Optional[torch.Tensor]) -> None:
-    """A warm start's eigenvectors: a factor-dtype stack of the factors' shape, on their device."""
-    if prev is None:
-        return
-    _check_tensor("prev_eigenvectors", prev, _FACTOR_DTYPES)
-    if prev.shape != factors.shape:
-        raise ValueError(f"prev_eigenvectors has shape {tuple(prev.shape)}, "
-                         f"factors {tuple(factors.shape)}")
-    _check_same_device(factors=factors, prev_eigenvectors=prev)
-
-def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
-                homogeneous: bool = False, allow_tf32: bool = False, backend: str = "auto"):
-    """In place ``factor <- beta * factor + alpha * xbar^T xbar`` with ``xbar = [x, 1]`` when
-    ``homogeneous`` (fast backends never build the ones column).
-
-    ``factor`` is fp32/fp64 [d, d] or a stack [B, d, d]; ``x`` is [n, d - homogeneous] (resp.
-    [B, n, ...]) in fp16/bf16/fp32/fp64, contiguous or not. ``beta == 0`` overwrites ``factor``
-    whatever it held. ``allow_tf32`` lets fp32 inputs use TF32 matrix units on GPUs (faster,
-    ~1e-3 relative error); the default is exact fp32. Returns ``factor``.
-    """
-    _check_tensor("factor", factor, _FACTOR_DTYPES, (2, 3))
-    _check_tensor("x", x, _INPUT_DTYPES, (factor.dim(),))
-    _check_same_device(factor=factor, x=x)
-    _check_number("alpha", alpha)
-    _check_number("beta", beta)
-    d = factor.shape[-1]
-    if factor.shape[-2] != d:
-        raise ValueError(f"factor must be square, got shape {tuple(factor.shape)}")
-    if x.shape[-1] + int(bool(homogeneous)) != d:
-        raise ValueError(f"x has {x.shape[-1]} columns{' (+1 homogeneous)' if homogeneous else ''}"
-                         f" but factor is {d} x {d}")
-    if factor.dim() == 3 and x.shape[0] != factor.shape[0]:
-        raise ValueError(f"batched: factor stack has {factor.shape[0]} matrices, x has {x.shape[0]}")
-    if _compiling():
-        _library.syrk_update(factor, x, float(alpha), float(beta), bool(homogeneous),
-                             bool(allow_tf32), backend)
-        return factor
-    return _registry.call("syrk_update", backend, factor.device, factor, x, alpha=float(alpha),
-                          beta=float(beta), homogeneous=bool(homogeneous),
-                          allow_tf32=bool(allow_tf32))
-
-
-def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
-                      homogeneous: bool = False, scale: Optional[float] = None,
-                      allow_tf32: bool = False, backend: str = "auto"):
-    """In place ``factor <- decay * factor + (1 - decay) * scale * xbar^T xbar``.
-
-    ``scale`` defaults to ``1 / rows``. Same shapes and dtypes as :func:`syrk_update` (of which
-    this is the running-average form); returns ``factor``.
-    """
-    _check_number("decay", decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    if scale is None:
-        _check_tensor("x", x, _INPUT_DTYPES, (2, 3))
-        if x.shape[-2] == 0:
-            raise ValueError("x has no rows: the average of an empty batch is undefined")
-        scale = 1.0 / x.shape[-2]
-    _check_number("scale", scale)
-    return syrk_update(factor, x, alpha=(1.0 - decay) * float(scale), beta=float(decay),
-                       homogeneous=homogeneous, allow_tf32=allow_tf32, backend=backend)
-
-
-def _conv_args(x, kernel_size, stride, padding, dilation) -> dict:
-    """The convolution geometry as per-dimension tuples, checked against ``x`` ([N, C, *spatial]):
-    sizes in range, the padded input at least as large as the kernel's span, a non-empty batch."""
-    nd = x.dim() - 2
-    args = {}
-    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
-                    ("dilation", dilation)):
-        t = reference._tuple(v, nd, name)
-        lo = 0 if name == "padding" else 1
-        if any(i < lo for i in t):
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
-        args[name] = t
-    for i in range(nd):
-        span = args["dilation"][i] * (args["kernel_size"][i] - 1) + 1
-        if x.shape[2 + i] + 2 * args["padding"][i] < span:
-            raise ValueError(f"spatial dim {i} of size {x.shape[2 + i]} (padded by "
-                             f"{args['padding'][i]}) is smaller than the kernel's span {span}")
-    if x.shape[0] == 0:
-        raise ValueError("x has an empty batch")
-    return args
-
-
-def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
-                      homogeneous: bool = False, backend: str = "auto") -> torch.Tensor:
-    """KFC input factor ``(1/(N T)) sum_{n,t} pbar pbar^T`` of a Conv1d/2d/3d input ``x``.
-
-    ``x`` is [N, C, *spatial] (1 to 3 spatial dims); patches are ordered like
-    ``weight.flatten(1)``; ``padding`` is symmetric zero padding (pad the input yourself for other
-    modes). Fast backends never materialise the unfolded patch matrix. Returns a new fp32 matrix
-    (fp64 for fp64 input) of size ``C * prod(kernel_size) + homogeneous``.
-    """
-    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
-    args = _conv_args(x, kernel_size, stride, padding, dilation)
-    if _compiling():
-        return _library.conv_input_factor(x, list(args["kernel_size"]), list(args["stride"]),
-                                          list(args["padding"]), list(args["dilation"]),
-                                          bool(homogeneous), backend)
-    return _registry.call("conv_input_factor", backend, x.device, x, args["kernel_size"],
-                          args["stride"], args["padding"], args["dilation"],
-                          homogeneous=bool(homogeneous))
+# shared checks (ops/_checks.py), under the names this module used before the split
+from ._checks import check_damping as _check_damping  # noqa: E402
+from ._checks import check_number as _check_number  # noqa: E402
+from ._checks import check_prev_eigenvectors as _check_prev_eigenvectors  # noqa: E402
+from ._checks import check_same_device as _check_same_device  # noqa: E402
+from ._checks import check_symmetric_stack as _check_symmetric_stack  # noqa: E402
+from ._checks import check_tensor as _check_tensor  # noqa: E402
+from ._checks import split_damping as _split_damping  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- decompositions
@@ -398,27 +255,6 @@ def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, back
 
 
 # ----------------------------------------------------------------------------- layer-specific ops
-def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
-                              groups: int = 1, *, homogeneous: bool = False,
-                              backend: str = "auto") -> torch.Tensor:
-    """KFC input factors of a grouped convolution, one per group: a new ``[groups, d, d]`` stack
-    with ``d = (C / groups) * prod(kernel_size) + homogeneous`` (see :func:`conv_input_factor`
-    for the other arguments; group j sees input channels ``[j C/groups, (j+1) C/groups)``)."""
-    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
-    if x.shape[1] % groups:
-        raise ValueError(f"x has {x.shape[1]} channels, not divisible by groups={groups}")
-    args = _conv_args(x, kernel_size, stride, padding, dilation)
-    if _compiling():
-        return _library.conv_input_factor_grouped(
-            x, list(args["kernel_size"]), list(args["stride"]), list(args["padding"]),
-            list(args["dilation"]), groups, bool(homogeneous), backend)
-    return _registry.call("conv_input_factor_grouped", backend, x.device, x, args["kernel_size"],
-                          args["stride"], args["padding"], args["dilation"], groups,
-                          homogeneous=bool(homogeneous))
-
-
 def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False,
                            backend: str = "auto"):
     """``U = QG [(QG^T V) / (scalings + damping)]`` for blocks whose right factor is diagonal

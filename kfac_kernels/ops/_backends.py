@@ -5,12 +5,10 @@ with the reference's signature (inputs already checked by :mod:`kfac_kernels.ops
 """
 from ._registry import register, register_backend
 
-# (ema_factor_update is syrk_update with beta = decay, alpha = (1 - decay) scale: the public
-# wrapper routes it there, so every backend of syrk_update serves it.)
+# syrk_update / ema_factor_update and conv_input_factor register in their own op modules
+# (ops/syrk.py, ops/conv_factor.py); the other ops still here.
 # Triton (kfac_kernels/ops/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 register_backend("triton", "kfac_kernels.ops.triton:probe")
-register("syrk_update", "triton", "kfac_kernels.ops.triton.syrk:syrk_update")
-register("conv_input_factor", "triton", "kfac_kernels.ops.triton.conv_factor:conv_input_factor")
 register("kron_precondition_eigen", "triton", "kfac_kernels.ops.triton.kron:kron_precondition_eigen")
 register("ekfac_precondition", "triton", "kfac_kernels.ops.triton.kron:ekfac_precondition")
 register("kron_precondition_inverse", "triton",

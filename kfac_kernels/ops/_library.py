@@ -13,8 +13,9 @@ these ops only while dynamo is tracing (``torch.compiler.is_compiling()``); eage
 custom-op dispatcher and its overhead. Registration happens at import: it costs a few
 milliseconds, initialises no device and compiles nothing (measured in docs/robustness.md).
 
-``newton_schulz`` (Muon's iteration) declares its custom op in :mod:`kfac_kernels.ops` itself,
-next to its wrapper and checks, in the same way (``torch.ops.kfac_kernels.newton_schulz``).
+Moving to one module per op (issue 25): ``syrk_update`` / ``ema_factor_update``
+(:mod:`.syrk`), ``conv_input_factor`` / ``conv_input_factor_grouped`` (:mod:`.conv_factor`) and
+``newton_schulz`` (:mod:`kfac_kernels.ops`) declare their custom ops next to their wrappers.
 
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
@@ -30,9 +31,9 @@ from torch.library import custom_op
 from . import _registry
 
 NAMESPACE = "kfac_kernels"
-__all__ = ["NAMESPACE", "syrk_update", "conv_input_factor", "symeig", "damped_inverse",
+__all__ = ["NAMESPACE", "symeig", "damped_inverse",
            "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-           "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
+           "kron_precondition_diag", "ekfac_scalings",
            "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
            "eigenbasis_power_step"]
 
@@ -54,36 +55,6 @@ def _empty_dot(ref: Tensor, batch, dtype, return_dot: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- factor updates
-@custom_op(f"{NAMESPACE}::syrk_update", mutates_args=("factor",))
-def syrk_update(factor: Tensor, x: Tensor, alpha: float, beta: float, homogeneous: bool,
-                allow_tf32: bool, backend: str) -> None:
-    _registry.call("syrk_update", backend, factor.device, factor, x, alpha=alpha, beta=beta,
-                   homogeneous=homogeneous, allow_tf32=allow_tf32)
-
-
-@syrk_update.register_fake
-def _(factor, x, alpha, beta, homogeneous, allow_tf32, backend):
-    return None
-
-
-@custom_op(f"{NAMESPACE}::conv_input_factor", mutates_args=())
-def conv_input_factor(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
-                      dilation: List[int], homogeneous: bool, backend: str) -> Tensor:
-    out = _registry.call("conv_input_factor", backend, x.device, x, tuple(kernel_size),
-                         tuple(stride), tuple(padding), tuple(dilation), homogeneous=homogeneous)
-    return _fresh(out)
-
-
-@conv_input_factor.register_fake
-def _(x, kernel_size, stride, padding, dilation, homogeneous, backend):
-    d = x.shape[1]
-    for k in kernel_size:
-        d = d * k
-    d = d + int(homogeneous)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((d, d), dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- decompositions
 @custom_op(f"{NAMESPACE}::symeig", mutates_args=())
 def symeig(factors: Tensor, prev_eigenvectors: Optional[Tensor], method: str,
@@ -162,25 +133,6 @@ def _(V, G_inv, A_inv, return_dot, backend):
 # ----------------------------------------------------------------------------- layer-specific ops
 def _factor_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@custom_op(f"{NAMESPACE}::conv_input_factor_grouped", mutates_args=())
-def conv_input_factor_grouped(x: Tensor, kernel_size: List[int], stride: List[int],
-                              padding: List[int], dilation: List[int], groups: int,
-                              homogeneous: bool, backend: str) -> Tensor:
-    out = _registry.call("conv_input_factor_grouped", backend, x.device, x, tuple(kernel_size),
-                         tuple(stride), tuple(padding), tuple(dilation), groups,
-                         homogeneous=homogeneous)
-    return _fresh(out)
-
-
-@conv_input_factor_grouped.register_fake
-def _(x, kernel_size, stride, padding, dilation, groups, homogeneous, backend):
-    d = x.shape[1] // groups
-    for k in kernel_size:
-        d = d * k
-    d = d + int(homogeneous)
-    return x.new_empty((groups, d, d), dtype=_factor_dtype(x))
 
 
 @custom_op(f"{NAMESPACE}::kron_precondition_diag", mutates_args=())
