@@ -19,6 +19,7 @@ from . import _decomp_policy, _fallback, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
 # ops already in their own module (issue 25): wrapper, checks, custom op and registrations
 from .conv_factor import _conv_args, conv_input_factor, conv_input_factor_grouped
+from .orthogonalization import _NS_DTYPES, _newton_schulz_op, newton_schulz
 from .syrk import ema_factor_update, syrk_update
 
 _compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
@@ -59,7 +60,7 @@ _OPS = ("symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
         "kron_precondition_diag", "ekfac_scalings",
         "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
-        "eigenbasis_power_step", "newton_schulz")
+        "eigenbasis_power_step")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
 
@@ -491,62 +492,3 @@ def eigenbasis_power_step(factors: torch.Tensor, Q: torch.Tensor, *,
         return _library.eigenbasis_power_step(factors, Q, shift, backend)
     return _registry.call("eigenbasis_power_step", backend, factors.device, factors, Q,
                           shift=shift)
-
-
-# ----------------------------------------------------------------------------- Newton-Schulz
-# Muon's orthogonalisation (kfac_kernels.optim.Muon): the public wrapper, its checks and its
-# torch.library custom op, together. Backends: reference.newton_schulz (torch) and
-# ops/triton/newton_schulz.py (registered in _backends.py).
-_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
-
-
-@torch.library.custom_op(f"{_library.NAMESPACE}::newton_schulz", mutates_args=())
-def _newton_schulz_op(X: torch.Tensor, steps: int, a: float, b: float, c: float, eps: float,
-                      dtype: torch.dtype, allow_tf32: bool, backend: str) -> torch.Tensor:
-    out = _registry.call("newton_schulz", backend, X.device, X, steps, (a, b, c), eps,
-                         dtype=dtype, allow_tf32=allow_tf32)
-    return _library._fresh(out)
-
-
-@_newton_schulz_op.register_fake
-def _(X, steps, a, b, c, eps, dtype, allow_tf32, backend):
-    return X.new_empty(X.shape, dtype=dtype)
-
-
-def newton_schulz(X: torch.Tensor, steps: int = 5,
-                  coefficients=reference.NS_COEFFICIENTS, eps: float = 1e-7, *,
-                  dtype: Optional[torch.dtype] = None, allow_tf32: bool = False,
-                  backend: str = "auto") -> torch.Tensor:
-    """Muon's orthogonalisation: ``steps`` Newton-Schulz iterations towards ``U V^T`` for
-    ``X = U S V^T``, batched over a stack [B, m, n] (or one [m, n]); a new tensor.
-
-    ``Y = X / max(||X||_F, eps)`` per matrix (transposed when m > n, so the Gram matrix is the
-    smaller side), then ``A = Y Y^T; Y <- a Y + (b A + c A^2) Y`` with ``coefficients = (a, b,
-    c)`` (default: the quintic of Jordan et al.'s Muon, as ``torch.optim.Muon``). The arithmetic
-    and the result are in ``dtype``: bfloat16, float32 or float64 (default: ``X``'s dtype, which
-    must then be one of them; ``torch.optim.Muon`` iterates in bfloat16). ``A = Y Y^T`` and
-    ``A^2`` are symmetric products (upper triangle computed, mirrored). ``allow_tf32`` lets fp32
-    products use TF32 on GPUs. ``X`` may have any strides. See
-    :func:`kfac_kernels.ops.reference.newton_schulz`.
-    """
-    _check_tensor("X", X, _INPUT_DTYPES, (2, 3))
-    w = X.dtype if dtype is None else dtype
-    if w not in _NS_DTYPES:
-        raise TypeError(f"newton_schulz iterates in bfloat16, float32 or float64, got {w}"
-                        + ("; pass dtype=torch.bfloat16 (as torch.optim.Muon) or torch.float32"
-                           if dtype is None else ""))
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
-        raise ValueError(f"coefficients must be three numbers (a, b, c), got {coefficients!r}")
-    for name, v in zip("abc", coefficients):
-        _check_number(f"coefficients[{'abc'.index(name)}] ({name})", v)
-    _check_number("eps", eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it bounds the norm divided by), got {eps}")
-    a, b, c = (float(v) for v in coefficients)
-    if _compiling():
-        return _newton_schulz_op(X, int(steps), a, b, c, float(eps), w, bool(allow_tf32),
-                                 backend)
-    return _registry.call("newton_schulz", backend, X.device, X, int(steps), (a, b, c),
-                          float(eps), dtype=w, allow_tf32=bool(allow_tf32))

@@ -6,7 +6,7 @@ with the reference's signature (inputs already checked by :mod:`kfac_kernels.ops
 from ._registry import register, register_backend
 
 # syrk_update / ema_factor_update and conv_input_factor register in their own op modules
-# (ops/syrk.py, ops/conv_factor.py); the other ops still here.
+# (ops/syrk.py, ops/conv_factor.py) and newton_schulz (ops/orthogonalization.py); the other ops still here.
 # Triton (kfac_kernels/ops/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 register_backend("triton", "kfac_kernels.ops.triton:probe")
 register("kron_precondition_eigen", "triton", "kfac_kernels.ops.triton.kron:kron_precondition_eigen")
@@ -19,8 +19,6 @@ register("kron_precondition_inverse", "triton",
 register("gradient_factor_update", "triton",
          "kfac_kernels.ops.triton.gradient_factors:gradient_factor_update")
 register("kron_rotate", "triton", "kfac_kernels.ops.triton.kron:kron_rotate")
-# Muon's Newton-Schulz iteration: both of its Gram products on the symmetric-product kernel.
-register("newton_schulz", "triton", "kfac_kernels.ops.triton.newton_schulz:newton_schulz")
 
 # CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy: symeig and damped_inverse.
 # On CUDA tensors with backend="auto" these two ops follow kfac_kernels/ops/_decomp_policy.py.

@@ -15,7 +15,7 @@ milliseconds, initialises no device and compiles nothing (measured in docs/robus
 
 Moving to one module per op (issue 25): ``syrk_update`` / ``ema_factor_update``
 (:mod:`.syrk`), ``conv_input_factor`` / ``conv_input_factor_grouped`` (:mod:`.conv_factor`) and
-``newton_schulz`` (:mod:`kfac_kernels.ops`) declare their custom ops next to their wrappers.
+``newton_schulz`` (:mod:`.orthogonalization`) declare their custom ops next to their wrappers.
 
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
