@@ -19,6 +19,7 @@ from . import _decomp_policy, _fallback, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
 # ops already in their own module (issue 25): wrapper, checks, custom op and registrations
 from .conv_factor import _conv_args, conv_input_factor, conv_input_factor_grouped
+from .ekfac import ekfac_scalings, ekfac_scalings_embedding
 from .orthogonalization import _NS_DTYPES, _newton_schulz_op, newton_schulz
 from .syrk import ema_factor_update, syrk_update
 
@@ -58,8 +59,7 @@ from ._checks import INPUT_DTYPES as _INPUT_DTYPES  # noqa: E402
 
 _OPS = ("symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-        "kron_precondition_diag", "ekfac_scalings",
-        "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
+        "kron_precondition_diag", "gradient_factor_update", "kron_rotate", "inverse_root",
         "eigenbasis_power_step")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
@@ -281,65 +281,6 @@ def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False
         return (U, dot) if return_dot else U
     return _registry.call("kron_precondition_diag", backend, V.device, V, QG, scalings, damping,
                           return_dot=return_dot)
-
-
-def ekfac_scalings(g, a, QG, QA, *, homogeneous: bool = False, alpha: float = 1.0,
-                   backend: str = "auto"):
-    """EKFAC statistics ``alpha * sum_n (QG^T D_n QA)^2`` with per-example gradients
-    ``D_n = sum_t g[n, t] abar[n, t]^T`` (George et al. 2018), returned as a new [..., m, n].
-
-    ``g`` [..., N, T, m] (output-gradients), ``a`` [..., N, T, k] (inputs; abar = [a, 1] when
-    ``homogeneous``), ``QG`` [..., m, m], ``QA`` [..., k(+1), k(+1)]; leading dims are independent
-    problems. T = 1 needs no per-example gradient (one product of squares); T > 1 forms the
-    projected per-example gradients chunk by chunk."""
-    _check_tensor("g", g, _INPUT_DTYPES)
-    _check_tensor("a", a, _INPUT_DTYPES, (g.dim(),))
-    _check_tensor("QG", QG, _FACTOR_DTYPES, (g.dim() - 1,))
-    _check_tensor("QA", QA, _FACTOR_DTYPES, (g.dim() - 1,))
-    if g.dim() < 3:
-        raise ValueError(f"g must be [..., N, T, m], got shape {tuple(g.shape)}")
-    if g.shape[:-1] != a.shape[:-1]:
-        raise ValueError(f"g {tuple(g.shape)} and a {tuple(a.shape)} must agree in all but the "
-                         f"last dim")
-    m, k = g.shape[-1], a.shape[-1] + int(bool(homogeneous))
-    if QG.shape[-2:] != (m, m) or QA.shape[-2:] != (k, k):
-        raise ValueError(f"QG must be {m} x {m} and QA {k} x {k}, got {tuple(QG.shape)} and "
-                         f"{tuple(QA.shape)}")
-    if QG.shape[:-2] != g.shape[:-3] or QA.shape[:-2] != g.shape[:-3]:
-        raise ValueError(f"leading (batch) dims differ: g {tuple(g.shape[:-3])}, QG "
-                         f"{tuple(QG.shape[:-2])}, QA {tuple(QA.shape[:-2])}")
-    _check_number("alpha", alpha)
-    _check_same_device(g=g, a=a, QG=QG, QA=QA)
-    if _compiling():
-        return _library.ekfac_scalings(g, a, QG, QA, bool(homogeneous), float(alpha), backend)
-    return _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
-                          homogeneous=bool(homogeneous), alpha=float(alpha))
-
-
-def ekfac_scalings_embedding(g, tokens, QG, num_embeddings: int, *,
-                             padding_idx: Optional[int] = None, alpha: float = 1.0,
-                             backend: str = "auto"):
-    """EKFAC statistics of an embedding, ``alpha * sum_n (QG^T D_n)^2`` [m, V], with
-    ``D_n = sum_t g[n, t] e_{tokens[n, t]}^T``: a new tensor. ``g`` [N, T, m], ``tokens`` [N, T]
-    (integers in [0, num_embeddings)); positions holding ``padding_idx`` do not count."""
-    _check_tensor("g", g, _INPUT_DTYPES, (3,))
-    _check_tensor("QG", QG, _FACTOR_DTYPES, (2,))
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("tokens must be an int32/int64 tensor")
-    if tuple(tokens.shape) != tuple(g.shape[:2]):
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(g.shape[:2])}")
-    m = g.shape[-1]
-    if QG.shape != (m, m):
-        raise ValueError(f"QG must be {m} x {m}, got {tuple(QG.shape)}")
-    _check_number("alpha", alpha)
-    _check_same_device(g=g, tokens=tokens, QG=QG)
-    if _compiling():
-        return _library.ekfac_scalings_embedding(
-            g, tokens.to(torch.int64), QG, int(num_embeddings),
-            None if padding_idx is None else int(padding_idx), float(alpha), backend)
-    return _registry.call("ekfac_scalings_embedding", backend, g.device, g,
-                          tokens.to(torch.int64), QG, int(num_embeddings),
-                          padding_idx=padding_idx, alpha=float(alpha))
 
 
 # ----------------------------------------------------------------------------- optimizer ops

@@ -15,7 +15,8 @@ milliseconds, initialises no device and compiles nothing (measured in docs/robus
 
 Moving to one module per op (issue 25): ``syrk_update`` / ``ema_factor_update``
 (:mod:`.syrk`), ``conv_input_factor`` / ``conv_input_factor_grouped`` (:mod:`.conv_factor`) and
-``newton_schulz`` (:mod:`.orthogonalization`) declare their custom ops next to their wrappers.
+``newton_schulz`` (:mod:`.orthogonalization`), ``ekfac_scalings`` / ``ekfac_scalings_embedding``
+(:mod:`.ekfac`) declare their custom ops next to their wrappers.
 
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
@@ -33,8 +34,7 @@ from . import _registry
 NAMESPACE = "kfac_kernels"
 __all__ = ["NAMESPACE", "symeig", "damped_inverse",
            "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-           "kron_precondition_diag", "ekfac_scalings",
-           "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
+           "kron_precondition_diag", "gradient_factor_update", "kron_rotate", "inverse_root",
            "eigenbasis_power_step"]
 
 
@@ -148,32 +148,6 @@ def kron_precondition_diag(V: Tensor, QG: Tensor, scalings: Tensor, damping_t: O
 @kron_precondition_diag.register_fake
 def _(V, QG, scalings, damping_t, damping_f, return_dot, backend):
     return torch.empty_like(V), _empty_dot(V, V.shape[:-2], QG.dtype, return_dot)
-
-
-@custom_op(f"{NAMESPACE}::ekfac_scalings", mutates_args=())
-def ekfac_scalings(g: Tensor, a: Tensor, QG: Tensor, QA: Tensor, homogeneous: bool,
-                   alpha: float, backend: str) -> Tensor:
-    out = _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
-                         homogeneous=homogeneous, alpha=alpha)
-    return _fresh(out)
-
-
-@ekfac_scalings.register_fake
-def _(g, a, QG, QA, homogeneous, alpha, backend):
-    return g.new_empty(tuple(g.shape[:-3]) + (g.shape[-1], QA.shape[-1]), dtype=QG.dtype)
-
-
-@custom_op(f"{NAMESPACE}::ekfac_scalings_embedding", mutates_args=())
-def ekfac_scalings_embedding(g: Tensor, tokens: Tensor, QG: Tensor, num_embeddings: int,
-                             padding_idx: Optional[int], alpha: float, backend: str) -> Tensor:
-    out = _registry.call("ekfac_scalings_embedding", backend, g.device, g, tokens, QG,
-                         num_embeddings, padding_idx=padding_idx, alpha=alpha)
-    return _fresh(out)
-
-
-@ekfac_scalings_embedding.register_fake
-def _(g, tokens, QG, num_embeddings, padding_idx, alpha, backend):
-    return g.new_empty((g.shape[-1], num_embeddings), dtype=QG.dtype)
 
 
 # ----------------------------------------------------------------------------- optimizer ops
