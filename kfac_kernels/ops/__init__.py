@@ -20,6 +20,7 @@ from ._registry import BackendUnavailable, NotSupported, backend_status
 # ops already in their own module (issue 25): wrapper, checks, custom op and registrations
 from .conv_factor import _conv_args, conv_input_factor, conv_input_factor_grouped
 from .ekfac import ekfac_scalings, ekfac_scalings_embedding
+from .gradient_factors import gradient_factor_update
 from .orthogonalization import _NS_DTYPES, _newton_schulz_op, newton_schulz
 from .syrk import ema_factor_update, syrk_update
 
@@ -59,7 +60,7 @@ from ._checks import INPUT_DTYPES as _INPUT_DTYPES  # noqa: E402
 
 _OPS = ("symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-        "kron_precondition_diag", "gradient_factor_update", "kron_rotate", "inverse_root",
+        "kron_precondition_diag", "kron_rotate", "inverse_root",
         "eigenbasis_power_step")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
@@ -285,58 +286,6 @@ def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False
 
 # ----------------------------------------------------------------------------- optimizer ops
 # What Shampoo and SOAP (kfac_kernels.optim) are built from; usable by any other optimizer.
-def _check_grad_stack(grad):
-    _check_tensor("grad", grad, _INPUT_DTYPES, (2, 3))
-
-
-def _check_side(name, f, size, grad):
-    if f is None:
-        return
-    _check_tensor(name, f, _FACTOR_DTYPES, (grad.dim(),))
-    if f.shape[-2:] != (size, size):
-        raise ValueError(f"{name} must be {size} x {size} for grad of shape {tuple(grad.shape)}, "
-                         f"got {tuple(f.shape)}")
-    if grad.dim() == 3 and f.shape[0] != grad.shape[0]:
-        raise ValueError(f"batched: {name} stack has {f.shape[0]} matrices, grad has "
-                         f"{grad.shape[0]}")
-
-
-def gradient_factor_update(left: Optional[torch.Tensor], right: Optional[torch.Tensor],
-                           grad: torch.Tensor, *, beta: float, scale: Optional[float] = None,
-                           allow_tf32: bool = False, backend: str = "auto"):
-    """In place: ``left <- beta left + scale G G^T`` and ``right <- beta right + scale G^T G``,
-    the two Kronecker factors of Shampoo / SOAP for gradient matrices ``G``.
-
-    ``grad`` is [m, n] or a stack [B, m, n] (fp16/bf16/fp32/fp64, any strides); ``left`` is
-    fp32/fp64 [.., m, m] and ``right`` [.., n, n] (same dtype); either may be None to update one
-    side only. ``scale`` defaults to ``1 - beta`` for ``beta < 1`` (a running average) and to 1
-    for ``beta == 1`` (sums, as Shampoo's Algorithm 1). ``beta == 0`` overwrites the factors. The
-    Triton backend updates both factors in one launch. Returns ``(left, right)``.
-    """
-    _check_grad_stack(grad)
-    if left is None and right is None:
-        raise ValueError("gradient_factor_update needs left, right or both (got neither)")
-    m, n = grad.shape[-2:]
-    _check_side("left", left, m, grad)
-    _check_side("right", right, n, grad)
-    if left is not None and right is not None and left.dtype != right.dtype:
-        raise TypeError(f"left is {left.dtype} but right is {right.dtype}; use one factor dtype")
-    _check_same_device(left=left, right=right, grad=grad)
-    _check_number("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if scale is None:
-        scale = 1.0 if beta == 1.0 else 1.0 - float(beta)
-    _check_number("scale", scale)
-    if _compiling():
-        _library.gradient_factor_update(left, right, grad, float(beta), float(scale),
-                                        bool(allow_tf32), backend)
-        return left, right
-    any_f = left if left is not None else right
-    return _registry.call("gradient_factor_update", backend, any_f.device, left, right, grad,
-                          beta=float(beta), scale=float(scale), allow_tf32=bool(allow_tf32))
-
-
 def kron_rotate(V: torch.Tensor, QL: Optional[torch.Tensor], QR: Optional[torch.Tensor], *,
                 back: bool = False, backend: str = "auto") -> torch.Tensor:
     """``QL^T V QR`` (into the eigenbases), or with ``back=True`` ``QL V QR^T`` (out of them),

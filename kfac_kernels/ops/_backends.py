@@ -13,11 +13,9 @@ register("kron_precondition_eigen", "triton", "kfac_kernels.ops.triton.kron:kron
 register("ekfac_precondition", "triton", "kfac_kernels.ops.triton.kron:ekfac_precondition")
 register("kron_precondition_inverse", "triton",
          "kfac_kernels.ops.triton.kron:kron_precondition_inverse")
-# Optimizer ops (kfac_kernels.optim): both Gram factors of a gradient stack in one launch, and the
-# eigenbasis rotations on the batched GEMM kernel of kron.py. inverse_root decomposes through
+# Optimizer ops (kfac_kernels.optim; gradient_factor_update registers in ops/gradient_factors.py):
+# the eigenbasis rotations on the batched GEMM kernel of kron.py. inverse_root decomposes through
 # symeig's backends; eigenbasis_power_step is torch (QR) everywhere.
-register("gradient_factor_update", "triton",
-         "kfac_kernels.ops.triton.gradient_factors:gradient_factor_update")
 register("kron_rotate", "triton", "kfac_kernels.ops.triton.kron:kron_rotate")
 
 # CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy: symeig and damped_inverse.

@@ -16,7 +16,7 @@ milliseconds, initialises no device and compiles nothing (measured in docs/robus
 Moving to one module per op (issue 25): ``syrk_update`` / ``ema_factor_update``
 (:mod:`.syrk`), ``conv_input_factor`` / ``conv_input_factor_grouped`` (:mod:`.conv_factor`) and
 ``newton_schulz`` (:mod:`.orthogonalization`), ``ekfac_scalings`` / ``ekfac_scalings_embedding``
-(:mod:`.ekfac`) declare their custom ops next to their wrappers.
+(:mod:`.ekfac`), ``gradient_factor_update`` (:mod:`.gradient_factors`) declare their custom ops next to their wrappers.
 
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
@@ -34,7 +34,7 @@ from . import _registry
 NAMESPACE = "kfac_kernels"
 __all__ = ["NAMESPACE", "symeig", "damped_inverse",
            "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-           "kron_precondition_diag", "gradient_factor_update", "kron_rotate", "inverse_root",
+           "kron_precondition_diag", "kron_rotate", "inverse_root",
            "eigenbasis_power_step"]
 
 
@@ -151,19 +151,6 @@ def _(V, QG, scalings, damping_t, damping_f, return_dot, backend):
 
 
 # ----------------------------------------------------------------------------- optimizer ops
-@custom_op(f"{NAMESPACE}::gradient_factor_update", mutates_args=("left", "right"))
-def gradient_factor_update(left: Optional[Tensor], right: Optional[Tensor], grad: Tensor,
-                           beta: float, scale: float, allow_tf32: bool, backend: str) -> None:
-    device = (left if left is not None else right).device
-    _registry.call("gradient_factor_update", backend, device, left, right, grad, beta=beta,
-                   scale=scale, allow_tf32=allow_tf32)
-
-
-@gradient_factor_update.register_fake
-def _(left, right, grad, beta, scale, allow_tf32, backend):
-    return None
-
-
 def _work_dtype(QL: Optional[Tensor], QR: Optional[Tensor]) -> torch.dtype:
     return (QL if QL is not None else QR).dtype
 
