@@ -17,6 +17,12 @@ import torch
 
 from . import _decomp_policy, _fallback, _library, _registry, reference
 from ._registry import BackendUnavailable, NotSupported, backend_status
+# ops already in their own module (issue 25): wrapper, checks, custom op and registrations
+from .conv_factor import _conv_args, conv_input_factor, conv_input_factor_grouped
+from .ekfac import ekfac_scalings, ekfac_scalings_embedding
+from .gradient_factors import gradient_factor_update
+from .orthogonalization import _NS_DTYPES, _newton_schulz_op, newton_schulz
+from .syrk import ema_factor_update, syrk_update
 
 _compiling = torch.compiler.is_compiling   # under dynamo, ops run as torch.library custom ops
 
@@ -49,14 +55,13 @@ __all__ = [
 #: how many matrices the decompositions' repair handled in this process (see ops/_fallback.py)
 fallback_counts = _fallback.counts
 
-_FACTOR_DTYPES = (torch.float32, torch.float64)
-_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._checks import FACTOR_DTYPES as _FACTOR_DTYPES  # noqa: E402
+from ._checks import INPUT_DTYPES as _INPUT_DTYPES  # noqa: E402
 
-_OPS = ("syrk_update", "ema_factor_update", "conv_input_factor", "symeig", "damped_inverse",
+_OPS = ("symeig", "damped_inverse",
         "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-        "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
-        "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
-        "eigenbasis_power_step", "newton_schulz")
+        "kron_precondition_diag", "kron_rotate", "inverse_root",
+        "eigenbasis_power_step")
 for _op in _OPS:
     _registry.register(_op, "torch", f"kfac_kernels.ops.reference:{_op}")
 
@@ -71,160 +76,14 @@ def available_backends():
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_tensor(name, t, dtypes=None, dims=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
-    if dims is not None and t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape "
-                         f"{tuple(t.shape)}")
-
-
-def _check_same_device(**tensors):
-    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devs.values())) > 1:
-        raise ValueError("inputs are on different devices: "
-                         + ", ".join(f"{n} on {d}" for n, d in devs.items()))
-
-
-def _check_number(name, v):
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-
-
-def _check_damping(damping, batch_shape, device):
-    if isinstance(damping, torch.Tensor):
-        if damping.dim() not in (0, len(batch_shape)) or (
-                damping.dim() and tuple(damping.shape) != tuple(batch_shape)):
-            raise ValueError(f"damping must be a number, a 0-d tensor or have shape "
-                             f"{tuple(batch_shape)}, got {tuple(damping.shape)}")
-        if damping.device != device:
-            raise ValueError(f"damping is on {damping.device}, the matrices on {device}")
-    else:
-        _check_number("damping", damping)
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-
-
-def _split_damping(damping):
-    """(tensor or None, float) as the custom ops take a damping that is a number or a tensor."""
-    if isinstance(damping, torch.Tensor):
-        return damping, 0.0
-    return None, float(damping)
-
-
-def _check_symmetric_stack(name, f):
-    _check_tensor(name, f, _FACTOR_DTYPES, (2, 3))
-    if f.shape[-1] != f.shape[-2]:
-        raise ValueError(f"{name} must be square matrices, got shape {tuple(f.shape)}")
-
-
-# ----------------------------------------------------------------------------- factor updates
-
-def _check_prev_eigenvectors(factors: torch.Tensor, prev: Optional[torch.Tensor]) -> None:
-    """A warm start's eigenvectors: a factor-dtype stack of the factors' shape, on their device."""
-    if prev is None:
-        return
-    _check_tensor("prev_eigenvectors", prev, _FACTOR_DTYPES)
-    if prev.shape != factors.shape:
-        raise ValueError(f"prev_eigenvectors has shape {tuple(prev.shape)}, "
-                         f"factors {tuple(factors.shape)}")
-    _check_same_device(factors=factors, prev_eigenvectors=prev)
-
-def syrk_update(factor: torch.Tensor, x: torch.Tensor, *, alpha: float, beta: float,
-                homogeneous: bool = False, allow_tf32: bool = False, backend: str = "auto"):
-    """In place ``factor <- beta * factor + alpha * xbar^T xbar`` with ``xbar = [x, 1]`` when
-    ``homogeneous`` (fast backends never build the ones column).
-
-    ``factor`` is fp32/fp64 [d, d] or a stack [B, d, d]; ``x`` is [n, d - homogeneous] (resp.
-    [B, n, ...]) in fp16/bf16/fp32/fp64, contiguous or not. ``beta == 0`` overwrites ``factor``
-    whatever it held. ``allow_tf32`` lets fp32 inputs use TF32 matrix units on GPUs (faster,
-    ~1e-3 relative error); the default is exact fp32. Returns ``factor``.
-    """
-    _check_tensor("factor", factor, _FACTOR_DTYPES, (2, 3))
-    _check_tensor("x", x, _INPUT_DTYPES, (factor.dim(),))
-    _check_same_device(factor=factor, x=x)
-    _check_number("alpha", alpha)
-    _check_number("beta", beta)
-    d = factor.shape[-1]
-    if factor.shape[-2] != d:
-        raise ValueError(f"factor must be square, got shape {tuple(factor.shape)}")
-    if x.shape[-1] + int(bool(homogeneous)) != d:
-        raise ValueError(f"x has {x.shape[-1]} columns{' (+1 homogeneous)' if homogeneous else ''}"
-                         f" but factor is {d} x {d}")
-    if factor.dim() == 3 and x.shape[0] != factor.shape[0]:
-        raise ValueError(f"batched: factor stack has {factor.shape[0]} matrices, x has {x.shape[0]}")
-    if _compiling():
-        _library.syrk_update(factor, x, float(alpha), float(beta), bool(homogeneous),
-                             bool(allow_tf32), backend)
-        return factor
-    return _registry.call("syrk_update", backend, factor.device, factor, x, alpha=float(alpha),
-                          beta=float(beta), homogeneous=bool(homogeneous),
-                          allow_tf32=bool(allow_tf32))
-
-
-def ema_factor_update(factor: torch.Tensor, x: torch.Tensor, decay: float, *,
-                      homogeneous: bool = False, scale: Optional[float] = None,
-                      allow_tf32: bool = False, backend: str = "auto"):
-    """In place ``factor <- decay * factor + (1 - decay) * scale * xbar^T xbar``.
-
-    ``scale`` defaults to ``1 / rows``. Same shapes and dtypes as :func:`syrk_update` (of which
-    this is the running-average form); returns ``factor``.
-    """
-    _check_number("decay", decay)
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    if scale is None:
-        _check_tensor("x", x, _INPUT_DTYPES, (2, 3))
-        if x.shape[-2] == 0:
-            raise ValueError("x has no rows: the average of an empty batch is undefined")
-        scale = 1.0 / x.shape[-2]
-    _check_number("scale", scale)
-    return syrk_update(factor, x, alpha=(1.0 - decay) * float(scale), beta=float(decay),
-                       homogeneous=homogeneous, allow_tf32=allow_tf32, backend=backend)
-
-
-def _conv_args(x, kernel_size, stride, padding, dilation) -> dict:
-    """The convolution geometry as per-dimension tuples, checked against ``x`` ([N, C, *spatial]):
-    sizes in range, the padded input at least as large as the kernel's span, a non-empty batch."""
-    nd = x.dim() - 2
-    args = {}
-    for name, v in (("kernel_size", kernel_size), ("stride", stride), ("padding", padding),
-                    ("dilation", dilation)):
-        t = reference._tuple(v, nd, name)
-        lo = 0 if name == "padding" else 1
-        if any(i < lo for i in t):
-            raise ValueError(f"{name} must be >= {lo}, got {v}")
-        args[name] = t
-    for i in range(nd):
-        span = args["dilation"][i] * (args["kernel_size"][i] - 1) + 1
-        if x.shape[2 + i] + 2 * args["padding"][i] < span:
-            raise ValueError(f"spatial dim {i} of size {x.shape[2 + i]} (padded by "
-                             f"{args['padding'][i]}) is smaller than the kernel's span {span}")
-    if x.shape[0] == 0:
-        raise ValueError("x has an empty batch")
-    return args
-
-
-def conv_input_factor(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1, *,
-                      homogeneous: bool = False, backend: str = "auto") -> torch.Tensor:
-    """KFC input factor ``(1/(N T)) sum_{n,t} pbar pbar^T`` of a Conv1d/2d/3d input ``x``.
-
-    ``x`` is [N, C, *spatial] (1 to 3 spatial dims); patches are ordered like
-    ``weight.flatten(1)``; ``padding`` is symmetric zero padding (pad the input yourself for other
-    modes). Fast backends never materialise the unfolded patch matrix. Returns a new fp32 matrix
-    (fp64 for fp64 input) of size ``C * prod(kernel_size) + homogeneous``.
-    """
-    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
-    args = _conv_args(x, kernel_size, stride, padding, dilation)
-    if _compiling():
-        return _library.conv_input_factor(x, list(args["kernel_size"]), list(args["stride"]),
-                                          list(args["padding"]), list(args["dilation"]),
-                                          bool(homogeneous), backend)
-    return _registry.call("conv_input_factor", backend, x.device, x, args["kernel_size"],
-                          args["stride"], args["padding"], args["dilation"],
-                          homogeneous=bool(homogeneous))
+# shared checks (ops/_checks.py), under the names this module used before the split
+from ._checks import check_damping as _check_damping  # noqa: E402
+from ._checks import check_number as _check_number  # noqa: E402
+from ._checks import check_prev_eigenvectors as _check_prev_eigenvectors  # noqa: E402
+from ._checks import check_same_device as _check_same_device  # noqa: E402
+from ._checks import check_symmetric_stack as _check_symmetric_stack  # noqa: E402
+from ._checks import check_tensor as _check_tensor  # noqa: E402
+from ._checks import split_damping as _split_damping  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- decompositions
@@ -398,27 +257,6 @@ def kron_precondition_inverse(V, G_inv, A_inv, *, return_dot: bool = False, back
 
 
 # ----------------------------------------------------------------------------- layer-specific ops
-def conv_input_factor_grouped(x: torch.Tensor, kernel_size, stride=1, padding=0, dilation=1,
-                              groups: int = 1, *, homogeneous: bool = False,
-                              backend: str = "auto") -> torch.Tensor:
-    """KFC input factors of a grouped convolution, one per group: a new ``[groups, d, d]`` stack
-    with ``d = (C / groups) * prod(kernel_size) + homogeneous`` (see :func:`conv_input_factor`
-    for the other arguments; group j sees input channels ``[j C/groups, (j+1) C/groups)``)."""
-    _check_tensor("x", x, _INPUT_DTYPES, (3, 4, 5))
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
-    if x.shape[1] % groups:
-        raise ValueError(f"x has {x.shape[1]} channels, not divisible by groups={groups}")
-    args = _conv_args(x, kernel_size, stride, padding, dilation)
-    if _compiling():
-        return _library.conv_input_factor_grouped(
-            x, list(args["kernel_size"]), list(args["stride"]), list(args["padding"]),
-            list(args["dilation"]), groups, bool(homogeneous), backend)
-    return _registry.call("conv_input_factor_grouped", backend, x.device, x, args["kernel_size"],
-                          args["stride"], args["padding"], args["dilation"], groups,
-                          homogeneous=bool(homogeneous))
-
-
 def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False,
                            backend: str = "auto"):
     """``U = QG [(QG^T V) / (scalings + damping)]`` for blocks whose right factor is diagonal
@@ -446,119 +284,8 @@ def kron_precondition_diag(V, QG, scalings, damping, *, return_dot: bool = False
                           return_dot=return_dot)
 
 
-def ekfac_scalings(g, a, QG, QA, *, homogeneous: bool = False, alpha: float = 1.0,
-                   backend: str = "auto"):
-    """EKFAC statistics ``alpha * sum_n (QG^T D_n QA)^2`` with per-example gradients
-    ``D_n = sum_t g[n, t] abar[n, t]^T`` (George et al. 2018), returned as a new [..., m, n].
-
-    ``g`` [..., N, T, m] (output-gradients), ``a`` [..., N, T, k] (inputs; abar = [a, 1] when
-    ``homogeneous``), ``QG`` [..., m, m], ``QA`` [..., k(+1), k(+1)]; leading dims are independent
-    problems. T = 1 needs no per-example gradient (one product of squares); T > 1 forms the
-    projected per-example gradients chunk by chunk."""
-    _check_tensor("g", g, _INPUT_DTYPES)
-    _check_tensor("a", a, _INPUT_DTYPES, (g.dim(),))
-    _check_tensor("QG", QG, _FACTOR_DTYPES, (g.dim() - 1,))
-    _check_tensor("QA", QA, _FACTOR_DTYPES, (g.dim() - 1,))
-    if g.dim() < 3:
-        raise ValueError(f"g must be [..., N, T, m], got shape {tuple(g.shape)}")
-    if g.shape[:-1] != a.shape[:-1]:
-        raise ValueError(f"g {tuple(g.shape)} and a {tuple(a.shape)} must agree in all but the "
-                         f"last dim")
-    m, k = g.shape[-1], a.shape[-1] + int(bool(homogeneous))
-    if QG.shape[-2:] != (m, m) or QA.shape[-2:] != (k, k):
-        raise ValueError(f"QG must be {m} x {m} and QA {k} x {k}, got {tuple(QG.shape)} and "
-                         f"{tuple(QA.shape)}")
-    if QG.shape[:-2] != g.shape[:-3] or QA.shape[:-2] != g.shape[:-3]:
-        raise ValueError(f"leading (batch) dims differ: g {tuple(g.shape[:-3])}, QG "
-                         f"{tuple(QG.shape[:-2])}, QA {tuple(QA.shape[:-2])}")
-    _check_number("alpha", alpha)
-    _check_same_device(g=g, a=a, QG=QG, QA=QA)
-    if _compiling():
-        return _library.ekfac_scalings(g, a, QG, QA, bool(homogeneous), float(alpha), backend)
-    return _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
-                          homogeneous=bool(homogeneous), alpha=float(alpha))
-
-
-def ekfac_scalings_embedding(g, tokens, QG, num_embeddings: int, *,
-                             padding_idx: Optional[int] = None, alpha: float = 1.0,
-                             backend: str = "auto"):
-    """EKFAC statistics of an embedding, ``alpha * sum_n (QG^T D_n)^2`` [m, V], with
-    ``D_n = sum_t g[n, t] e_{tokens[n, t]}^T``: a new tensor. ``g`` [N, T, m], ``tokens`` [N, T]
-    (integers in [0, num_embeddings)); positions holding ``padding_idx`` do not count."""
-    _check_tensor("g", g, _INPUT_DTYPES, (3,))
-    _check_tensor("QG", QG, _FACTOR_DTYPES, (2,))
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
-        raise TypeError("tokens must be an int32/int64 tensor")
-    if tuple(tokens.shape) != tuple(g.shape[:2]):
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(g.shape[:2])}")
-    m = g.shape[-1]
-    if QG.shape != (m, m):
-        raise ValueError(f"QG must be {m} x {m}, got {tuple(QG.shape)}")
-    _check_number("alpha", alpha)
-    _check_same_device(g=g, tokens=tokens, QG=QG)
-    if _compiling():
-        return _library.ekfac_scalings_embedding(
-            g, tokens.to(torch.int64), QG, int(num_embeddings),
-            None if padding_idx is None else int(padding_idx), float(alpha), backend)
-    return _registry.call("ekfac_scalings_embedding", backend, g.device, g,
-                          tokens.to(torch.int64), QG, int(num_embeddings),
-                          padding_idx=padding_idx, alpha=float(alpha))
-
-
 # ----------------------------------------------------------------------------- optimizer ops
 # What Shampoo and SOAP (kfac_kernels.optim) are built from; usable by any other optimizer.
-def _check_grad_stack(grad):
-    _check_tensor("grad", grad, _INPUT_DTYPES, (2, 3))
-
-
-def _check_side(name, f, size, grad):
-    if f is None:
-        return
-    _check_tensor(name, f, _FACTOR_DTYPES, (grad.dim(),))
-    if f.shape[-2:] != (size, size):
-        raise ValueError(f"{name} must be {size} x {size} for grad of shape {tuple(grad.shape)}, "
-                         f"got {tuple(f.shape)}")
-    if grad.dim() == 3 and f.shape[0] != grad.shape[0]:
-        raise ValueError(f"batched: {name} stack has {f.shape[0]} matrices, grad has "
-                         f"{grad.shape[0]}")
-
-
-def gradient_factor_update(left: Optional[torch.Tensor], right: Optional[torch.Tensor],
-                           grad: torch.Tensor, *, beta: float, scale: Optional[float] = None,
-                           allow_tf32: bool = False, backend: str = "auto"):
-    """In place: ``left <- beta left + scale G G^T`` and ``right <- beta right + scale G^T G``,
-    the two Kronecker factors of Shampoo / SOAP for gradient matrices ``G``.
-
-    ``grad`` is [m, n] or a stack [B, m, n] (fp16/bf16/fp32/fp64, any strides); ``left`` is
-    fp32/fp64 [.., m, m] and ``right`` [.., n, n] (same dtype); either may be None to update one
-    side only. ``scale`` defaults to ``1 - beta`` for ``beta < 1`` (a running average) and to 1
-    for ``beta == 1`` (sums, as Shampoo's Algorithm 1). ``beta == 0`` overwrites the factors. The
-    Triton backend updates both factors in one launch. Returns ``(left, right)``.
-    """
-    _check_grad_stack(grad)
-    if left is None and right is None:
-        raise ValueError("gradient_factor_update needs left, right or both (got neither)")
-    m, n = grad.shape[-2:]
-    _check_side("left", left, m, grad)
-    _check_side("right", right, n, grad)
-    if left is not None and right is not None and left.dtype != right.dtype:
-        raise TypeError(f"left is {left.dtype} but right is {right.dtype}; use one factor dtype")
-    _check_same_device(left=left, right=right, grad=grad)
-    _check_number("beta", beta)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if scale is None:
-        scale = 1.0 if beta == 1.0 else 1.0 - float(beta)
-    _check_number("scale", scale)
-    if _compiling():
-        _library.gradient_factor_update(left, right, grad, float(beta), float(scale),
-                                        bool(allow_tf32), backend)
-        return left, right
-    any_f = left if left is not None else right
-    return _registry.call("gradient_factor_update", backend, any_f.device, left, right, grad,
-                          beta=float(beta), scale=float(scale), allow_tf32=bool(allow_tf32))
-
-
 def kron_rotate(V: torch.Tensor, QL: Optional[torch.Tensor], QR: Optional[torch.Tensor], *,
                 back: bool = False, backend: str = "auto") -> torch.Tensor:
     """``QL^T V QR`` (into the eigenbases), or with ``back=True`` ``QL V QR^T`` (out of them),
@@ -655,62 +382,3 @@ def eigenbasis_power_step(factors: torch.Tensor, Q: torch.Tensor, *,
         return _library.eigenbasis_power_step(factors, Q, shift, backend)
     return _registry.call("eigenbasis_power_step", backend, factors.device, factors, Q,
                           shift=shift)
-
-
-# ----------------------------------------------------------------------------- Newton-Schulz
-# Muon's orthogonalisation (kfac_kernels.optim.Muon): the public wrapper, its checks and its
-# torch.library custom op, together. Backends: reference.newton_schulz (torch) and
-# ops/triton/newton_schulz.py (registered in _backends.py).
-_NS_DTYPES = (torch.bfloat16, torch.float32, torch.float64)
-
-
-@torch.library.custom_op(f"{_library.NAMESPACE}::newton_schulz", mutates_args=())
-def _newton_schulz_op(X: torch.Tensor, steps: int, a: float, b: float, c: float, eps: float,
-                      dtype: torch.dtype, allow_tf32: bool, backend: str) -> torch.Tensor:
-    out = _registry.call("newton_schulz", backend, X.device, X, steps, (a, b, c), eps,
-                         dtype=dtype, allow_tf32=allow_tf32)
-    return _library._fresh(out)
-
-
-@_newton_schulz_op.register_fake
-def _(X, steps, a, b, c, eps, dtype, allow_tf32, backend):
-    return X.new_empty(X.shape, dtype=dtype)
-
-
-def newton_schulz(X: torch.Tensor, steps: int = 5,
-                  coefficients=reference.NS_COEFFICIENTS, eps: float = 1e-7, *,
-                  dtype: Optional[torch.dtype] = None, allow_tf32: bool = False,
-                  backend: str = "auto") -> torch.Tensor:
-    """Muon's orthogonalisation: ``steps`` Newton-Schulz iterations towards ``U V^T`` for
-    ``X = U S V^T``, batched over a stack [B, m, n] (or one [m, n]); a new tensor.
-
-    ``Y = X / max(||X||_F, eps)`` per matrix (transposed when m > n, so the Gram matrix is the
-    smaller side), then ``A = Y Y^T; Y <- a Y + (b A + c A^2) Y`` with ``coefficients = (a, b,
-    c)`` (default: the quintic of Jordan et al.'s Muon, as ``torch.optim.Muon``). The arithmetic
-    and the result are in ``dtype``: bfloat16, float32 or float64 (default: ``X``'s dtype, which
-    must then be one of them; ``torch.optim.Muon`` iterates in bfloat16). ``A = Y Y^T`` and
-    ``A^2`` are symmetric products (upper triangle computed, mirrored). ``allow_tf32`` lets fp32
-    products use TF32 on GPUs. ``X`` may have any strides. See
-    :func:`kfac_kernels.ops.reference.newton_schulz`.
-    """
-    _check_tensor("X", X, _INPUT_DTYPES, (2, 3))
-    w = X.dtype if dtype is None else dtype
-    if w not in _NS_DTYPES:
-        raise TypeError(f"newton_schulz iterates in bfloat16, float32 or float64, got {w}"
-                        + ("; pass dtype=torch.bfloat16 (as torch.optim.Muon) or torch.float32"
-                           if dtype is None else ""))
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
-        raise ValueError(f"coefficients must be three numbers (a, b, c), got {coefficients!r}")
-    for name, v in zip("abc", coefficients):
-        _check_number(f"coefficients[{'abc'.index(name)}] ({name})", v)
-    _check_number("eps", eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (it bounds the norm divided by), got {eps}")
-    a, b, c = (float(v) for v in coefficients)
-    if _compiling():
-        return _newton_schulz_op(X, int(steps), a, b, c, float(eps), w, bool(allow_tf32),
-                                 backend)
-    return _registry.call("newton_schulz", backend, X.device, X, int(steps), (a, b, c),
-                          float(eps), dtype=w, allow_tf32=bool(allow_tf32))

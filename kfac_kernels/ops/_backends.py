@@ -5,24 +5,18 @@ with the reference's signature (inputs already checked by :mod:`kfac_kernels.ops
 """
 from ._registry import register, register_backend
 
-# (ema_factor_update is syrk_update with beta = decay, alpha = (1 - decay) scale: the public
-# wrapper routes it there, so every backend of syrk_update serves it.)
+# syrk_update / ema_factor_update and conv_input_factor register in their own op modules
+# (ops/syrk.py, ops/conv_factor.py) and newton_schulz (ops/orthogonalization.py); the other ops still here.
 # Triton (kfac_kernels/ops/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 register_backend("triton", "kfac_kernels.ops.triton:probe")
-register("syrk_update", "triton", "kfac_kernels.ops.triton.syrk:syrk_update")
-register("conv_input_factor", "triton", "kfac_kernels.ops.triton.conv_factor:conv_input_factor")
 register("kron_precondition_eigen", "triton", "kfac_kernels.ops.triton.kron:kron_precondition_eigen")
 register("ekfac_precondition", "triton", "kfac_kernels.ops.triton.kron:ekfac_precondition")
 register("kron_precondition_inverse", "triton",
          "kfac_kernels.ops.triton.kron:kron_precondition_inverse")
-# Optimizer ops (kfac_kernels.optim): both Gram factors of a gradient stack in one launch, and the
-# eigenbasis rotations on the batched GEMM kernel of kron.py. inverse_root decomposes through
+# Optimizer ops (kfac_kernels.optim; gradient_factor_update registers in ops/gradient_factors.py):
+# the eigenbasis rotations on the batched GEMM kernel of kron.py. inverse_root decomposes through
 # symeig's backends; eigenbasis_power_step is torch (QR) everywhere.
-register("gradient_factor_update", "triton",
-         "kfac_kernels.ops.triton.gradient_factors:gradient_factor_update")
 register("kron_rotate", "triton", "kfac_kernels.ops.triton.kron:kron_rotate")
-# Muon's Newton-Schulz iteration: both of its Gram products on the symmetric-product kernel.
-register("newton_schulz", "triton", "kfac_kernels.ops.triton.newton_schulz:newton_schulz")
 
 # CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy: symeig and damped_inverse.
 # On CUDA tensors with backend="auto" these two ops follow kfac_kernels/ops/_decomp_policy.py.

@@ -13,8 +13,10 @@ these ops only while dynamo is tracing (``torch.compiler.is_compiling()``); eage
 custom-op dispatcher and its overhead. Registration happens at import: it costs a few
 milliseconds, initialises no device and compiles nothing (measured in docs/robustness.md).
 
-``newton_schulz`` (Muon's iteration) declares its custom op in :mod:`kfac_kernels.ops` itself,
-next to its wrapper and checks, in the same way (``torch.ops.kfac_kernels.newton_schulz``).
+Moving to one module per op (issue 25): ``syrk_update`` / ``ema_factor_update``
+(:mod:`.syrk`), ``conv_input_factor`` / ``conv_input_factor_grouped`` (:mod:`.conv_factor`) and
+``newton_schulz`` (:mod:`.orthogonalization`), ``ekfac_scalings`` / ``ekfac_scalings_embedding``
+(:mod:`.ekfac`), ``gradient_factor_update`` (:mod:`.gradient_factors`) declare their custom ops next to their wrappers.
 
 Not covered: ``symeig``'s backend-specific ``**options`` (tolerances, sweep limits) have no
 schema; a call that passes them is traced as ordinary Python.
@@ -30,10 +32,9 @@ from torch.library import custom_op
 from . import _registry
 
 NAMESPACE = "kfac_kernels"
-__all__ = ["NAMESPACE", "syrk_update", "conv_input_factor", "symeig", "damped_inverse",
+__all__ = ["NAMESPACE", "symeig", "damped_inverse",
            "kron_precondition_eigen", "kron_precondition_inverse", "ekfac_precondition",
-           "conv_input_factor_grouped", "kron_precondition_diag", "ekfac_scalings",
-           "ekfac_scalings_embedding", "gradient_factor_update", "kron_rotate", "inverse_root",
+           "kron_precondition_diag", "kron_rotate", "inverse_root",
            "eigenbasis_power_step"]
 
 
@@ -54,36 +55,6 @@ def _empty_dot(ref: Tensor, batch, dtype, return_dot: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- factor updates
-@custom_op(f"{NAMESPACE}::syrk_update", mutates_args=("factor",))
-def syrk_update(factor: Tensor, x: Tensor, alpha: float, beta: float, homogeneous: bool,
-                allow_tf32: bool, backend: str) -> None:
-    _registry.call("syrk_update", backend, factor.device, factor, x, alpha=alpha, beta=beta,
-                   homogeneous=homogeneous, allow_tf32=allow_tf32)
-
-
-@syrk_update.register_fake
-def _(factor, x, alpha, beta, homogeneous, allow_tf32, backend):
-    return None
-
-
-@custom_op(f"{NAMESPACE}::conv_input_factor", mutates_args=())
-def conv_input_factor(x: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
-                      dilation: List[int], homogeneous: bool, backend: str) -> Tensor:
-    out = _registry.call("conv_input_factor", backend, x.device, x, tuple(kernel_size),
-                         tuple(stride), tuple(padding), tuple(dilation), homogeneous=homogeneous)
-    return _fresh(out)
-
-
-@conv_input_factor.register_fake
-def _(x, kernel_size, stride, padding, dilation, homogeneous, backend):
-    d = x.shape[1]
-    for k in kernel_size:
-        d = d * k
-    d = d + int(homogeneous)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.new_empty((d, d), dtype=dtype)
-
-
 # ----------------------------------------------------------------------------- decompositions
 @custom_op(f"{NAMESPACE}::symeig", mutates_args=())
 def symeig(factors: Tensor, prev_eigenvectors: Optional[Tensor], method: str,
@@ -164,25 +135,6 @@ def _factor_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@custom_op(f"{NAMESPACE}::conv_input_factor_grouped", mutates_args=())
-def conv_input_factor_grouped(x: Tensor, kernel_size: List[int], stride: List[int],
-                              padding: List[int], dilation: List[int], groups: int,
-                              homogeneous: bool, backend: str) -> Tensor:
-    out = _registry.call("conv_input_factor_grouped", backend, x.device, x, tuple(kernel_size),
-                         tuple(stride), tuple(padding), tuple(dilation), groups,
-                         homogeneous=homogeneous)
-    return _fresh(out)
-
-
-@conv_input_factor_grouped.register_fake
-def _(x, kernel_size, stride, padding, dilation, groups, homogeneous, backend):
-    d = x.shape[1] // groups
-    for k in kernel_size:
-        d = d * k
-    d = d + int(homogeneous)
-    return x.new_empty((groups, d, d), dtype=_factor_dtype(x))
-
-
 @custom_op(f"{NAMESPACE}::kron_precondition_diag", mutates_args=())
 def kron_precondition_diag(V: Tensor, QG: Tensor, scalings: Tensor, damping_t: Optional[Tensor],
                            damping_f: float, return_dot: bool, backend: str
@@ -198,46 +150,7 @@ def _(V, QG, scalings, damping_t, damping_f, return_dot, backend):
     return torch.empty_like(V), _empty_dot(V, V.shape[:-2], QG.dtype, return_dot)
 
 
-@custom_op(f"{NAMESPACE}::ekfac_scalings", mutates_args=())
-def ekfac_scalings(g: Tensor, a: Tensor, QG: Tensor, QA: Tensor, homogeneous: bool,
-                   alpha: float, backend: str) -> Tensor:
-    out = _registry.call("ekfac_scalings", backend, g.device, g, a, QG, QA,
-                         homogeneous=homogeneous, alpha=alpha)
-    return _fresh(out)
-
-
-@ekfac_scalings.register_fake
-def _(g, a, QG, QA, homogeneous, alpha, backend):
-    return g.new_empty(tuple(g.shape[:-3]) + (g.shape[-1], QA.shape[-1]), dtype=QG.dtype)
-
-
-@custom_op(f"{NAMESPACE}::ekfac_scalings_embedding", mutates_args=())
-def ekfac_scalings_embedding(g: Tensor, tokens: Tensor, QG: Tensor, num_embeddings: int,
-                             padding_idx: Optional[int], alpha: float, backend: str) -> Tensor:
-    out = _registry.call("ekfac_scalings_embedding", backend, g.device, g, tokens, QG,
-                         num_embeddings, padding_idx=padding_idx, alpha=alpha)
-    return _fresh(out)
-
-
-@ekfac_scalings_embedding.register_fake
-def _(g, tokens, QG, num_embeddings, padding_idx, alpha, backend):
-    return g.new_empty((g.shape[-1], num_embeddings), dtype=QG.dtype)
-
-
 # ----------------------------------------------------------------------------- optimizer ops
-@custom_op(f"{NAMESPACE}::gradient_factor_update", mutates_args=("left", "right"))
-def gradient_factor_update(left: Optional[Tensor], right: Optional[Tensor], grad: Tensor,
-                           beta: float, scale: float, allow_tf32: bool, backend: str) -> None:
-    device = (left if left is not None else right).device
-    _registry.call("gradient_factor_update", backend, device, left, right, grad, beta=beta,
-                   scale=scale, allow_tf32=allow_tf32)
-
-
-@gradient_factor_update.register_fake
-def _(left, right, grad, beta, scale, allow_tf32, backend):
-    return None
-
-
 def _work_dtype(QL: Optional[Tensor], QR: Optional[Tensor]) -> torch.dtype:
     return (QL if QL is not None else QR).dtype
 
