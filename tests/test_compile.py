@@ -1,5 +1,7 @@
 """torch.compile: the kernel ops are torch.library custom ops (fake implementations, declared
 mutation), so a compiled region does not break on them; a compiled training step matches eager."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -174,6 +176,15 @@ def test_compiled_training_step_matches_eager():
     assert o_comp.engine.factor_updates == o_eager.engine.factor_updates == 3
 
 
+# torch's inductor emits at::vec code that does not compile when ATen's vectorised kernels are
+# switched off (torch 2.13: "'at::vec' has not been declared"): an upstream limit, not ours
+_INDUCTOR_NEEDS_VEC = pytest.mark.skipif(
+    os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+    reason="inductor's CPU codegen does not compile under ATEN_CPU_CAPABILITY=default "
+           "(torch: 'at::vec' has not been declared)")
+
+
+@_INDUCTOR_NEEDS_VEC
 def test_inductor_runs_the_ops_with_the_in_place_update():
     """Inductor (C++ codegen on CPU) around the custom ops: the in-place syrk_update must land
     in the caller's tensor, and the results equal eager."""
@@ -276,6 +287,7 @@ print("ERR", err, ferr, oc.engine.factor_updates)
 '''
 
 
+@_INDUCTOR_NEEDS_VEC
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("curvature", ["fisher", "ggn", "empirical"])
 def test_compiled_model_matches_eager_for_every_curvature_in_a_fresh_process(curvature, tmp_path):

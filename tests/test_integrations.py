@@ -280,9 +280,9 @@ def _pl():
                                "(pip install kfac_kernels[integrations])")
 
 
-def _data(n=256, batch=32):
+def _data(n=256, batch=32, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=g)
+    x = torch.randn(n, 8, generator=g).to(dtype)
     y = x[:, :4].argmax(1)
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
 
@@ -384,36 +384,41 @@ def test_lightning_misuse_is_refused():
 
 @pytest.mark.parametrize("curvature", ["empirical", "fisher"])
 def test_lightning_accumulate_grad_batches_equals_the_whole_batch(curvature):
-    """accumulate_grad_batches=2 of 16 = batches of 32 (the same examples in order)."""
+    """accumulate_grad_batches=2 of 16 = batches of 32 (the same examples in order), in float64:
+    the two runs differ only in the order of sums (bounds 1e-10 against u = 1.1e-16 after three
+    steps of a well-conditioned classifier; fp32 runs differed by CPU code path)."""
     pl = _pl()
     from kfac_kernels.integrations.lightning import KFACLightningModule
     base = pl.LightningModule if curvature == "empirical" else KFACLightningModule
     mods = []
     for batch, accum in ((32, 1), (16, 2)):
-        m = _classifier(base, curvature, record=curvature != "empirical")
+        m = _classifier(base, curvature, record=curvature != "empirical").double()
         args = dict(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False,
                     accumulate_grad_batches=accum)
         with warnings.catch_warnings():
             warnings.simplefilter("error", KFACWarning)
-            pl.Trainer(**args).fit(m, _data(batch=batch))
+            pl.Trainer(**args).fit(m, _data(batch=batch, dtype=torch.float64))
         mods.append(m)
     big, acc = mods
     assert acc.kfac.engine.factor_updates == big.kfac.engine.factor_updates == 3
     for name, b in big.kfac.blocks.items():
         ka = acc.kfac.blocks[name]
-        assert _rel(ka.A, b.A) <= 1e-4, (name, _rel(ka.A, b.A))
+        assert ka.A.dtype == torch.float64
+        assert _rel(ka.A, b.A) <= 1e-10, (name, _rel(ka.A, b.A))
         if curvature == "empirical":    # fisher: each micro-batch draws its own targets
-            assert _rel(ka.G, b.G) <= 1e-4, (name, _rel(ka.G, b.G))
+            assert _rel(ka.G, b.G) <= 1e-10, (name, _rel(ka.G, b.G))
     if curvature == "empirical":
         for a, b in zip(acc.parameters(), big.parameters()):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_readme_lightning_snippet_trains():
     """README.md's Lightning snippet, with the settings it shows, trains a small classifier
     (a linear teacher, 8 features, 4 classes): without the KL clip the same lr diverged (loss
-    7.2 after 4 epochs in a plain loop), with it the loss falls below a third of log 4."""
+    4.4 here, 7.2 after 4 epochs in a plain loop); with it the loss falls well below chance,
+    log 4 (measured 0.31-0.50 on two CPU code paths; the bound, half of log 4, separates
+    learning from diverging, not one rounding from another)."""
     pytest.importorskip("lightning")
     import re
 
@@ -439,4 +444,4 @@ def test_readme_lightning_snippet_trains():
               enable_progress_bar=False, enable_model_summary=False).fit(model, loader)
     with torch.no_grad():
         loss = F.cross_entropy(model.net(X), Y).item()
-    assert loss < math.log(4) / 3, loss
+    assert loss < math.log(4) / 2, loss

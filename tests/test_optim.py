@@ -293,7 +293,11 @@ def test_soap_eigh_refresh_matches_the_paper_by_hand():
 
 def test_soap_power_refresh_tracks_the_eigenbasis():
     """The QR refresh (one power step per refresh) stays close to the eigh refresh on the same
-    run, and its bases stay orthonormal."""
+    run, and its bases stay orthonormal. The gap (float64) is the power step's lag behind the
+    eigenbasis plus eigh's choice inside near-degenerate eigenspaces, which differs by CPU code
+    path: 0.16 of the distance moved with ATen's AVX-512 kernels, 0.21 with
+    ATEN_CPU_CAPABILITY=default; SOAP without rotation (identity bases) is 0.53 away on both, so
+    the bound 0.3 still tells a tracking refresh from none."""
     m1, m2 = Toy(), Toy()
     kw = dict(lr=0.01, precondition_frequency=1, shampoo_beta=0.9)
     o1, o2 = SOAP(m1.parameters(), refresh="qr", **kw), SOAP(m2.parameters(), refresh="eigh", **kw)
@@ -301,7 +305,7 @@ def test_soap_power_refresh_tracks_the_eigenbasis():
     train(m1, o1, data)
     train(m2, o2, data)
     moved = float((m2.a - Toy().a).detach().norm())
-    assert float((m1.a.detach() - m2.a.detach()).norm()) < 0.2 * moved
+    assert float((m1.a.detach() - m2.a.detach()).norm()) < 0.3 * moved
     Q = o1.state[m1.a]["QL"]
     assert torch.allclose(Q.T @ Q, torch.eye(5, dtype=F64), atol=1e-10)
 
