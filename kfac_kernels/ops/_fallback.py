@@ -63,18 +63,10 @@ def _lower_symmetric(f: torch.Tensor) -> torch.Tensor:
 
 
 def _eigh64(f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 eigh of each matrix of [k, n, n]; NaN for a matrix whose solver raises."""
-    try:
-        return torch.linalg.eigh(f)
-    except RuntimeError:
-        lam = torch.full(f.shape[:-1], float("nan"), dtype=f.dtype, device=f.device)
-        q = torch.full_like(f, float("nan"))
-        for i in range(f.shape[0]):
-            try:
-                lam[i], q[i] = torch.linalg.eigh(f[i])
-            except RuntimeError:
-                pass
-        return lam, q
+    """float64 eigh of each matrix of [k, n, n]; NaN for a matrix whose solver raises (the
+    reference's isolation of failures)."""
+    from .reference import _eigh_isolated
+    return _eigh_isolated(f)
 
 
 def repair_symeig(factors: torch.Tensor, lam: torch.Tensor, q: torch.Tensor,
