@@ -79,8 +79,13 @@ class Preconditioning:
     def _build_plans(self, damping: float) -> None:
         for g in self.groups:
             plan = self.kind.plan(g.blocks, g.stacks, damping)
-            if plan is not None:     # no subnormal numbers in the plan's products
-                flush_all_(getattr(plan, k) for k in plan._TERMS)
+            if plan is not None:
+                # no subnormal numbers in what the plan computed (its views of the group's
+                # stacks are the decompositions, flushed when they were made)
+                stacks = {id(t) for t in g.stacks.values()}
+                flush_all_(t for t in (getattr(plan, k) for k in plan._TERMS)
+                           if t is not None
+                           and id(t if t._base is None else t._base) not in stacks)
             g.plan = plan.single() if (plan is not None and g.single) else plan
         self._plan_damping = damping
 
