@@ -60,6 +60,11 @@ def split_damping(damping):
     return None, float(damping)
 
 
+def join_damping(damping_t: Optional[torch.Tensor], damping_f: float):
+    """The damping back from :func:`split_damping`'s pair (inside a custom op)."""
+    return damping_t if damping_t is not None else damping_f
+
+
 def check_symmetric_stack(name, f):
     check_tensor(name, f, FACTOR_DTYPES, (2, 3))
     if f.shape[-1] != f.shape[-2]:

@@ -4,7 +4,7 @@ Why a second "auto" rule: the registry's rule (:mod:`._registry`) is one prefere
 device type, the same for every input. For the decompositions on CUDA the fastest backend depends
 on the matrix size, the batch size and the method (a warm start changes it), so these ops need a
 size-dependent choice; every other op keeps the registry's rule. Called only from
-``_run_symeig`` and ``_run_damped_inverse`` in :mod:`kfac_kernels.ops` (``inverse_root``
+``_run_symeig`` and ``_run_damped_inverse`` in :mod:`.decompositions` (``inverse_root``
 decomposes through ``_run_symeig``; the custom ops call the same two functions), when
 ``backend="auto"`` and the matrices live on a CUDA device (on other devices the registry's rule,
 i.e. the pure-torch reference, runs). Each plan is an ordered list of

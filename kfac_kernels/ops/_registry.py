@@ -1,6 +1,7 @@
 """Backend registry for the kernel ops.
 
-Each op is declared once (in :mod:`kfac_kernels.ops`) with a pure-torch default
+Each op is declared once (in its family's module of :mod:`kfac_kernels.ops`, which also
+registers its implementations here) with a pure-torch default
 (:mod:`kfac_kernels.ops.reference`) and may be overridden per backend. Implementations are
 registered by *import path*, so nothing is imported, compiled or initialised until an op is
 actually called with that backend.
@@ -77,6 +78,16 @@ def register(op: str, backend: str, target: str) -> None:
 def register_backend(backend: str, probe: str) -> None:
     """Register the availability probe of a backend ("module:function" -> (ok, reason))."""
     _PROBES[backend] = probe
+
+
+# The fast backends' availability probes (names only; a backend package provides
+# ``probe() -> (ok, reason)`` and one function per op it implements, with the reference's
+# signature, inputs already checked by the op's wrapper).
+# Triton (kfac_kernels/ops/triton): CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+register_backend("triton", "kfac_kernels.ops.triton:probe")
+# CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy.
+register_backend("cuda", "kfac_kernels.ops.cuda:probe")
+register_backend("cupy", "kfac_kernels.ops.cupy:probe")
 
 
 def implementations(op: str) -> Dict[str, str]:

@@ -13,13 +13,18 @@ from torch.library import custom_op
 
 from . import _registry, reference
 from ._checks import INPUT_DTYPES, check_tensor, compiling
-from ._library import NAMESPACE, _factor_dtype as factor_dtype, _fresh as fresh
+from ._library import NAMESPACE, fresh
 
 _registry.register("conv_input_factor", "torch", "kfac_kernels.ops.reference:conv_input_factor")
 _registry.register("conv_input_factor", "triton",
                    "kfac_kernels.ops.triton.conv_factor:conv_input_factor")
 _registry.register("conv_input_factor_grouped", "torch",
                    "kfac_kernels.ops.reference:conv_input_factor_grouped")
+
+
+def factor_dtype(x: Tensor) -> torch.dtype:
+    """The factors' dtype for an input of ``x``'s dtype (the fakes' output dtype)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _conv_args(x, kernel_size, stride, padding, dilation) -> dict:

@@ -12,8 +12,7 @@ from torch.library import custom_op
 from . import _registry
 from ._checks import (FACTOR_DTYPES, INPUT_DTYPES, check_number, check_same_device,
                       check_tensor, compiling)
-from ._library import NAMESPACE
-from ._library import _fresh as fresh
+from ._library import NAMESPACE, fresh
 
 _registry.register("ekfac_scalings", "torch", "kfac_kernels.ops.reference:ekfac_scalings")
 _registry.register("ekfac_scalings_embedding", "torch",

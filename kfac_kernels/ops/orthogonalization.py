@@ -13,8 +13,7 @@ import torch
 
 from . import _registry, reference
 from ._checks import INPUT_DTYPES, check_number, check_tensor, compiling
-from ._library import NAMESPACE
-from ._library import _fresh as fresh
+from ._library import NAMESPACE, fresh
 
 _registry.register("newton_schulz", "torch", "kfac_kernels.ops.reference:newton_schulz")
 _registry.register("newton_schulz", "triton",

@@ -1,7 +1,7 @@
 """Triton backend of the kernel ops (imported only when an op is first dispatched here).
 
-One module per family of ops, each holding its kernels and their host launcher (the
-registrations are in ``kfac_kernels/ops/_backends.py``):
+One module per family of ops, each holding its kernels and their host launcher (the op's
+module in ``kfac_kernels/ops`` registers them, e.g. ``ops/kron.py`` those of :mod:`.kron`):
 
 * :mod:`.syrk`         -- ``syrk_update`` / ``ema_factor_update``: symmetric rank-k update, upper
   tiles only, implicit homogeneous column, split over rows for small factors;
