@@ -1,5 +1,5 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
-average, the arena, the compatibility modules and the capture record so far)."""
+average, the arena, the compatibility modules, the capture record and the op modules so far)."""
 import importlib.util
 import os
 import subprocess
