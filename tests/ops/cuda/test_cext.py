@@ -15,7 +15,7 @@ import _cuda_twins as twins
 import cext_build as cb
 from kfac_kernels.ops import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 REPORT = ROOT / "benchmarks" / "results" / "compile_report_cuda.md"
 ARCH_LIST = ("sm_80", "sm_90")
 TYPE_COMBOS = ("float,float", "float,double", "double,double")
