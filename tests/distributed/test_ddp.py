@@ -1,9 +1,9 @@
 """Distributed K-FAC (issue 6): 2, 3 and 4 gloo ranks on CPU against the single-process run on the
 concatenated batch, checkpoints, error paths, and the pure helpers (packing, assignment, grid).
 
-The multi-process runs go through tests/dist_harness.py: ranks are forked from a forkserver that
-has imported torch once, rendezvous through a file store, and every run has a hard timeout (a hang
-fails the test instead of blocking CI). Each world size is spawned once for the whole matrix of
+The multi-process runs go through tests/_support/dist_harness.py: ranks are forked from a
+forkserver that has imported torch once, rendezvous through a file store, and every run has a hard
+timeout (a hang fails the test instead of blocking CI). Each world size is spawned once for the whole matrix of
 configurations (a module-scoped fixture); the tests then check one configuration each.
 """
 import itertools

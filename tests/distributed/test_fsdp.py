@@ -3,7 +3,7 @@
 Every rank trains its shard of a global batch with the model sharded by ``fully_shard``; the
 parameters (``full_tensor()``) must equal a single process trained on the concatenated batch in
 float64, the replicated K-FAC state must be bit-identical across ranks, and so must the shards
-HSDP replicates. The scenarios run inside the ranks (tests/fsdp_scenarios.py)."""
+HSDP replicates. The scenarios run inside the ranks (tests/_support/fsdp_scenarios.py)."""
 import os
 import subprocess
 import sys

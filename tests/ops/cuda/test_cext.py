@@ -64,7 +64,7 @@ def _write_report(build, table, C):
     lines = [
         "# Compile report: kfac_kernels._C",
         "",
-        "Written by `tests/test_cext.py::test_ptxas_report_has_no_spills` from `ptxas -v` "
+        "Written by `tests/ops/cuda/test_cext.py::test_ptxas_report_has_no_spills` from `ptxas -v` "
         f"(CMake Release build, `-lineinfo`, CMAKE_CUDA_ARCHITECTURES={cb.ARCHS}; "
         f"{build.nvcc_version}). Every kernel of csrc/ is listed; a spill fails the test.",
         "Shared memory is dynamic (sized per launch), so ptxas reports 0 static bytes: the table "
