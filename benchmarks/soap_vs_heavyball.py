@@ -144,7 +144,7 @@ their Rayleigh quotients and put back in place, signs fixed; decoupled weight de
 kfac_kernels keeps the state stacked); 1-D parameters and sides over `max_precond_dim` use the
 identity. On a float64 problem where both factors are full rank from step 1 (square layers) and
 the refresh schedule coincides, the two agree to ~1e-5 of the parameters' change
-(tests/test_optim.py::test_soap_matches_heavyball).
+(tests/optim/test_optim.py::test_soap_matches_heavyball).
 
 What differs:
 

@@ -2,10 +2,20 @@
 
 Triton runs on CPU only through its interpreter, which must be switched on before anything imports
 triton; on a machine with a CUDA device the real compiler is used instead.
+
+The tests live in folders that mirror the package (tests/README.md, "Layout"); the modules they
+share (helpers, harnesses, scenarios run inside spawned ranks) live in tests/_support/, put on
+``sys.path`` here so that ``import helpers`` works from any folder, for one file or the whole
+suite, and in the processes the tests start (they inherit ``sys.path``).
 """
 import os
+import sys
 
-import torch
+SUPPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_support")
+if SUPPORT not in sys.path:
+    sys.path.insert(0, SUPPORT)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # NVML query only: does not initialise CUDA
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -11,7 +11,7 @@ is ours / T; with summed losses the two agree exactly.
 For "ggn" on sequence outputs curvlinops back-propagates, per class c, the c-th Hessian-root
 column of all positions at once: a matrix whose outer product is not the per-example Hessian
 (it has cross-position blocks). kfac_kernels runs one pass per (position, class) column of a true
-square root, the exact GGN of docs/math.md (checked against brute force in test_layers.py; under
+square root, the exact GGN of docs/math.md (checked against brute force in test_blocks.py; under
 "reduce" the result R J^T H J R^T does not depend on which square root is used). The two coincide
 under "expand" when a layer's output at one position affects only that position's loss (the
 position-wise model "tokens" below); with attention, or under "reduce" over positions, they differ,

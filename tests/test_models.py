@@ -330,7 +330,7 @@ def test_new_blocks_on_cuda_step_without_sync(inverse):
 def test_distributed_takes_every_block_kind(tmp_path, inverse):
     """The distributed strategy reduces stacked blocks (norms), a diagonal A (embeddings) and
     EKFAC's scalings like any factor (a one-rank gloo group: the same as a single process; more
-    ranks in test_distributed.py)."""
+    ranks in test_ddp.py)."""
     import torch.distributed as dist
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build of torch")

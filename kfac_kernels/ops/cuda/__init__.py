@@ -3,7 +3,7 @@
 Nothing heavy is imported here: the compiled module is loaded by the op functions
 (:mod:`.damped_inverse`, :mod:`.symeig`) through :mod:`kfac_kernels._cext`. Pure-torch
 re-implementations of the kernels' algorithms, for tests on machines without a GPU, live with the
-tests (tests/_cuda_twins.py).
+tests (tests/_support/_cuda_twins.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Torch twins of the CUDA kernels (tests/_cuda_twins.py) against torch.linalg on the CPU:
+"""Torch twins of the CUDA kernels (tests/_support/_cuda_twins.py) against torch.linalg on the CPU:
 same Jacobi round-robin ordering and convergence test, same left-looking and blocked Cholesky
 structure, float64 and float32, odd sizes, batches, non-PD and non-finite inputs."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Code that runs inside the gloo ranks of tests/test_fsdp.py (see dist_harness.py).
+"""Code that runs inside the gloo ranks of tests/distributed/test_fsdp.py (see dist_harness.py).
 
 Every rank builds the same float64 model from the same seed, shards it with FSDP2's
 ``fully_shard`` (per layer and/or at the root, or on a 2-D HSDP mesh) and takes its contiguous

@@ -55,7 +55,7 @@ def test_stdlib_text_is_deterministic_prefix():
 
 def test_resnet_bn_quick(tmp_path):
     import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "resnet_bn.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "resnet_bn.py")
     spec = importlib.util.spec_from_file_location("resnet_bn", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

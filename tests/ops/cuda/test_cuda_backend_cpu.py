@@ -14,7 +14,7 @@ import torch
 from kfac_kernels import _cext, ops
 from kfac_kernels.ops._registry import BackendUnavailable, NotSupported
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_import_stays_lean():

@@ -3,7 +3,7 @@
 Every rank trains its shard of a global batch with the model sharded by ``fully_shard``; the
 parameters (``full_tensor()``) must equal a single process trained on the concatenated batch in
 float64, the replicated K-FAC state must be bit-identical across ranks, and so must the shards
-HSDP replicates. The scenarios run inside the ranks (tests/fsdp_scenarios.py)."""
+HSDP replicates. The scenarios run inside the ranks (tests/_support/fsdp_scenarios.py)."""
 import os
 import subprocess
 import sys
@@ -141,7 +141,7 @@ def test_unsupported_layouts_raise_at_construction_naming_the_alternative():
 @pytest.mark.timeout(120)
 def test_torchrun_fsdp_example_runs_on_cpu(tmp_path):
     """The command README.md and docs/distributed.md give, as written (2 CPU processes)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton backend tests (imported by tests/test_triton_*.py).
+"""Shared pieces of the Triton backend tests (imported by tests/ops/triton/test_triton_*.py).
 
 On a machine without CUDA the kernels run under Triton's interpreter on CPU tensors (conftest.py
 switches it on before triton is imported); with CUDA the same tests run the compiled kernels on

@@ -1,9 +1,9 @@
 """Distributed K-FAC (issue 6): 2, 3 and 4 gloo ranks on CPU against the single-process run on the
 concatenated batch, checkpoints, error paths, and the pure helpers (packing, assignment, grid).
 
-The multi-process runs go through tests/dist_harness.py: ranks are forked from a forkserver that
-has imported torch once, rendezvous through a file store, and every run has a hard timeout (a hang
-fails the test instead of blocking CI). Each world size is spawned once for the whole matrix of
+The multi-process runs go through tests/_support/dist_harness.py: ranks are forked from a
+forkserver that has imported torch once, rendezvous through a file store, and every run has a hard
+timeout (a hang fails the test instead of blocking CI). Each world size is spawned once for the whole matrix of
 configurations (a module-scoped fixture); the tests then check one configuration each.
 """
 import itertools
@@ -271,7 +271,7 @@ def test_ekfac_needs_every_eigenbasis_on_every_rank():
 @pytest.mark.timeout(120)
 def test_torchrun_example_runs_on_cpu(tmp_path):
     """The command docs/distributed.md gives, as written (2 CPU processes, gloo)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -291,7 +291,7 @@ def test_torchrun_example_on_two_gpus_with_nccl(tmp_path):
     """The same command picks NCCL and one GPU per process where two GPUs are present."""
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for frac in ("1", "0.5"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -1,4 +1,4 @@
-"""Code that runs inside the gloo ranks of tests/test_distributed.py (see dist_harness.py).
+"""Code that runs inside the gloo ranks of tests/distributed/test_ddp.py (see dist_harness.py).
 
 Every rank builds the same float64 model from the same seed and takes its contiguous shard of a
 global batch; the single-process reference (``distributed=False``) runs on the whole batch inside

@@ -15,7 +15,7 @@ import _cuda_twins as twins
 import cext_build as cb
 from kfac_kernels.ops import reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 REPORT = ROOT / "benchmarks" / "results" / "compile_report_cuda.md"
 ARCH_LIST = ("sm_80", "sm_90")
 TYPE_COMBOS = ("float,float", "float,double", "double,double")
@@ -64,7 +64,7 @@ def _write_report(build, table, C):
     lines = [
         "# Compile report: kfac_kernels._C",
         "",
-        "Written by `tests/test_cext.py::test_ptxas_report_has_no_spills` from `ptxas -v` "
+        "Written by `tests/ops/cuda/test_cext.py::test_ptxas_report_has_no_spills` from `ptxas -v` "
         f"(CMake Release build, `-lineinfo`, CMAKE_CUDA_ARCHITECTURES={cb.ARCHS}; "
         f"{build.nvcc_version}). Every kernel of csrc/ is listed; a spill fails the test.",
         "Shared memory is dynamic (sized per launch), so ptxas reports 0 static bytes: the table "

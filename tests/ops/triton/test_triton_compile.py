@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from kfac_kernels.ops.triton import _aot  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 ARCHS = (80, 90)
 KERNELS = ("_syrk_kernel", "sym_finalize_kernel", "_conv_factor_kernel", "_kron_mm_kernel",
            "_gram_pair_kernel", "_ns_sym_kernel", "_ns_update_kernel")

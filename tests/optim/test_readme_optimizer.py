@@ -9,7 +9,7 @@ import torch
 
 from kfac_kernels.optim import Shampoo
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"))
 HEADING = "## Building your own optimizer on the ops"
 
 

@@ -15,7 +15,8 @@ from kfac_kernels import ops
 from kfac_kernels.ops import _fallback, _registry
 from kfac_kernels.optim import SOAP, Shampoo
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "data", "eigh_nan_fp32_2x136.pt")
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                       "eigh_nan_fp32_2x136.pt")
 
 
 @pytest.fixture

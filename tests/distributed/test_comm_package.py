@@ -8,8 +8,8 @@ import torch.nn as nn
 
 import kfac_kernels as kk
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kfac_kernels",
-                   "comm")
+PKG = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "kfac_kernels",
+                                   "comm"))
 MODULES = ("base", "factory", "buckets", "assignment", "ddp", "fsdp")
 
 

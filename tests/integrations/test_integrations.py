@@ -425,8 +425,7 @@ def test_readme_lightning_snippet_trains():
     import lightning as L
 
 
-    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "README.md")
+    readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
     text = open(readme, encoding="utf-8").read()
     block = [b for b in re.findall(r"```python\n(.*?)```", text, re.S)
              if "KFACLightningModule" in b and "L.Trainer" in b]
