@@ -1,5 +1,5 @@
-"""The step: one K-FAC step of :class:`kfac_kernels.KFAC` and :class:`kfac_kernels.KFACPreconditioner`,
-its phases in order, with the communication strategy (``engine.comm``, a
+"""The step: one K-FAC step of :class:`kfac_kernels.KFAC` and
+:class:`kfac_kernels.KFACPreconditioner`, its phases in order, with the communication strategy (``engine.comm``, a
 :class:`kfac_kernels.comm.LocalComm`) called at fixed points::
 
     guard        gradients finite? (unscaled under a GradScaler)      comm.agree

@@ -64,7 +64,7 @@ class StrategyOptions(Protocol):
 #: this step's statistics per block (an ordered dict: the blocks' order is every rank's order)
 Stats = Dict["Block", Tuple[torch.Tensor, torch.Tensor]]
 #: the factors one process decomposes: a set of (block, "A"|"G") pairs, None for all of them
-Only = Optional[Set[Tuple["Block", str]]]
+FactorSet = Optional[Set[Tuple["Block", str]]]
 #: ``({block: U}, {block: <U, V>})``: preconditioned directions and their inner products
 Directions = Tuple[Dict["Block", torch.Tensor], Dict["Block", torch.Tensor]]
 
@@ -171,7 +171,7 @@ class LocalComm:
         return s_hats
 
     # ---------------------------------------------------------------- inverse update
-    def decompose_here(self, ready: List[Block]) -> Only:
+    def decompose_here(self, ready: List[Block]) -> FactorSet:
         """Which factors of the blocks ``ready`` this process decomposes: a set of
         (block, "A"|"G") pairs, or None for all of them (here)."""
         return None

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from .assignment import assign, decomposition_cost, worker_grid
-from .base import (CommStats, Directions, DistributedOptions, LocalComm, MismatchError, Only,
-                   Stats, StrategyOptions)
+from .base import (CommStats, Directions, DistributedOptions, FactorSet, LocalComm,
+                   MismatchError, Stats, StrategyOptions)
 from .buckets import MB, Bucket, factor_slot, split_buckets
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class DistributedKFAC(LocalComm):
         ready_set = set(ready)
         return [u for u in self.units if u[0] in ready_set]
 
-    def decompose_here(self, ready: List[Block]) -> Only:
+    def decompose_here(self, ready: List[Block]) -> FactorSet:
         self._check_presence()
         return {(b, w) for b, whichs, owner in self._ready_units(ready) if owner == self.rank
                 for w in whichs}
