@@ -83,12 +83,12 @@ def main(argv=None):
         ref = run("fp64", args.steps, damping)
         V = {n: torch.randn(b.shape, generator=g, dtype=torch.float64)
              for n, b in ref.blocks.items()}
-        U_ref, _ = ref.engine.precondition({b: V[n] for n, b in ref.blocks.items()})
+        U_ref, _ = ref.pipeline.precondition({b: V[n] for n, b in ref.blocks.items()})
         U_ref = {b.name: u for b, u in U_ref.items()}
         for v in variants:
             opt = run(v if v != "fp32 (default)" else "fp32", args.steps, damping)
-            U, _ = opt.engine.precondition({b: V[n].to(b.factor_dtype)
-                                            for n, b in opt.blocks.items()})
+            U, _ = opt.pipeline.precondition({b: V[n].to(b.factor_dtype)
+                                              for n, b in opt.blocks.items()})
             U = {b.name: u for b, u in U.items()}
             eA = max(rel(opt.blocks[n].A, ref.blocks[n].A) for n in ref.blocks)
             eG = max(rel(opt.blocks[n].G, ref.blocks[n].G) for n in ref.blocks)

@@ -20,7 +20,9 @@ state:
   :class:`kfac_kernels.comm.fsdp.FSDPKFAC` for FSDP2), picked by
   :func:`kfac_kernels.comm.strategy_for`. The engine never asks whether it is distributed.
 
-The optimisers (:mod:`kfac_kernels.optimizer`) drive it through :mod:`kfac_kernels.pipeline`.
+The step (:mod:`kfac_kernels.pipeline`, driven by :mod:`kfac_kernels.optimizer`) calls the
+engine's factor update, inverse update and end of step, and preconditions with its
+``preconditioning`` itself.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from .discovery import discover, size_text as _size
 from .factors import FactorStatistics
 from .health import Health, KFACWarning
 from .inverses import KINDS
-from .options import Options, check_damping
+from .options import Options
 from .preconditioning import Preconditioning
 
 __all__ = ["KFACEngine", "KFACWarning"]
@@ -218,35 +220,18 @@ class KFACEngine:
         if not ready:
             return
         t0 = time.perf_counter()
-        self.comm.update_inverses(ready, self.decompose, self.inverse_updates)
+        only = self.comm.decompose_here(ready)       # None: every factor of ``ready``
+        self.kind.decompose(ready, only, self.inverse_updates)
+        self.comm.share_inverses(ready)
         self.kind.after_decomposition(ready, self.comm)
         self.needs_inverse = False
         self.inverse_updates += 1
         self.preconditioning.regroup(self.blocks.values())
         self.last_inverse_seconds = time.perf_counter() - t0   # host time (opt.stats())
 
-    def decompose(self, blocks, only: Optional[set] = None) -> None:
-        """Decompose the factors of ``blocks`` (``only``: just these (block, "A"|"G") pairs)."""
-        self.kind.decompose(blocks, only, self.inverse_updates)
-
-    # ------------------------------------------------------------------ preconditioning
-    def precondition(self, grads: Dict[Block, torch.Tensor]):
-        """Preconditioned directions for the given blocks' gradient matrices.
-
-        Returns ``({block: U}, {block: <U, V> (0-d device tensor)})``; blocks of one shape go
-        through one batched op call. With torch.distributed and ``grad_worker_fraction < 1``
-        each rank preconditions its share and the directions are broadcast.
-        """
-        if not torch.compiler.is_compiling():   # a scheduler may have set it; symbolic if traced
-            check_damping("damping", self.opts.damping)
-        return self.comm.precondition(grads, self.precondition_local)
-
-    def precondition_local(self, grads: Dict[Block, torch.Tensor]):
-        """:meth:`precondition` with the decompositions this process holds (what
-        ``opt.compile()`` compiles)."""
-        return self.preconditioning.local(grads, self.opts.damping)
-
+    # ------------------------------------------------------------------ end of step
     def end_step(self) -> None:
+        """Count the step; the inverse kind's and the capture's per-step state move on."""
         self.steps += 1
         self.kind.end_step()
         self.capture.start_step(self.steps)

@@ -1,8 +1,8 @@
 """The user-facing optimisers: :class:`KFAC` and :class:`KFACPreconditioner`.
 
 Both take their options from the one table in :mod:`kfac_kernels.options` and run the same
-step pipeline (:class:`kfac_kernels.pipeline.StepPipeline`) over a
-:class:`kfac_kernels.engine.KFACEngine`; what differs is the update: KFAC takes a heavy-ball
+step (:class:`kfac_kernels.pipeline.StepPipeline`, whose module docstring lists its phases) over
+a :class:`kfac_kernels.engine.KFACEngine`; what differs is the update: KFAC takes a heavy-ball
 step itself, KFACPreconditioner writes the directions into ``.grad`` for another optimiser.
 """
 from __future__ import annotations
@@ -46,12 +46,12 @@ def _compile_pays(engine) -> bool:
     return True
 
 
-def _compile_precondition(engine, compile_kwargs) -> None:
-    """Compile the engine's local preconditioning (the batched ops of this process's blocks);
+def _compile_precondition(pipeline: StepPipeline, compile_kwargs) -> None:
+    """Compile the step's local preconditioning (the batched ops of this process's blocks);
     a communication strategy's collectives around it stay eager."""
     compile_kwargs.setdefault("fullgraph", True)
-    engine.precondition_local = torch.compile(type(engine).precondition_local.__get__(engine),
-                                              **compile_kwargs)
+    pipeline.precondition_local = torch.compile(   # type: ignore[method-assign]
+        type(pipeline).precondition_local.__get__(pipeline), **compile_kwargs)
 
 
 class _EngineViews:
@@ -330,7 +330,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
             self.directions = torch.compile(type(self).directions.__get__(self),
                                             **compile_kwargs)
         else:     # the collectives of distributed preconditioning stay eager
-            _compile_precondition(self.engine, dict(compile_kwargs))
+            _compile_precondition(self.pipeline, dict(compile_kwargs))
         self.apply_update = torch.compile(type(self).apply_update.__get__(self),
                                           **compile_kwargs)
         return self
@@ -481,7 +481,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                     "step", "a step had non-finite gradients or a non-finite preconditioned "
                     "update; its parameter and factor updates were skipped (warned once; "
                     "opt.skipped_steps counts them)")])
-        self.pipeline.end()
+        self.engine.end_step()
 
     # -------------------------------------------------------------- state
     def _params(self) -> List[torch.Tensor]:
@@ -560,7 +560,7 @@ class KFACPreconditioner(_EngineViews):
         ``force=True``). Returns ``self``."""
         if not force and not _compile_pays(self.engine):
             return self
-        _compile_precondition(self.engine, compile_kwargs)
+        _compile_precondition(self.pipeline, compile_kwargs)
         return self
 
     @torch.no_grad()
@@ -588,7 +588,7 @@ class KFACPreconditioner(_EngineViews):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(d if nu is None else d * nu.to(d.dtype))
-        pipe.end()
+        eng.end_step()
 
     def state_dict(self) -> dict:
         sd = self.engine.state_dict()

@@ -1,25 +1,43 @@
-"""The step pipeline shared by :class:`kfac_kernels.KFAC` and :class:`kfac_kernels.KFACPreconditioner`.
+"""The step: one K-FAC step of :class:`kfac_kernels.KFAC` and
+:class:`kfac_kernels.KFACPreconditioner`, its phases in order, with the communication strategy (``engine.comm``, a
+:class:`kfac_kernels.comm.LocalComm`) called at fixed points::
 
-One K-FAC step, in order::
+    guard        gradients finite? (unscaled under a GradScaler)      comm.agree
+                 -> ok (device flag) or None
+    curvature    engine.finish_factor_update: capture -> this step's   comm.factor_statistics
+                   estimates -> factors.merge (rejected when not ok)     (kind: reduce_scalings)
+                 engine.update_inverses, when engine.inverse_due():    comm.decompose_here
+                   kind.decompose -> preconditioning.regroup            comm.share_inverses
+    gradients    {block: V}: gradient matrices (+ weight decay)        comm.full_tensors
+    directions   preconditioning.local on this process's blocks       comm.precondition_here
+                   -> {block: U}, <U, V>                               comm.share_directions
+                 ok & finite(<U, V>), KL-clip factor nu
+    update       the optimiser's own rule (KFAC: heavy ball;          comm.local_part
+                   KFACPreconditioner: writes .grad)
+    end          engine.end_step: counters, capture switched for the next step
 
-    guard        gradients finite? (unscaled under a GradScaler)   -> ok (device flag) or None
-    curvature    factor update (rejected when not ok), inverse update when due
-    gradients    {block: V}: gradient matrices (+ weight decay)
-    directions   {block: U}, <U, V> sums, ok & finite(U), KL-clip factor nu
-    update       the optimiser's own rule (KFAC: heavy ball; KFACPreconditioner: writes .grad)
-    end          counters, capture switched for the next step
+The step lives here rather than in the engine: the engine owns the state a step changes (blocks,
+counters, the schedule in ``inverse_due``, ``state_dict``) and the two curvature phases that
+change it (``finish_factor_update``, ``update_inverses``); this file owns the order of the phases
+and calls each part directly. A strategy is given arguments and returns values (which blocks this
+process preconditions, the directions it shares); it never calls back into the step. The update
+and the end belong to each optimiser (their rules differ), which calls ``engine.end_step()``.
 
 Every per-step flag is an argument (``ok``, ``g_rescale``), never a write into another object.
 Everything stays on the device: no host synchronisation in a step without an inverse update.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
 from . import amp
 from .blocks import Block
+from .options import check_damping
+
+if TYPE_CHECKING:   # annotations only (the engine imports nothing of this module)
+    from .engine import KFACEngine
 
 __all__ = ["StepPipeline", "kl_factor", "ClipCount"]
 
@@ -75,11 +93,18 @@ class ClipCount:
 
 
 class StepPipeline:
-    """The phases of a step over one engine (see the module docstring)."""
+    """The phases of a step over one engine, in step order (see the module docstring)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: "KFACEngine"):
         self.engine = engine
 
+    @property
+    def opts(self) -> Any:
+        """The engine's :class:`kfac_kernels.options.Options` (attributes from the ``OPTIONS``
+        table, which mypy does not see)."""
+        return self.engine.opts
+
+    # ------------------------------------------------------------------ guard
     def guard(self, grads: Iterable[torch.Tensor], *, inv_scale: Optional[torch.Tensor] = None,
               found_inf: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The step's ok flag (0-d bool on the device): every gradient finite and, under a
@@ -96,19 +121,22 @@ class StepPipeline:
         """The factor 1/S^2 on the empirical G of a loss scaled by ``scale`` (None: none), when
         this step captures output-gradients of that loss."""
         eng = self.engine
-        if scale is None or not eng.capturing or eng.opts.curvature != "empirical":
+        if scale is None or not eng.capturing or self.opts.curvature != "empirical":
             return None
         return amp.inverse_scale(scale) ** 2
 
+    # ------------------------------------------------------------------ curvature
     def curvature(self, ok: Optional[torch.Tensor],
                   g_rescale: Optional[torch.Tensor] = None) -> None:
-        """Factor update (rejected on the device when ``ok`` is false) and, when due, the
-        inverse update."""
+        """The factor update (rejected on the device when ``ok`` is false), then the inverse
+        update when the schedule says it is due (every ``inverse_every`` steps, warm-up, a
+        block's first factors)."""
         eng = self.engine
         eng.finish_factor_update(reject=None if ok is None else ~ok, g_rescale=g_rescale)
         if eng.inverse_due():
             eng.update_inverses()
 
+    # ------------------------------------------------------------------ gradients
     def gradients(self, weight_decay: Optional[Callable[[Block], float]] = None
                   ) -> Dict[Block, torch.Tensor]:
         """{block: V} for the blocks that have a decomposition and a gradient; ``weight_decay(b)``
@@ -131,6 +159,26 @@ class StepPipeline:
             grads[b] = V
         return grads
 
+    # ------------------------------------------------------------------ directions
+    def precondition(self, grads: Dict[Block, torch.Tensor]
+                     ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
+        """``({block: U}, {block: <U, V>})`` for the gradient matrices ``grads``: this process
+        preconditions the blocks the strategy gives it (all of them, unless a DDP grid with
+        ``grad_worker_fraction < 1`` splits them) and the strategy shares the results."""
+        eng = self.engine
+        if not torch.compiler.is_compiling():   # a scheduler may have set it; symbolic if traced
+            check_damping("damping", self.opts.damping)
+        mine = eng.comm.precondition_here(grads)
+        U, dots = self.precondition_local(mine)
+        return eng.comm.share_directions(grads, U, dots)
+
+    def precondition_local(self, grads: Dict[Block, torch.Tensor]
+                           ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
+        """The batched preconditioning of ``grads`` with the decompositions this process holds
+        (one plan or op call per shape group; what ``opt.compile()`` compiles when the strategy
+        communicates here)."""
+        return self.engine.preconditioning.local(grads, self.opts.damping)
+
     def directions(self, grads: Dict[Block, torch.Tensor], ok: Optional[torch.Tensor],
                    kl_clip: Optional[float], lr: Union[float, Dict[Block, float]]):
         """``(U, ok, nu)``: the preconditioned directions, the ok flag extended by the finiteness
@@ -138,7 +186,7 @@ class StepPipeline:
         clip). ``lr``: one learning rate (the clip bounds ``lr^2 sum <U, V>``) or one per block
         (``sum lr_b^2 <U_b, V_b>``); with ``kl_clip_mode="direction"`` the clip bounds
         ``sum <U, V>`` and ``lr`` is not read."""
-        U, dots = self.engine.precondition(grads)
+        U, dots = self.precondition(grads)
         if not dots or (ok is None and kl_clip is None):
             return U, ok, None
         # one stack of the <U, V>, summed in float64 (a few calls, whatever the block count)
@@ -148,7 +196,7 @@ class StepPipeline:
             ok = ok & torch.isfinite(stacked.sum(dtype=torch.float64)).to(ok.device)
         nu = None
         if kl_clip is not None:
-            if self.engine.opts.kl_clip_mode == "direction":
+            if self.opts.kl_clip_mode == "direction":
                 total = stacked.sum(dtype=torch.float64)
             elif not isinstance(lr, dict):
                 total = lr ** 2 * stacked.sum(dtype=torch.float64)
@@ -156,13 +204,11 @@ class StepPipeline:
                 by_lr: Dict[float, list] = {}
                 for i, b in enumerate(blocks):
                     by_lr.setdefault(lr[b], []).append(i)
-                total = None
-                for rate, rows in by_lr.items():
-                    part = (stacked if len(rows) == len(blocks)
-                            else stacked[rows]).sum(dtype=torch.float64) * rate ** 2
-                    total = part if total is None else total + part
+                parts = [(stacked if len(rows) == len(blocks)
+                          else stacked[rows]).sum(dtype=torch.float64) * rate ** 2
+                         for rate, rows in by_lr.items()]
+                total = parts[0]
+                for part in parts[1:]:
+                    total = total + part
             nu = kl_factor(kl_clip, total).to(stacked.dtype)
         return U, ok, nu
-
-    def end(self) -> None:
-        self.engine.end_step()

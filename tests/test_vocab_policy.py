@@ -112,7 +112,7 @@ def test_diagonal_side_update_is_the_dense_float64_solve(inverse, mode):
     g = torch.Generator().manual_seed(5)
     grads = {b: torch.randn(b.shape, generator=g, dtype=torch.float64)
              for b in eng.blocks.values()}
-    U_plan, dots = eng.precondition(grads)              # the per-step plan (torch backend)
+    U_plan, dots = opt.pipeline.precondition(grads)     # the per-step plan (torch backend)
     for b, V in grads.items():
         A = torch.diag(b.A) if b.diag_A else b.A
         G = torch.diag(b.G) if b.diag_G else b.G

@@ -15,10 +15,16 @@ Call points, in step order:
   :meth:`clear` (the step's capture was dropped);
 * factor update: :meth:`factor_statistics` (this step's estimates, averaged over processes),
   :meth:`reduce_scalings` (EKFAC), :meth:`agree` (one skip decision for all processes);
-* inverse update: :meth:`update_inverses` (who decomposes what, and sharing the results),
-  :meth:`has_inverse`;
-* every step: :meth:`full_tensors` (the block gradients as whole tensors), :meth:`precondition`,
-  :meth:`local_part` (this process's part of a parameter's direction);
+* inverse update: :meth:`decompose_here` (which factors this process decomposes), then, after
+  the engine decomposed them, :meth:`share_inverses` (the results to the processes that need
+  them); :meth:`has_inverse`;
+* every step: :meth:`full_tensors` (the block gradients as whole tensors),
+  :meth:`precondition_here` (which gradients this process preconditions), then, after the step
+  preconditioned them, :meth:`share_directions` (every process gets every direction),
+  :meth:`local_part` (this process's part of a parameter's direction).
+
+The caller does the work between a ``*_here`` call and its ``share_*`` call: a strategy is handed
+arguments and returns values, it never calls back into the engine or the step.
 * state: :meth:`fill_state_dict`, :meth:`load_state_dict`, :meth:`consolidate`; the optimiser's
   own state: :meth:`consolidate_optimizer_state`, :meth:`fill_optimizer_state`,
   :meth:`load_optimizer_state`; :meth:`describe`.
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, List, Mapping, Optional,
+from typing import (TYPE_CHECKING, Any, Collection, Dict, List, Mapping, Optional,
                     Protocol, Sequence, Set, Tuple)
 
 import torch
@@ -57,11 +63,10 @@ class StrategyOptions(Protocol):
 
 #: this step's statistics per block (an ordered dict: the blocks' order is every rank's order)
 Stats = Dict["Block", Tuple[torch.Tensor, torch.Tensor]]
-#: ``decompose(blocks, only)``: only a set of (block, "A"|"G") pairs, None for all
-Decompose = Callable[[List["Block"], Optional[Set[Tuple["Block", str]]]], None]
-#: ``local(grads)`` -> (U, dots): preconditioning with the decompositions this process holds
-Precondition = Callable[[Dict["Block", torch.Tensor]],
-                        Tuple[Dict["Block", torch.Tensor], Dict["Block", torch.Tensor]]]
+#: the factors one process decomposes: a set of (block, "A"|"G") pairs, None for all of them
+FactorSet = Optional[Set[Tuple["Block", str]]]
+#: ``({block: U}, {block: <U, V>})``: preconditioned directions and their inner products
+Directions = Tuple[Dict["Block", torch.Tensor], Dict["Block", torch.Tensor]]
 
 __all__ = ["LocalComm", "MismatchError", "CommStats", "DistributedOptions", "StrategyOptions"]
 
@@ -120,8 +125,8 @@ class LocalComm:
 
     world = 1
     rank = 0
-    #: whether :meth:`precondition` runs collectives (``opt.compile()`` then compiles only the
-    #: local part)
+    #: whether :meth:`share_directions` runs collectives (``opt.compile()`` then compiles only
+    #: the local preconditioning)
     precondition_collectives = False
     #: whether the capture records, at each forward call of a block's module, the weight tensor
     #: that call used (FSDP2 swaps in an unsharded parameter): the curvature passes of
@@ -166,11 +171,14 @@ class LocalComm:
         return s_hats
 
     # ---------------------------------------------------------------- inverse update
-    def update_inverses(self, ready: List[Block], decompose: Decompose,
-                        inverse_updates: int) -> None:
-        """Decompose the factors of ``ready`` (``decompose(blocks, only)``; ``only``: a set of
-        (block, "A"|"G") pairs, None for all)."""
-        decompose(ready, None)
+    def decompose_here(self, ready: List[Block]) -> FactorSet:
+        """Which factors of the blocks ``ready`` this process decomposes: a set of
+        (block, "A"|"G") pairs, or None for all of them (here)."""
+        return None
+
+    def share_inverses(self, ready: List[Block]) -> None:
+        """After this process decomposed its part (:meth:`decompose_here`) of ``ready``: send
+        the decompositions to the processes that precondition with them."""
 
     def has_inverse(self, b: Block) -> bool:
         """Whether block ``b`` can be preconditioned in this process."""
@@ -186,11 +194,16 @@ class LocalComm:
         here) read their own parameters."""
         return {}
 
-    def precondition(self, grads: Dict[Block, torch.Tensor], local: Precondition
-                     ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
-        """``(U, dots)`` for ``grads`` (``local(grads)`` preconditions with the decompositions
-        this process holds)."""
-        return local(grads)
+    def precondition_here(self, grads: Dict[Block, torch.Tensor]) -> Dict[Block, torch.Tensor]:
+        """The part of ``grads`` (``{block: V}``) that this process preconditions with the
+        decompositions it holds: all of it here."""
+        return grads
+
+    def share_directions(self, grads: Dict[Block, torch.Tensor], U: Dict[Block, torch.Tensor],
+                         dots: Dict[Block, torch.Tensor]) -> Directions:
+        """``(U, dots)`` for every block of ``grads``, from this process's own ``(U, dots)`` of
+        the blocks :meth:`precondition_here` gave it: the same here."""
+        return U, dots
 
     def local_part(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """The part of ``full`` (shaped like parameter ``p``) that this process applies to its

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from .assignment import assign, decomposition_cost, worker_grid
-from .base import (CommStats, Decompose, DistributedOptions, LocalComm,
-                   MismatchError, Precondition, Stats, StrategyOptions)
+from .base import (CommStats, Directions, DistributedOptions, FactorSet, LocalComm,
+                   MismatchError, Stats, StrategyOptions)
 from .buckets import MB, Bucket, factor_slot, split_buckets
 
 if TYPE_CHECKING:
@@ -439,30 +439,39 @@ class DistributedKFAC(LocalComm):
         for b, entries in new.items():
             b.inverse = {**b.inverse, **entries}
 
-    def update_inverses(self, ready: List[Block], decompose: Decompose,
-                        inverse_updates: int) -> None:
-        self._check_presence()
+    def _ready_units(self, ready: List[Block]) -> list:
         ready_set = set(ready)
-        units = [u for u in self.units if u[0] in ready_set]
-        only = {(b, w) for b, whichs, owner in units if owner == self.rank for w in whichs}
-        decompose(ready, only)
+        return [u for u in self.units if u[0] in ready_set]
+
+    def decompose_here(self, ready: List[Block]) -> FactorSet:
+        self._check_presence()
+        return {(b, w) for b, whichs, owner in self._ready_units(ready) if owner == self.rank
+                for w in whichs}
+
+    def share_inverses(self, ready: List[Block]) -> None:
+        units = self._ready_units(ready)
         self._check_entries([u for u in units if u[2] == self.rank])
         if self.k == self.world:
             self._share(units, list(range(self.world)), self.group, "inverse")
         elif self.k > 1:
             self._share(units, self.col_ranks, self.col_group, "inverse")
-        self._decomposed |= ready_set
+        self._decomposed.update(ready)
         for b in ready:
             if not self.holds(b):
                 b.inverse = {}
 
     # ------------------------------------------------------------------ preconditioning
-    def precondition(self, grads: Dict[Block, torch.Tensor], local: Precondition
-                     ) -> Tuple[Dict[Block, torch.Tensor], Dict[Block, torch.Tensor]]:
+    def precondition_here(self, grads: Dict[Block, torch.Tensor]) -> Dict[Block, torch.Tensor]:
+        """The blocks of this rank's column of the grid (all of them at k = world)."""
         if self.k == self.world:
-            return local(grads)
-        mine = {b: V for b, V in grads.items() if self.owner_col[b] == self.col}
-        U, dots = local(mine)
+            return grads
+        return {b: V for b, V in grads.items() if self.owner_col[b] == self.col}
+
+    def share_directions(self, grads: Dict[Block, torch.Tensor], U: Dict[Block, torch.Tensor],
+                         dots: Dict[Block, torch.Tensor]) -> Directions:
+        """Each rank broadcasts its column's directions along its row of the grid."""
+        if self.k == self.world:
+            return U, dots
         pending = []
         for s in self.row_ranks:
             col = s % self.m
