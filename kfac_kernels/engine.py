@@ -372,8 +372,10 @@ class KFACEngine:
         lead = b.num_stack if b.stacked else 1
         inv = sum(lead * math.prod(shape) for w in ("A", "G")
                   for _, shape, _ in self.kind.entries(b, w))
-        if "S" in self.kind.extra_entries():
-            inv += math.prod(b.shape)
+        # per-block matrices of the gradient's shape the kind keeps besides its decompositions
+        # (EKFAC's S, eigen_adam's moments M2 and M1)
+        inv += lead * math.prod(b.shape[-2:]) * sum(
+            k in self.kind.extra_entries() for k in ("S", "M2", "M1"))
         storage = self.opts.factor_storage_dtype or b.factor_dtype
         return (nbytes(numel, storage), nbytes(inv, b.factor_dtype),
                 nbytes(numel, b.factor_dtype))

@@ -124,6 +124,11 @@ def _bucket(name, b):
         raise ValueError(f"bucket_cap_mb must be a number > 0, got {b!r}")
 
 
+def _rotated_momentum(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"rotated_momentum must be a number in [0, 1), got {value!r}")
+
+
 def _inverse(name, value):
     from .inverses import KINDS
     choice(*KINDS)(name, value)
@@ -197,6 +202,11 @@ OPTIONS: Tuple[Option, ...] = (
            "summed over each example's positions), 'sum', or 'token_mean' (a mean over examples "
            "and positions, as Hugging Face's outputs.loss: the metric is then per position; "
            "docs/math.md)", choice(*LOSS_REDUCTIONS)),
+    Option("rotated_momentum", 0.0, "engine", "inverse='eigen_adam' only: decay beta1 of a "
+           "first moment of the gradient kept in the Kronecker eigenbasis (Adam's, bias-corrected; "
+           "turned into each new basis at a refresh): the update is M1 / (sqrt(M2) + eps) there, "
+           "as SOAP's; 0: none (the current gradient is normalised and `momentum` acts after)",
+           _rotated_momentum),
     Option("factor_dtype", None, "engine", "dtype factors are accumulated, decomposed and "
            "applied in (default float32, float64 for a float64 model)", _factor_dtype),
     Option("seed", None, "engine", "seed of curvature='fisher''s sampler (distributed: rank "
@@ -338,6 +348,10 @@ def _check_combinations(v: Dict[str, Any]) -> None:
                       f"pass curvature='fisher' or 'ggn' to use it, or drop likelihood=",
                       KFACWarning, stacklevel=4)
     kind = KINDS[v["inverse"]]
+    if v["rotated_momentum"] and v["inverse"] != "eigen_adam":
+        raise ValueError(f"rotated_momentum={v['rotated_momentum']!r} keeps a first moment in "
+                         f"eigen_adam's rotated coordinates; with inverse={v['inverse']!r} use "
+                         f"momentum= (heavy ball) instead, or pass inverse='eigen_adam'")
     if v["damping_mode"] is None:
         v["damping_mode"] = kind.default_damping_mode
     kind.check_options(v)

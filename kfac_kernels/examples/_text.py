@@ -100,6 +100,9 @@ def run(name: str, make_model: Callable[[], torch.nn.Module], make_opt, data: Da
     model = make_model()
     opt = make_opt(model)
     kfac = hasattr(opt, "engine")
+    # gradient-norm clipping at 1: AdamW's usual setting and the transformer recipe's
+    # (eigen_adam); the classic K-FAC runs bound their step with the KL clip instead
+    clip = not kfac or opt.opts.inverse == "eigen_adam"
     hist = {"name": name, "step": [], "time": [], "train_loss": [], "eval_step": [],
             "eval_time": [], "val_loss": [], "answer_acc": []}
     if kfac:
@@ -115,6 +118,7 @@ def run(name: str, make_model: Callable[[], torch.nn.Module], make_opt, data: Da
             opt.backward(loss, out)
         else:
             loss.backward()
+        if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed += time.perf_counter() - t0

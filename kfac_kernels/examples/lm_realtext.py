@@ -308,7 +308,9 @@ def report(runners: List[Runner], args, ref: Runner, wall: float) -> str:
     ref_mean = 1e3 * ref.elapsed / max(1, ref.steps)   # mean: amortised work included
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     lines = [
-        f"# Byte-level GPT on the standard library's source: {args.steps} steps",
+        (f"# Byte-level GPT on the standard library's source: {args.seconds:g} s of "
+         f"training per optimizer" if args.seconds else
+         f"# Byte-level GPT on the standard library's source: {args.steps} steps"),
         "",
         f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: "
         f"{machine()}; torch {torch.__version__}, Python {platform.python_version()}, "
@@ -422,7 +424,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=128, help="context length T")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=600,
+                    help="training steps per optimizer (with --seconds: the most; also the "
+                         "horizon of sched=cos)")
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="train each optimizer until its own clock reaches this many seconds "
+                         "(interleaved as with --steps; e.g. 300 for a 5-minute comparison)")
     ap.add_argument("--round", type=int, default=10, help="steps per optimizer per round")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--val-windows", type=int, default=256,
@@ -480,21 +487,22 @@ def main(argv=None) -> str:
     for r in runners:
         r.evaluate(text)
     t0 = time.perf_counter()
-    done = 0
-    while done < args.steps:
-        k = min(args.round, args.steps - done)
+
+    def active(r: Runner) -> bool:
+        return (not r.diverged and r.steps < args.steps
+                and (args.seconds is None or r.elapsed < args.seconds))
+
+    while any(active(r) for r in runners):
         for r, s in zip(runners, streams):
-            for i in range(k):
-                if r.diverged:
+            for i in range(args.round):
+                if not active(r):
                     break
                 r.step(*next(s))
-                if r.steps % args.eval_every == 0 or r.steps == args.steps:
+                if r.steps % args.eval_every == 0 or not active(r):
                     r.evaluate(text)
-            if r.diverged and (not r.hist["eval_step"] or r.hist["eval_step"][-1] != r.steps):
-                r.evaluate(text)
-        done += k
-        print(f"step {done:5d}  " + "  ".join(f"{r.label}: {r.hist['val_loss'][-1]:.3f}"
-                                              for r in runners), flush=True)
+        print(f"step {max(r.steps for r in runners):5d}  "
+              + "  ".join(f"{r.label}: {r.hist['val_loss'][-1]:.3f} ({r.elapsed:.0f} s)"
+                          for r in runners), flush=True)
     wall = time.perf_counter() - t0
     for r, s in zip(runners, streams):
         r.aten = None

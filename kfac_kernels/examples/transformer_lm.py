@@ -66,9 +66,10 @@ def make_model():
 
 def make_kfac(model, args):
     if args.kfac == "recipe":
-        # the transformer recipe (kfac_kernels/recipes.py, docs/transformers.md): Adam's second
-        # moment in K-FAC's eigenbasis, empirical metric, factors every 5 steps, no KL clip
-        return kk.KFAC(model, **kk.recipes.transformer(lr=args.kfac_lr or 1e-3), seed=args.seed)
+        # the transformer recipe (kfac_kernels/recipes.py, docs/transformers.md): Adam's moments
+        # in K-FAC's eigenbasis, empirical metric, factors every 5 steps, no KL clip
+        lr = {} if args.kfac_lr is None else {"lr": args.kfac_lr}
+        return kk.KFAC(model, **kk.recipes.transformer(**lr), seed=args.seed)
     # "classic": eigenvalue scalings; with lr this large the KL clip binds on every step: each
     # step is lr * nu * U with lr^2 nu^2 <U, V> = kl_clip, a trust region of radius kl_clip
     return kk.KFAC(model, lr=args.kfac_lr or 10.0, momentum=0.9, damping=args.damping,
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
                     help="K-FAC settings: kfac_kernels.recipes.transformer() (default) or the "
                          "classic eigenvalue-scaled K-FAC with a KL clip (--damping, --kl-clip)")
     ap.add_argument("--kfac-lr", type=float, default=None,
-                    help="default: 1e-3 (recipe), 10 (classic)")
+                    help="default: the recipe's (3e-3), 10 (classic)")
     ap.add_argument("--damping", type=float, default=0.3 / CTX,
                     help="classic only: per position (token_mean)")
     ap.add_argument("--kl-clip", type=float, default=0.03 / CTX,
