@@ -1,8 +1,10 @@
 """Curvature blocks: one per layer, holding the Kronecker factors of the layer's curvature.
 
 A block knows (i) how to turn the inputs and output-gradients captured from its module into
-factor statistics, (ii) its running factors A and G, and (iii) how to read the gradient of its
-parameters as one [out, in(+1)] matrix and write an update back. Everything that sequences these
+factor statistics, (ii) its saved state, a :class:`~kfac_kernels.blocks.state.BlockState`
+record (the running factors A and G, their counters, the decompositions) that other parts read
+through the block's properties and change only through the record's methods, and (iii) how to
+read the gradient of its parameters as one [out, in(+1)] matrix and write an update back. Everything that sequences these
 steps (when factors update, when inverses are recomputed, batching across blocks) lives in
 :mod:`kfac_kernels.engine`; the arithmetic goes through :mod:`kfac_kernels.ops`.
 
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops._registry import op_backend
+from .state import BlockState
 
 WEIGHT_SHARING = ("expand", "reduce")
 
@@ -86,16 +89,44 @@ class Block:
         self._follow_weight = factor_dtype is None   # factor_dtype not given: the weight's
         self.factor_dtype = factor_dtype or _dtype_for(self.weight)
 
-        # running factors and their update count (device tensors: no host sync to maintain)
-        self.A: Optional[torch.Tensor] = None
-        self.G: Optional[torch.Tensor] = None
-        self.count: Optional[torch.Tensor] = None      # factor updates that were accepted
-        self.skipped: Optional[torch.Tensor] = None    # updates rejected (non-finite statistics)
-        # decompositions, filled by the engine: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}
-        self.inverse: dict = {}
-        self.ekfac_count: Optional[torch.Tensor] = None  # EKFAC: accepted scalings since the basis
+        # the saved state: running factors, counters, decompositions (device tensors: no host
+        # sync to maintain). Read through the properties below; changed only through the
+        # record's methods (blocks/state.py)
+        self.state = BlockState()
         # what a step captures for this block (inputs, estimates, micro-batch sums) is not kept
         # here: kfac_kernels.capture.Capture owns it (capture.of(block), capture_state.py)
+
+    # ------------------------------------------------------------------ saved state (read-only)
+    @property
+    def A(self) -> Optional[torch.Tensor]:
+        """The running factor A (None before the first factor update)."""
+        return self.state.A
+
+    @property
+    def G(self) -> Optional[torch.Tensor]:
+        """The running factor G (None before the first factor update)."""
+        return self.state.G
+
+    @property
+    def count(self) -> Optional[torch.Tensor]:
+        """Factor estimates accepted (0-d, on the device)."""
+        return self.state.count
+
+    @property
+    def skipped(self) -> Optional[torch.Tensor]:
+        """Factor estimates rejected: non-finite statistics or a rejected step (0-d int64)."""
+        return self.state.skipped
+
+    @property
+    def inverse(self) -> Dict[str, torch.Tensor]:
+        """The inverse kind's entries: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}, plus
+        EKFAC's "S" or Eigen-Adam's "M2", "t"."""
+        return self.state.inverse
+
+    @property
+    def ekfac_count(self) -> Optional[torch.Tensor]:
+        """EKFAC: accepted scalings estimates since the eigenbasis changed."""
+        return self.state.ekfac_count
 
     def follow_weight_dtype(self) -> None:
         """Before the first factor update, with ``factor_dtype`` not given: take the weight's

@@ -437,7 +437,7 @@ class DistributedKFAC(LocalComm):
             for (b, key), t in bk.unpack(flat).items():
                 new[b][key] = t
         for b, entries in new.items():
-            b.inverse = {**b.inverse, **entries}
+            b.state.set_decomposition(entries, keep_others=True)
 
     def update_inverses(self, ready: List[Block], decompose: Decompose,
                         inverse_updates: int) -> None:
@@ -454,7 +454,7 @@ class DistributedKFAC(LocalComm):
         self._decomposed |= ready_set
         for b in ready:
             if not self.holds(b):
-                b.inverse = {}
+                b.state.clear_decomposition()
 
     # ------------------------------------------------------------------ preconditioning
     def precondition(self, grads: Dict[Block, torch.Tensor], local: Precondition
@@ -549,7 +549,7 @@ class DistributedKFAC(LocalComm):
         self._decomposed = {b for b in self.blocks if b.inverse}
         for b in self.blocks:
             if not self.holds(b):
-                b.inverse = {}
+                b.state.clear_decomposition()
 
     # ------------------------------------------------------------------ description
     def describe(self) -> str:

@@ -78,7 +78,7 @@ class CholeskyInverse(InverseKind):
                 new[b][which + "_inv"] = (self._fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
         for b, entries in new.items():
-            b.inverse = entries if only is None else {**b.inverse, **entries}
+            b.state.set_decomposition(entries, keep_others=only is not None)
 
     def _fallback(self, b, which: str, f: torch.Tensor, damp: torch.Tensor):
         """float64 retry, then three rounds of extra damping, then the previous inverse, then a

@@ -74,16 +74,16 @@ class EigenAdamInverse(EighInverse):
         for b in blocks:
             if kept[b]:
                 # copies: the old entries may be views of a shape group's stack
-                b.inverse.update({k: v.clone() for k, v in kept[b].items()})
+                b.state.put_entries({k: v.clone() for k, v in kept[b].items()})
 
     def after_decomposition(self, blocks, comm) -> None:
         for b in blocks:
             inv = b.inverse
             if "M2" not in inv and "QG" in inv:
                 dt, dev = inv["QG"].dtype, inv["QG"].device
-                inv["M2"] = torch.zeros(b.shape, dtype=dt, device=dev)
-                inv["t"] = torch.zeros((b.num_stack,) if b.stacked else (), dtype=dt,
-                                       device=dev)
+                b.state.put_entries({
+                    "M2": torch.zeros(b.shape, dtype=dt, device=dev),
+                    "t": torch.zeros((b.num_stack,) if b.stacked else (), dtype=dt, device=dev)})
 
     def plan(self, members, st, damping: float):
         return None        # the scalings change every step: the per-call path below

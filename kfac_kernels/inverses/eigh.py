@@ -74,7 +74,7 @@ def eigh_units(kind: InverseKind, units, only: Optional[set], inverse_updates: i
             new[b]["lam" + which] = l_i
             new[b]["Q" + which] = q_i
     for b, entries in new.items():
-        b.inverse = entries if only is None else {**b.inverse, **entries}
+        b.state.set_decomposition(entries, keep_others=only is not None)
 
 
 def eigh_fallback(kind: InverseKind, b, which: str, f: torch.Tensor):
