@@ -1,5 +1,6 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
-average, the arena, the compatibility modules and the capture record so far)."""
+average, the arena, the compatibility modules, the capture record, the block's base class and
+saved-state record, the inverse kinds and the preconditioning so far)."""
 import importlib.util
 import os
 import subprocess

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -78,7 +78,7 @@ class Block:
         self.module = module
         self.backend = backend
         self.weight_sharing = weight_sharing
-        self.weight: torch.Tensor = module.weight
+        self.weight = cast(torch.Tensor, module.weight)
         bias = getattr(module, "bias", None)
         self.bias: Optional[torch.Tensor] = bias if (bias is not None and bias.requires_grad) else None
         self.params: List[torch.Tensor] = [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -257,6 +257,7 @@ class Block:
             return gw, None
         gb = grads[1]
         if gb is None:
+            assert self.bias is not None            # has_bias
             gb = torch.zeros(self.bias.shape, dtype=self.bias.dtype, device=gw.device)
         return gw, gb
 
@@ -302,7 +303,7 @@ class Block:
     def to_dense(self) -> torch.Tensor:
         """A ⊗ G: the block's curvature in column-major vec([weight | bias]) order (for a stacked
         block, the block-diagonal of its members' A_j ⊗ G_j, member after member)."""
-        if self.A is None:
+        if self.A is None or self.G is None:
             raise RuntimeError(f"block {self.name!r} has no factors yet")
         A, G = self.A.to(self.factor_dtype), self.G.to(self.factor_dtype)
         if self.stacked:

@@ -79,6 +79,7 @@ class BlockState:
         """Keep factor ``which`` ("A" or "G") in ``view`` from now on (a region of the arena's
         running-factor buffer): its values are copied in, and the record holds the view."""
         cur = self.A if which == "A" else self.G
+        assert cur is not None
         if cur is view:
             return
         view.copy_(cur)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,7 +53,8 @@ def diagonal_side(st: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def buckets(units, mats: Callable) -> "OrderedDict[tuple, List[Tuple[object, str, torch.Tensor]]]":
+def buckets(units, mats: Callable
+            ) -> "OrderedDict[tuple, List[Tuple[Any, str, torch.Tensor]]]":
     """The factors of ``units`` by (size, dtype, device): one batched decomposition each."""
     out: "OrderedDict[tuple, list]" = OrderedDict()
     for b in units:
@@ -79,11 +80,15 @@ class Slice:
 
     @property
     def A(self) -> torch.Tensor:
-        return self.state.A
+        A = self.state.A
+        assert A is not None              # a slice is made of a block with factors
+        return A
 
     @property
     def G(self) -> torch.Tensor:
-        return self.state.G
+        G = self.state.G
+        assert G is not None
+        return G
 
     @property
     def inverse(self) -> Dict[str, torch.Tensor]:

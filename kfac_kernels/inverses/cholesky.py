@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -66,7 +66,7 @@ class CholeskyInverse(InverseKind):
             p = pi(b)
             dampings[(b, "A")] = p * root
             dampings[(b, "G")] = root / p
-        new: Dict[object, dict] = defaultdict(dict)
+        new: Dict[Any, dict] = defaultdict(dict)
         for key, items in buckets(units, lambda b: select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
