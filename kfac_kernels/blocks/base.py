@@ -4,9 +4,10 @@ A block knows (i) how to turn the inputs and output-gradients captured from its 
 factor statistics, (ii) its saved state, a :class:`~kfac_kernels.blocks.state.BlockState`
 record (the running factors A and G, their counters, the decompositions) that other parts read
 through the block's properties and change only through the record's methods, and (iii) how to
-read the gradient of its parameters as one [out, in(+1)] matrix and write an update back. Everything that sequences these
-steps (when factors update, when inverses are recomputed, batching across blocks) lives in
-:mod:`kfac_kernels.engine`; the arithmetic goes through :mod:`kfac_kernels.ops`.
+read the gradient of its parameters as one [out, in(+1)] matrix and write an update back.
+Everything that sequences these steps (when factors update, when inverses are recomputed,
+batching across blocks) lives in :mod:`kfac_kernels.engine`; the arithmetic goes through
+:mod:`kfac_kernels.ops`.
 
 Conventions (docs/math.md, "One block per layer" and "Layers used at T positions"): the layer computes s = W abar with abar = [a; 1] when it has a bias
 (homogeneous coordinate LAST), W = [weight.flatten(1) | bias]. With N examples and T positions per
