@@ -155,14 +155,10 @@ class Arena:
         for b in blocks:
             for name in ("A", "G"):
                 key = (name + "_hat", b)
-                view = lay.views.get(key)
-                cur = getattr(b, name)
-                if cur is view:
+                if getattr(b, name) is lay.views.get(key):
                     continue
-                view = lay.region(lay.factors, key)
-                view.copy_(cur)
-                lay.views[key] = view
-                setattr(b, name, view)
+                view = lay.views[key] = lay.region(lay.factors, key)
+                b.state.rebind_factor(name, view)     # copies the factor in
 
     def row_owners(self, lay: _Layout, blocks: List) -> torch.Tensor:
         """[rows] index of the block (in ``blocks``' order) that owns each row."""

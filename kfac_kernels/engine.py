@@ -241,12 +241,7 @@ class KFACEngine:
         blocks = {}
         for name, b in self.blocks.items():
             entry = {"shape": tuple(b.shape), "kind": b.kind}
-            if b.A is not None:
-                entry.update(A=b.A.clone(), G=b.G.clone(), count=b.count.clone(),
-                             skipped=b.skipped.clone(),
-                             inverse={k: v.clone() for k, v in b.inverse.items()})
-                if b.ekfac_count is not None:
-                    entry["ekfac_count"] = b.ekfac_count.clone()
+            entry.update(b.state.saved())       # nothing before the first factor update
             blocks[name] = entry
         gen = self.capture.generator
         sd = {"version": 1, "steps": self.steps, "factor_updates": self.factor_updates,
@@ -265,20 +260,9 @@ class KFACEngine:
         same_inverse = sd.get("inverse") == self.opts.inverse
         for name, entry in sd["blocks"].items():
             b = self.blocks[name]
-            dev = b.weight.device
-            if "A" not in entry:
-                b.A = b.G = b.count = b.skipped = None
-                b.inverse = {}
-                continue
             # factors keep their own dtype (never cast to the parameter dtype)
-            b.A, b.G = entry["A"].to(dev), entry["G"].to(dev)
-            b.count, b.skipped = entry["count"].to(dev), entry["skipped"].to(dev)
-            b.inverse = ({k: v.to(dev) for k, v in entry["inverse"].items()}
-                         if same_inverse else {})
-            b.ekfac_count = (entry["ekfac_count"].to(dev)
-                             if same_inverse and "ekfac_count" in entry else None)
-            if b.ekfac_count is None and "S" in b.inverse:
-                b.ekfac_count = torch.ones((), dtype=b.factor_dtype, device=dev)
+            b.state.load(entry, b.weight.device, with_inverse=same_inverse,
+                         count_dtype=b.factor_dtype)
         self.steps = int(sd["steps"])
         self.factor_updates = int(sd["factor_updates"])
         self.inverse_updates = int(sd.get("inverse_updates", 0))

@@ -19,7 +19,7 @@ import torch
 from . import ops
 from ._numerics import flush_all_
 from .arena import Arena
-from .averaging import blend_, first_estimate_weights, running_average_
+from .averaging import blend_, first_estimate_weights
 from .blocks import Block, SyrkJob
 from .capture_state import BlockCapture
 
@@ -295,17 +295,12 @@ class FactorStatistics:
             skipped = torch.stack([b.skipped for b in blocks])
             cv, kv = list(counts.unbind(0)), list(skipped.unbind(0))
             for b, c, k in zip(blocks, cv, kv):
-                b.count, b.skipped = c, k
+                b.state.share_counters(c, k)
             cache = self._counter_cache = (list(blocks), counts, skipped, cv, kv)
         return cache[1], cache[2]
 
     def _init(self, b: Block, A_hat: torch.Tensor, G_hat: torch.Tensor) -> None:
-        storage = self.opts.factor_storage_dtype
-        dev = A_hat.device
-        b.A = torch.zeros_like(A_hat, dtype=storage or A_hat.dtype)
-        b.G = torch.zeros_like(G_hat, dtype=storage or G_hat.dtype)
-        b.count = torch.zeros((), dtype=b.factor_dtype, device=dev)
-        b.skipped = torch.zeros((), dtype=torch.int64, device=dev)
+        b.state.start_factors(A_hat, G_hat, self.opts.factor_storage_dtype, b.factor_dtype)
 
     @staticmethod
     def _finite(A_hat: torch.Tensor, G_hat: torch.Tensor) -> torch.Tensor:
@@ -326,8 +321,7 @@ class FactorStatistics:
             reject = reject.to(ok.device)
             ok = ok & ~reject
             bad_stats = bad_stats & ~reject
-        b.count = running_average_((b.A, b.G), (A_hat, G_hat), ok, b.count, self.opts.ema_decay)
-        b.skipped = b.skipped + (~ok).to(torch.int64)
+        b.state.average_factors(A_hat, G_hat, ok, self.opts.ema_decay)
         return bad_stats
 
     # ------------------------------------------------------------------ checks

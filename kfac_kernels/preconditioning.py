@@ -46,7 +46,8 @@ class ShapeGroup:
             sl = slice(off, off + b.num_stack)
             off += b.num_stack
             self.slots[b] = sl
-            b.inverse = {k: (v[sl] if b.stacked else v[sl.start]) for k, v in self.stacks.items()}
+            b.state.set_decomposition({k: (v[sl] if b.stacked else v[sl.start])
+                                       for k, v in self.stacks.items()})
 
     def rows(self, members: List[Block]) -> List[int]:
         return [i for b in members for i in range(self.slots[b].start, self.slots[b].stop)]

@@ -84,9 +84,9 @@ def test_bad_factors_never_crash_and_training_recovers(kind, inverse, when):
         previous = {n: {k: v.clone() for k, v in b.inverse.items()} for n, b in opt.blocks.items()}
     forward_backward(model, opt, 2)
     eng.finish_factor_update()                      # this step's factors, then corrupt them
-    for b in opt.blocks.values():
-        b.A = bad_factor(kind, b.A.shape[0], b.A.dtype)
-        b.G = bad_factor(kind, b.G.shape[0], b.G.dtype)
+    for b in opt.blocks.values():      # in place: the block's saved state is its record's
+        b.A.copy_(bad_factor(kind, b.A.shape[0], b.A.dtype))
+        b.G.copy_(bad_factor(kind, b.G.shape[0], b.G.dtype))
     eng.needs_inverse = True
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -168,7 +168,7 @@ def test_damping_zero_on_singular_factors_with_cholesky_does_not_crash():
     forward_backward(model, opt, 0)
     opt.engine.finish_factor_update()
     for b in opt.blocks.values():
-        b.A = bad_factor("rank_deficient", b.A.shape[0], b.A.dtype)
+        b.A.copy_(bad_factor("rank_deficient", b.A.shape[0], b.A.dtype))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         opt.step()

@@ -1,5 +1,7 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
-average, the arena, the compatibility modules, the capture record and the op modules so far)."""
+average, the arena, the compatibility modules, the capture record, the op modules, the step
+pipeline, the block's base class and saved-state record, the inverse kinds and the preconditioning
+so far)."""
 import importlib.util
 import os
 import subprocess

@@ -10,8 +10,9 @@ from .conv import ConvBlock, ConvTransposeBlock, GroupedConvBlock
 from .embedding import EmbeddingBlock
 from .linear import LinearBlock, TransposedLinearBlock, is_transposed_linear
 from .norm import NORM_TYPES, NormBlock
+from .state import BlockState
 
-__all__ = ["Block", "BlockInputError", "LinearBlock", "ConvBlock", "GroupedConvBlock",
+__all__ = ["Block", "BlockInputError", "BlockState", "LinearBlock", "ConvBlock", "GroupedConvBlock",
            "ConvTransposeBlock", "TransposedLinearBlock",
            "EmbeddingBlock", "NormBlock", "SyrkJob", "block_type_for", "WEIGHT_SHARING"]
 

@@ -1,10 +1,13 @@
 """Curvature blocks: one per layer, holding the Kronecker factors of the layer's curvature.
 
 A block knows (i) how to turn the inputs and output-gradients captured from its module into
-factor statistics, (ii) its running factors A and G, and (iii) how to read the gradient of its
-parameters as one [out, in(+1)] matrix and write an update back. Everything that sequences these
-steps (when factors update, when inverses are recomputed, batching across blocks) lives in
-:mod:`kfac_kernels.engine`; the arithmetic goes through :mod:`kfac_kernels.ops`.
+factor statistics, (ii) its saved state, a :class:`~kfac_kernels.blocks.state.BlockState`
+record (the running factors A and G, their counters, the decompositions) that other parts read
+through the block's properties and change only through the record's methods, and (iii) how to
+read the gradient of its parameters as one [out, in(+1)] matrix and write an update back.
+Everything that sequences these steps (when factors update, when inverses are recomputed,
+batching across blocks) lives in :mod:`kfac_kernels.engine`; the arithmetic goes through
+:mod:`kfac_kernels.ops`.
 
 Conventions (docs/math.md, "One block per layer" and "Layers used at T positions"): the layer computes s = W abar with abar = [a; 1] when it has a bias
 (homogeneous coordinate LAST), W = [weight.flatten(1) | bias]. With N examples and T positions per
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
 from ..ops._registry import op_backend
+from .state import BlockState
 
 WEIGHT_SHARING = ("expand", "reduce")
 
@@ -75,7 +79,7 @@ class Block:
         self.module = module
         self.backend = backend
         self.weight_sharing = weight_sharing
-        self.weight: torch.Tensor = module.weight
+        self.weight = cast(torch.Tensor, module.weight)
         bias = getattr(module, "bias", None)
         self.bias: Optional[torch.Tensor] = bias if (bias is not None and bias.requires_grad) else None
         self.params: List[torch.Tensor] = [self.weight] + ([self.bias] if self.bias is not None else [])
@@ -86,16 +90,44 @@ class Block:
         self._follow_weight = factor_dtype is None   # factor_dtype not given: the weight's
         self.factor_dtype = factor_dtype or _dtype_for(self.weight)
 
-        # running factors and their update count (device tensors: no host sync to maintain)
-        self.A: Optional[torch.Tensor] = None
-        self.G: Optional[torch.Tensor] = None
-        self.count: Optional[torch.Tensor] = None      # factor updates that were accepted
-        self.skipped: Optional[torch.Tensor] = None    # updates rejected (non-finite statistics)
-        # decompositions, filled by the engine: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}
-        self.inverse: dict = {}
-        self.ekfac_count: Optional[torch.Tensor] = None  # EKFAC: accepted scalings since the basis
+        # the saved state: running factors, counters, decompositions (device tensors: no host
+        # sync to maintain). Read through the properties below; changed only through the
+        # record's methods (blocks/state.py)
+        self.state = BlockState()
         # what a step captures for this block (inputs, estimates, micro-batch sums) is not kept
         # here: kfac_kernels.capture.Capture owns it (capture.of(block), capture_state.py)
+
+    # ------------------------------------------------------------------ saved state (read-only)
+    @property
+    def A(self) -> Optional[torch.Tensor]:
+        """The running factor A (None before the first factor update)."""
+        return self.state.A
+
+    @property
+    def G(self) -> Optional[torch.Tensor]:
+        """The running factor G (None before the first factor update)."""
+        return self.state.G
+
+    @property
+    def count(self) -> Optional[torch.Tensor]:
+        """Factor estimates accepted (0-d, on the device)."""
+        return self.state.count
+
+    @property
+    def skipped(self) -> Optional[torch.Tensor]:
+        """Factor estimates rejected: non-finite statistics or a rejected step (0-d int64)."""
+        return self.state.skipped
+
+    @property
+    def inverse(self) -> Dict[str, torch.Tensor]:
+        """The inverse kind's entries: {"QA","lamA","QG","lamG"} or {"A_inv","G_inv"}, plus
+        EKFAC's "S" or Eigen-Adam's "M2", "t"."""
+        return self.state.inverse
+
+    @property
+    def ekfac_count(self) -> Optional[torch.Tensor]:
+        """EKFAC: accepted scalings estimates since the eigenbasis changed."""
+        return self.state.ekfac_count
 
     def follow_weight_dtype(self) -> None:
         """Before the first factor update, with ``factor_dtype`` not given: take the weight's
@@ -226,6 +258,7 @@ class Block:
             return gw, None
         gb = grads[1]
         if gb is None:
+            assert self.bias is not None            # has_bias
             gb = torch.zeros(self.bias.shape, dtype=self.bias.dtype, device=gw.device)
         return gw, gb
 
@@ -271,7 +304,7 @@ class Block:
     def to_dense(self) -> torch.Tensor:
         """A ⊗ G: the block's curvature in column-major vec([weight | bias]) order (for a stacked
         block, the block-diagonal of its members' A_j ⊗ G_j, member after member)."""
-        if self.A is None:
+        if self.A is None or self.G is None:
             raise RuntimeError(f"block {self.name!r} has no factors yet")
         A, G = self.A.to(self.factor_dtype), self.G.to(self.factor_dtype)
         if self.stacked:

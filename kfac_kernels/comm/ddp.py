@@ -437,7 +437,7 @@ class DistributedKFAC(LocalComm):
             for (b, key), t in bk.unpack(flat).items():
                 new[b][key] = t
         for b, entries in new.items():
-            b.inverse = {**b.inverse, **entries}
+            b.state.set_decomposition(entries, keep_others=True)
 
     def _ready_units(self, ready: List[Block]) -> list:
         ready_set = set(ready)
@@ -458,7 +458,7 @@ class DistributedKFAC(LocalComm):
         self._decomposed.update(ready)
         for b in ready:
             if not self.holds(b):
-                b.inverse = {}
+                b.state.clear_decomposition()
 
     # ------------------------------------------------------------------ preconditioning
     def precondition_here(self, grads: Dict[Block, torch.Tensor]) -> Dict[Block, torch.Tensor]:
@@ -558,7 +558,7 @@ class DistributedKFAC(LocalComm):
         self._decomposed = {b for b in self.blocks if b.inverse}
         for b in self.blocks:
             if not self.holds(b):
-                b.inverse = {}
+                b.state.clear_decomposition()
 
     # ------------------------------------------------------------------ description
     def describe(self) -> str:

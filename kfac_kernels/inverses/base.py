@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import ops
 from .._numerics import flush_all_
+from ..blocks.state import BlockState
 from ..ops.reference import pinv_cut
 from .plan import StepPlan, damped_inverse_from_eigh, reciprocal_or_zero, two_sided
 
@@ -52,7 +53,8 @@ def diagonal_side(st: Dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def buckets(units, mats: Callable) -> "OrderedDict[tuple, List[Tuple[object, str, torch.Tensor]]]":
+def buckets(units, mats: Callable
+            ) -> "OrderedDict[tuple, List[Tuple[Any, str, torch.Tensor]]]":
     """The factors of ``units`` by (size, dtype, device): one batched decomposition each."""
     out: "OrderedDict[tuple, list]" = OrderedDict()
     for b in units:
@@ -70,9 +72,27 @@ class Slice:
     def __init__(self, block, i: int):
         self.block, self.i = block, i
         self.name = f"{block.name}[{i}]"
-        self.A, self.G = block.A[i], block.G[i]
         self.factor_dtype = block.factor_dtype
-        self.inverse = {k: v[i] for k, v in block.inverse.items() if k != "S"}
+        # the member's factors and entries (views of the block's); what a decomposition of the
+        # slice sets stays here until :meth:`InverseKind.decompose` stacks it into the block's
+        self.state = BlockState(A=block.A[i], G=block.G[i],
+                                inverse={k: v[i] for k, v in block.inverse.items() if k != "S"})
+
+    @property
+    def A(self) -> torch.Tensor:
+        A = self.state.A
+        assert A is not None              # a slice is made of a block with factors
+        return A
+
+    @property
+    def G(self) -> torch.Tensor:
+        G = self.state.G
+        assert G is not None
+        return G
+
+    @property
+    def inverse(self) -> Dict[str, torch.Tensor]:
+        return self.state.inverse
 
     def is_diagonal(self, which: str) -> bool:
         return False
@@ -142,11 +162,11 @@ class InverseKind:
         self.decompose_units(units, only, inverse_updates)
         for b, parts in slices.items():
             new = {k: torch.stack([p.inverse[k] for p in parts]) for k in parts[0].inverse}
-            b.inverse = new if only is None else {**b.inverse, **new}
+            b.state.set_decomposition(new, keep_others=only is not None)
         for b in blocks:
             for w in ("A", "G"):
                 if b.is_diagonal(w) and (only is None or (b, w) in only):
-                    b.inverse["lam" + w] = getattr(b, w).to(b.factor_dtype, copy=True)
+                    b.state.put_entries({"lam" + w: getattr(b, w).to(b.factor_dtype, copy=True)})
         # no subnormal numbers in the decompositions (they slow every product after)
         flush_all_(v for b in blocks for v in b.inverse.values()
                    if isinstance(v, torch.Tensor))
@@ -163,8 +183,8 @@ class InverseKind:
             return False
         src = getattr(b, which)
         if src is f or (src.dtype != f.dtype and src.shape == f.shape):  # f: a widened copy
-            setattr(b, which, torch.zeros_like(src))
-            b.count = torch.zeros_like(b.count)
+            # a stacked block's members share one counter: the whole factor restarts
+            (b.block if isinstance(b, Slice) else b).state.restart_factor(which)
         self.health.warn_once(("restart", b.name, which),
                               f"block {b.name!r}: the running factor {which} is not finite; it "
                               f"restarts from the next factor estimate")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -66,7 +66,7 @@ class CholeskyInverse(InverseKind):
             p = pi(b)
             dampings[(b, "A")] = p * root
             dampings[(b, "G")] = root / p
-        new: Dict[object, dict] = defaultdict(dict)
+        new: Dict[Any, dict] = defaultdict(dict)
         for key, items in buckets(units, lambda b: select(b, only)).items():
             stack = torch.stack([f for _, _, f in items])
             damp = torch.stack([dampings[(b, w)].to(stack.dtype) for b, w, _ in items])
@@ -78,7 +78,7 @@ class CholeskyInverse(InverseKind):
                 new[b][which + "_inv"] = (self._fallback(b, which, f, damp[i])
                                           if i in bad else inv[i])
         for b, entries in new.items():
-            b.inverse = entries if only is None else {**b.inverse, **entries}
+            b.state.set_decomposition(entries, keep_others=only is not None)
 
     def _fallback(self, b, which: str, f: torch.Tensor, damp: torch.Tensor):
         """float64 retry, then three rounds of extra damping, then the previous inverse, then a

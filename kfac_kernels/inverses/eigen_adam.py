@@ -98,7 +98,8 @@ class EigenAdamInverse(EighInverse):
                 kept[b]["M1"] = self._turn(kept[b]["M1"], old[b], b.inverse)
             elif self._beta1 and "M2" in kept[b]:
                 kept[b]["M1"] = torch.zeros_like(kept[b]["M2"])
-            b.inverse.update(kept[b])
+            # copies (clones above): the old entries may be views of a shape group's stack
+            b.state.put_entries(kept[b])
 
     @staticmethod
     def _turn(M1: torch.Tensor, old: dict, new: dict) -> torch.Tensor:
@@ -117,11 +118,12 @@ class EigenAdamInverse(EighInverse):
             inv = b.inverse
             if "M2" not in inv and "QG" in inv:
                 dt, dev = inv["QG"].dtype, inv["QG"].device
-                inv["M2"] = torch.zeros(b.shape, dtype=dt, device=dev)
-                inv["t"] = torch.zeros((b.num_stack,) if b.stacked else (), dtype=dt,
-                                       device=dev)
+                entries = {"M2": torch.zeros(b.shape, dtype=dt, device=dev),
+                           "t": torch.zeros((b.num_stack,) if b.stacked else (), dtype=dt,
+                                            device=dev)}
                 if self._beta1:
-                    inv["M1"] = torch.zeros_like(inv["M2"])
+                    entries["M1"] = torch.zeros_like(entries["M2"])
+                b.state.put_entries(entries)
 
     def plan(self, members, st, damping: float):
         return None        # the scalings change every step: the per-call path below

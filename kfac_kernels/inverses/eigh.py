@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -55,11 +55,11 @@ def eigh_units(kind: InverseKind, units, only: Optional[set], inverse_updates: i
     (a warm-started refresh between full decompositions when ``full_eigh_every > 1``); the
     fallback chain handles the matrices that fail."""
     full_every = kind.opts.full_eigh_every
-    new: Dict[object, dict] = defaultdict(dict)
+    new: Dict[Any, dict] = defaultdict(dict)
     for key, items in buckets(units, lambda b: select(b, only)).items():
         stack = torch.stack([f for _, _, f in items])
         prev = [b.inverse.get("Q" + which) for b, which, _ in items]
-        kw = {}
+        kw: Dict[str, Any] = {}
         if (full_every > 1 and inverse_updates % full_every != 0
                 and all(q is not None and q.dtype == stack.dtype for q in prev)):
             # between full decompositions: one warm-started subspace-iteration refresh
@@ -74,7 +74,7 @@ def eigh_units(kind: InverseKind, units, only: Optional[set], inverse_updates: i
             new[b]["lam" + which] = l_i
             new[b]["Q" + which] = q_i
     for b, entries in new.items():
-        b.inverse = entries if only is None else {**b.inverse, **entries}
+        b.state.set_decomposition(entries, keep_others=only is not None)
 
 
 def eigh_fallback(kind: InverseKind, b, which: str, f: torch.Tensor):

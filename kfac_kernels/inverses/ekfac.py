@@ -15,7 +15,6 @@ from typing import Dict
 import torch
 
 from .. import ops
-from ..averaging import running_average_
 from ..ops.reference import pinv_cut
 from .eigh import EighInverse
 from .plan import reciprocal_or_zero, two_sided
@@ -24,7 +23,8 @@ __all__ = ["EkfacInverse"]
 
 
 class EkfacInverse(EighInverse):
-    """Stores the eigh entries plus ``S`` (and keeps ``block.ekfac_count``)."""
+    """Stores the eigh entries plus ``S`` (and the block's ``ekfac_count``, both through its
+    state record's scalings methods)."""
 
     name = "ekfac"
     damping_modes = ("eigen",)
@@ -131,8 +131,7 @@ class EkfacInverse(EighInverse):
             if reject is not None:      # the whole step was rejected
                 ok = ok & ~reject.to(ok.device)
             # in place: S may be a view of a stack (kfac_kernels.averaging)
-            b.ekfac_count = running_average_((b.inverse["S"],), (s_hat,), ok, b.ekfac_count,
-                                             self.opts.ema_decay)
+            b.state.average_scalings(s_hat, ok, self.opts.ema_decay)
 
     def after_decomposition(self, blocks, comm) -> None:
         """S restarts in the new eigenbasis, from this step's statistics (kept by
@@ -152,11 +151,10 @@ class EkfacInverse(EighInverse):
             est = ests.get(b)
             dev = init.device
             if est is None:
-                inv["S"], b.ekfac_count = init, torch.zeros((), dtype=b.factor_dtype, device=dev)
+                b.state.restart_scalings(init, torch.zeros((), dtype=b.factor_dtype, device=dev))
             else:
                 ok = torch.isfinite(est).all()
-                inv["S"] = torch.where(ok, est, init)
-                b.ekfac_count = ok.to(b.factor_dtype)
+                b.state.restart_scalings(torch.where(ok, est, init), ok.to(b.factor_dtype))
         self._stash = defaultdict(list)
 
     def end_step(self) -> None:
