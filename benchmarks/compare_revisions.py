@@ -11,10 +11,11 @@ one period, divided by its steps (each is a kernel launch or more on a GPU).
 Workload: the demo's autoencoder (64-256-128-64-16-64-128-256-64, tanh) on random images in
 [0, 1], Bernoulli loss summed over pixels, mean over a batch of 256, K-FAC with the demo's
 settings (curvature="fisher", damping 1e-2, kl_clip 1e-2, momentum 0.9) at several
-(factor_every, inverse_every). One thread.
+(factor_every, inverse_every). ``--workload lm``: the transformer LM example's GPT instead
+(classic K-FAC: sampled Fisher, token_mean, KL clip). One thread.
 
     python benchmarks/compare_revisions.py --base /path/to/old/checkout --new . \\
-        [--rounds 7] [--out benchmarks/results/x.md]
+        [--rounds 7] [--workload autoencoder|lm] [--out benchmarks/results/x.md]
 
 (``git worktree add /tmp/base <commit>`` makes a checkout of an older revision.)
 """
@@ -42,8 +43,24 @@ WORKER = textwrap.dedent(r'''
     from kfac_kernels.demo.models import autoencoder
     assert kk.__file__.startswith(sys.argv[1]), kk.__file__
 
+    WORKLOAD = sys.argv[2]
+
     def setup(fe, ie):
         torch.manual_seed(0)
+        if WORKLOAD == "lm":
+            # the transformer LM example's GPT (ctx 32) with its classic K-FAC settings, which
+            # every revision since issue 22 has: sampled Fisher, token_mean, KL clip
+            from kfac_kernels.examples.transformer_lm import make_model, CTX
+            model = make_model()
+            opt = kk.KFAC(model, lr=10.0, momentum=0.9, damping=0.3 / CTX, kl_clip=0.03 / CTX,
+                          curvature="fisher", likelihood="categorical",
+                          loss_reduction="token_mean", factor_every=fe, inverse_every=ie,
+                          ema_decay=0.95, seed=0)
+            g = torch.Generator().manual_seed(1)
+            vocab = model.head.out_features
+            x = torch.randint(0, vocab, (32, CTX), generator=g)
+            y = torch.randint(0, vocab, (32, CTX), generator=g)
+            return model, opt, (x, y)
         model = autoencoder()
         opt = kk.KFAC(model, lr=0.1, momentum=0.9, damping=1e-2, kl_clip=1e-2,
                       curvature="fisher", likelihood="bernoulli", factor_every=fe,
@@ -52,8 +69,13 @@ WORKER = textwrap.dedent(r'''
         return model, opt, x
 
     def step(model, opt, x):
-        out = model(x)
-        loss = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
+        if WORKLOAD == "lm":
+            x, y = x
+            out = model(x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        else:
+            out = model(x)
+            loss = F.binary_cross_entropy_with_logits(out, x, reduction="sum") / x.shape[0]
         opt.zero_grad()
         opt.backward(loss, out)
         opt.step()
@@ -83,9 +105,9 @@ WORKER = textwrap.dedent(r'''
 
 
 class Worker:
-    def __init__(self, tree: str):
+    def __init__(self, tree: str, workload: str = "autoencoder"):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-        self.p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(tree)],
+        self.p = subprocess.Popen([sys.executable, "-c", WORKER, os.path.abspath(tree), workload],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env)
 
@@ -119,9 +141,12 @@ def main(argv=None) -> str:
     ap.add_argument("--new", required=True)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out")
+    ap.add_argument("--workload", choices=["autoencoder", "lm"], default="autoencoder",
+                    help="autoencoder: the demo's; lm: the transformer LM example's GPT (ctx 32, "
+                         "batch 32) with classic K-FAC (fisher, token_mean, KL clip)")
     args = ap.parse_args(argv)
     import torch
-    base, new = Worker(args.base), Worker(args.new)
+    base, new = Worker(args.base, args.workload), Worker(args.new, args.workload)
     rows = []
     try:
         for fe, ie in CONFIGS:
@@ -145,9 +170,13 @@ def main(argv=None) -> str:
         "",
         f"{datetime.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores (1 thread used), Python {platform.python_version()}, torch "
-        f"{torch.__version__}. `benchmarks/compare_revisions.py --rounds {args.rounds}`: the "
-        "demo autoencoder, batch 256, curvature='fisher' (bernoulli), kl_clip 1e-2; each round "
-        "is one inverse period; base and new alternate round by round.",
+        f"{torch.__version__}. `benchmarks/compare_revisions.py --rounds {args.rounds} "
+        f"--workload {args.workload}`: "
+        + ("the demo autoencoder, batch 256, curvature='fisher' (bernoulli), kl_clip 1e-2"
+           if args.workload == "autoencoder" else
+           "the transformer LM example's GPT (ctx 32, batch 32), curvature='fisher' "
+           "(categorical), token_mean, kl_clip 0.03/T")
+        + "; each round is one inverse period; base and new alternate round by round.",
         "",
         "| factor_every, inverse_every | base ms/step | new ms/step | ratio new/base (median; "
         "min-max) | aten calls/step base | new |",
