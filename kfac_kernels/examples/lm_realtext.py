@@ -28,7 +28,9 @@ keywords; ``recipe=1`` starts from :func:`kfac_kernels.recipes.transformer`), ``
 Linear weights, AdamW with ``adam_lr=`` on the rest),
 ``sgd``. A value written ``x/T`` is divided by the context length (per-token damping and KL clip
 under ``loss_reduction="token_mean"``); ``a|b`` is a list (``skip=``, ``only=``); ``label=`` names
-the run.
+the run; ``clip=`` the gradient-norm clip before the step (default 1 for the first-order families
+and for K-FAC with the recipe or ``inverse=eigen_adam``, none for the other K-FAC runs, which
+bound their step with ``kl_clip``; ``clip=None`` turns it off).
 """
 from __future__ import annotations
 
@@ -157,8 +159,11 @@ class Runner:
         self.family = family
         self.label = str(kw.pop("label", spec))
         self.model = model
+        # gradient-norm clipping at 1 (clip=None: none): the first-order optimizers' usual
+        # setting and the transformer recipe's (eigen_adam); the classic K-FAC runs bound their
+        # step with the KL clip instead
         self.clip = kw.pop("clip", 1.0 if family in ("adamw", "soap", "shampoo", "muon", "sgd")
-                           else None)
+                           or kw.get("recipe") or kw.get("inverse") == "eigen_adam" else None)
         sched = kw.pop("sched", None)
         warmup = kw.pop("warmup", max(1, total_steps // 20))
         self.kfac = None        # the KFAC or KFACPreconditioner (K-FAC's backward)
