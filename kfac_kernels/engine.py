@@ -240,7 +240,9 @@ class KFACEngine:
     def state_dict(self) -> dict:
         blocks = {}
         for name, b in self.blocks.items():
-            entry = {"shape": tuple(b.shape), "kind": b.kind}
+            # the key stays "kind" (the block's family) so state_dicts saved before the rename
+            # load: tests/test_block_state.py loads a fixture saved by the old code
+            entry = {"shape": tuple(b.shape), "kind": b.family}
             entry.update(b.state.saved())       # nothing before the first factor update
             blocks[name] = entry
         gen = self.capture.generator
@@ -286,9 +288,9 @@ class KFACEngine:
                 f"{sorted(mine - theirs) or 'none'}")
         for name, entry in sd["blocks"].items():
             b = self.blocks[name]
-            if entry.get("kind", b.kind) != b.kind:
+            if entry.get("kind", b.family) != b.family:   # "kind": the family (saved name)
                 raise ValueError(f"state_dict is from a different model: block {name!r} is a "
-                                 f"{entry['kind']} block there and a {b.kind} block here")
+                                 f"{entry['kind']} block there and a {b.family} block here")
             if tuple(entry["shape"]) != tuple(b.shape):
                 raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
                                  f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")

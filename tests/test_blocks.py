@@ -427,7 +427,7 @@ def test_embedding_preconditioning_padding_row_and_diagonal_solve():
 
 
 @pytest.mark.parametrize("inverse", ["eigh", "cholesky", "ekfac"])
-def test_every_inverse_mode_trains_a_model_with_every_block_kind(inverse):
+def test_every_inverse_mode_trains_a_model_with_every_block_family(inverse):
     torch.manual_seed(0)
 
     class Mixed(nn.Module):
@@ -465,7 +465,7 @@ def test_every_inverse_mode_trains_a_model_with_every_block_kind(inverse):
 
 
 @pytest.mark.parametrize("inverse", ["ekfac", "cholesky"])
-def test_resume_is_bit_identical_with_every_block_kind(inverse):
+def test_resume_is_bit_identical_with_every_block_family(inverse):
     """Stacked factors, a vector A, exact norm blocks and EKFAC's running S (with its count)
     survive state_dict() / load_state_dict() exactly."""
     import io
