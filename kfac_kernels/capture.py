@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
@@ -41,6 +41,14 @@ from .blocks import Block
 from .capture_state import BlockCapture
 from .curvature import (check_likelihood_output, ggn_num_columns, ggn_vectors, positions,
                         sample_vectors)
+
+if TYPE_CHECKING:    # for the annotations only (no import cycle at run time)
+    from .comm import LocalComm
+    from .factors import FactorStatistics
+    from .health import Health
+    from .inverses.base import InverseKind
+    from .options import Options
+
 
 __all__ = ["Capture"]
 
@@ -54,7 +62,8 @@ class Capture:
     may want every pass: EKFAC), ``comm`` (told when backward passes start and end), ``health``
     and ``inverse_due()`` (whether this step replaces the eigenbasis)."""
 
-    def __init__(self, blocks: Dict[str, Block], opts, *, factors, kind, comm, health,
+    def __init__(self, blocks: Dict[str, Block], opts: Options, *, factors: FactorStatistics,
+                 kind: InverseKind, comm: LocalComm, health: Health,
                  inverse_due: Callable[[], bool]):
         self.blocks = blocks
         self.opts = opts

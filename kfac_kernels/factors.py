@@ -12,7 +12,7 @@ layout, block by block otherwise (same arithmetic). No host synchronisation.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -23,10 +23,18 @@ from .averaging import blend_, first_estimate_weights
 from .blocks import Block, SyrkJob
 from .capture_state import BlockCapture
 
+if TYPE_CHECKING:    # for the annotations only
+    from .health import Health
+    from .options import Options
+
 #: ``of(block)`` -> the block's capture record of this step (``Capture.of``)
 CaptureOf = Callable[[Block], BlockCapture]
 
 __all__ = ["FactorStatistics", "diag_update"]
+
+#: a step's estimates ``{block: (A_hat, G_hat)}`` (what the strategies' ``factor_statistics``
+#: return)
+Estimates = Dict[Block, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def diag_update(out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float,
@@ -55,7 +63,7 @@ class FactorStatistics:
     """The factor phase of one engine (options: ``loss_reduction``, ``ema_decay``,
     ``factor_storage_dtype``; ``backend(op)``: the backend to ask for; ``health``: warn-once)."""
 
-    def __init__(self, opts, health, backend: Callable[[str], str]):
+    def __init__(self, opts: Options, health: Health, backend: Callable[[str], str]):
         self.opts = opts
         self.health = health
         self.backend = backend
@@ -211,7 +219,7 @@ class FactorStatistics:
         return a_hats
 
     # ------------------------------------------------------------------ running average
-    def merge(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+    def merge(self, stats: Estimates, reject: Optional[torch.Tensor]
               ) -> Optional[torch.Tensor]:
         """Fold the step's estimates into the running factors (guarded, no host sync). Returns
         the [blocks] device flags of non-finite statistics (None when nothing was merged). With
@@ -226,7 +234,7 @@ class FactorStatistics:
             if self.opts.factor_every > 1:
                 self.arena.drop_estimates()
 
-    def _merge_all(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+    def _merge_all(self, stats: Estimates, reject: Optional[torch.Tensor]
                    ) -> Optional[torch.Tensor]:
         """:meth:`merge` itself: over the flat buffers when the estimates fill one layout
         (:mod:`kfac_kernels.arena`); otherwise blocks whose counters share a device and dtype

@@ -1,7 +1,7 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
 average, the arena, the compatibility modules, the capture record, the op modules, the step
-pipeline, the block's base class and saved-state record, the inverse kinds and the preconditioning
-so far)."""
+pipeline, the block's base class and saved-state record, the inverse kinds, the preconditioning,
+the options and the engine so far)."""
 import importlib.util
 import os
 import subprocess
