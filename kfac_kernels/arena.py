@@ -29,7 +29,7 @@ are updated every step, and freed after each merge otherwise (:meth:`Arena.drop_
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -77,15 +77,15 @@ class Arena:
         self.closed: Dict[tuple, tuple] = {}         # what the last step handed out
 
     # ------------------------------------------------------------------ estimates
-    def take(self, key: tuple, shape: torch.Size, dtype: torch.dtype,
+    def take(self, key: tuple, shape: Sequence[int], dtype: torch.dtype,
              device: torch.device) -> Optional[torch.Tensor]:
         """The region for ``key`` (e.g. ``("A_hat", block)``) in this step's estimate buffer, or
         None when the layout has no such region or it was already handed out this step (then
         the caller allocates and the layout changes from the next step)."""
-        shape = torch.Size(shape)
-        self.asked.append((key, shape, dtype, device))
+        size = torch.Size(shape)
+        self.asked.append((key, size, dtype, device))
         lay = self.layouts.get((dtype, device))
-        if lay is None or key in self.handed or lay.regions.get(key, (0, None))[1] != shape:
+        if lay is None or key in self.handed or lay.regions.get(key, (0, None))[1] != size:
             return None
         if lay.buffer is None:          # padding stays zero: it must be finite
             lay.buffer = torch.zeros(lay.rows, CHUNK, dtype=dtype, device=device)
