@@ -10,7 +10,8 @@ it, a one-line meaning and its check. Everything else is derived from it:
   option marked ``agree`` is compared across ranks at construction, so ranks configured
   differently raise :class:`kfac_kernels.comm.MismatchError` instead of hanging later.
 
-A new option is one :class:`Option` entry here (plus the code that reads it).
+A new option is one :class:`Option` entry here, its annotated attribute on :class:`Options`
+(its type for type checkers), plus the code that reads it.
 """
 from __future__ import annotations
 
