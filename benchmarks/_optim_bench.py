@@ -17,7 +17,7 @@ gradient holds; random gradients are full rank, as real ones of large batches ar
 * ``tiny``: a few small shapes (smoke tests).
 
 Optimizers (``make(name, params)``): kk-soap / kk-shampoo (kfac_kernels.optim, one op call per
-shape group), their ``-looped`` variants (``batch_shapes=False``: one call per parameter), and
+parameter batch), their ``-looped`` variants (``batch_shapes=False``: one call per parameter), and
 heavyball-soap / heavyball-soap-compiled (heavyball.SOAP, eager: its ``compile_mode = None``;
 compiled: its default torch.compile of the step's functions); kk-muon / kk-muon-looped
 (kfac_kernels.optim.Muon: every 2-D parameter in Muon, as torch's own example splits them, the

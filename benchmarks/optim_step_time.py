@@ -180,7 +180,7 @@ def write(path, results, names, a, started, wall):
                          f"{'' if r2 is None else f'{r2:.2f}x'} | {r['warm']:.1f} |")
         lb = [(opt, ratio(runs, f"kk-{opt}-looped", f"kk-{opt}"))
               for opt in ("soap", "shampoo", "muon")]
-        lines += ["", "Batched (one op call per shape group) against looped (one call per "
+        lines += ["", "Batched (one op call per parameter batch) against looped (one call per "
                   "parameter, `batch_shapes=False`): looped time / batched time = " + ", ".join(
                       f"{o} {v:.2f}x" for o, v in lb if v is not None) + "."]
         mt = [(n, ratio(runs, n, "torch-muon")) for n in ("kk-muon", "kk-muon-looped")]

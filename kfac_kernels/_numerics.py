@@ -1,7 +1,7 @@
 """Small numerical helpers shared by the optimiser's parts."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -20,9 +20,9 @@ def flush_subnormals_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def flush_all_(tensors: Iterable[torch.Tensor]) -> None:
+def flush_all_(tensors: Iterable[Optional[torch.Tensor]]) -> None:
     """:func:`flush_subnormals_` on each distinct storage: views of one flat buffer (the arena's
-    running factors) are flushed through that buffer, once."""
+    running factors) are flushed through that buffer, once; None entries are skipped."""
     seen = set()
     for t in tensors:
         if t is None:

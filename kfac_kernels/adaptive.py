@@ -40,7 +40,7 @@ quadratic model sets the step length) and with a GradScaler.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 
@@ -70,8 +70,9 @@ def gauss_newton_gram(loss: torch.Tensor, out: torch.Tensor, params: Sequence[to
         live = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
         jv = []
         for vec in vectors:
-            outs = [jt_u[i] for i in live if vec[i] is not None]
-            gos = [vec[i].to(jt_u[i].dtype) for i in live if vec[i] is not None]
+            pairs = [(jt_u[i], v) for i in live if (v := vec[i]) is not None]
+            outs = [o for o, _ in pairs]
+            gos = [v.to(o.dtype) for o, v in pairs]
             if outs:
                 (j,) = torch.autograd.grad(outs, u, grad_outputs=gos, retain_graph=True,
                                            allow_unused=True)
@@ -118,7 +119,7 @@ class StepControl:
         self.omega = decay ** every
         self.bounds = (float(lo), float(hi))
         self.history: List[dict] = []        # damping adaptations: step, rho, damping (host)
-        self.last = {}                        # device tensors of the last step: alpha, mu, M
+        self.last: Dict[str, torch.Tensor] = {}   # device tensors of the last step: alpha, mu, M
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -203,9 +204,10 @@ class StepControl:
         mu = torch.where(good, mu, torch.zeros_like(mu))
         for i, p in enumerate(params):
             keep = good.to(p.device)
-            delta = Delta[i] * alpha.to(p.dtype)
+            # Delta has an entry per parameter; prev too where it is used (has_prev)
+            delta = cast(torch.Tensor, Delta[i]) * alpha.to(p.dtype)
             if len(vecs) > 1:
-                delta = delta + prev[i] * mu.to(p.dtype)
+                delta = delta + cast(torch.Tensor, prev[i]) * mu.to(p.dtype)
             delta = torch.where(keep, delta, torch.zeros((), dtype=p.dtype, device=p.device))
             p.add_(delta)
             st = opt.state[p]

@@ -29,7 +29,7 @@ are updated every step, and freed after each merge otherwise (:meth:`Arena.drop_
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,7 +44,7 @@ def _rows(numel: int) -> int:
     return -(-numel // CHUNK)
 
 
-class _Layout:
+class ArenaLayout:
     """Regions of one buffer (one dtype and device): key -> (first row, shape)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
@@ -71,21 +71,21 @@ class Arena:
     dtype of the running factors is passed to :meth:`adopt`)."""
 
     def __init__(self):
-        self.layouts: Dict[tuple, _Layout] = {}      # (dtype, device) -> layout
+        self.layouts: Dict[tuple, ArenaLayout] = {}  # (dtype, device) -> layout
         self.asked: List[tuple] = []                 # (key, shape, dtype, device) this step
         self.handed: Dict[tuple, tuple] = {}         # key -> (estimate view, layout) this step
         self.closed: Dict[tuple, tuple] = {}         # what the last step handed out
 
     # ------------------------------------------------------------------ estimates
-    def take(self, key: tuple, shape: torch.Size, dtype: torch.dtype,
+    def take(self, key: tuple, shape: Sequence[int], dtype: torch.dtype,
              device: torch.device) -> Optional[torch.Tensor]:
         """The region for ``key`` (e.g. ``("A_hat", block)``) in this step's estimate buffer, or
         None when the layout has no such region or it was already handed out this step (then
         the caller allocates and the layout changes from the next step)."""
-        shape = torch.Size(shape)
-        self.asked.append((key, shape, dtype, device))
+        size = torch.Size(shape)
+        self.asked.append((key, size, dtype, device))
         lay = self.layouts.get((dtype, device))
-        if lay is None or key in self.handed or lay.regions.get(key, (0, None))[1] != shape:
+        if lay is None or key in self.handed or lay.regions.get(key, (0, None))[1] != size:
             return None
         if lay.buffer is None:          # padding stays zero: it must be finite
             lay.buffer = torch.zeros(lay.rows, CHUNK, dtype=dtype, device=device)
@@ -115,7 +115,7 @@ class Arena:
             return
         self.layouts = {}
         for bk, regions in want.items():
-            lay = self.layouts[bk] = _Layout(*bk)
+            lay = self.layouts[bk] = ArenaLayout(*bk)
             for key, shape in regions:
                 lay.add(key, shape)
 
@@ -129,7 +129,7 @@ class Arena:
             lay.buffer, lay.hats = None, {}
 
     # ------------------------------------------------------------------ running average
-    def flat_layout(self, stats) -> Optional[_Layout]:
+    def flat_layout(self, stats) -> Optional[ArenaLayout]:
         """The layout whose regions are exactly this step's estimates ``{block: (A_hat,
         G_hat)}``, or None (then the per-block path merges them)."""
         handed = self.closed
@@ -145,7 +145,7 @@ class Arena:
                 return None
         return lay
 
-    def adopt(self, lay: _Layout, blocks, storage: Optional[torch.dtype]) -> None:
+    def adopt(self, lay: ArenaLayout, blocks, storage: Optional[torch.dtype]) -> None:
         """Make each block's running factors views of the layout's factor buffer (copying them
         in the first time, after a new layout, a restart or load_state_dict)."""
         if lay.factors is None:
@@ -160,7 +160,7 @@ class Arena:
                 view = lay.views[key] = lay.region(lay.factors, key)
                 b.state.rebind_factor(name, view)     # copies the factor in
 
-    def row_owners(self, lay: _Layout, blocks: List) -> torch.Tensor:
+    def row_owners(self, lay: ArenaLayout, blocks: List) -> torch.Tensor:
         """[rows] index of the block (in ``blocks``' order) that owns each row."""
         cache = lay.row_owner
         if cache is not None and cache[0] == blocks:
@@ -174,7 +174,7 @@ class Arena:
         return owner
 
     @staticmethod
-    def finite(lay: _Layout, owner: torch.Tensor, nblocks: int,
+    def finite(lay: ArenaLayout, owner: torch.Tensor, nblocks: int,
                dtype: torch.dtype) -> torch.Tensor:
         """[blocks] whether each block's estimates are finite: a sum is finite iff every entry
         is (or it overflowed, which also deserves rejecting)."""
@@ -184,7 +184,7 @@ class Arena:
         return torch.isfinite(sums)
 
     @staticmethod
-    def average(lay: _Layout, owner: torch.Tensor, keep: torch.Tensor,
+    def average(lay: ArenaLayout, owner: torch.Tensor, keep: torch.Tensor,
                 fresh: torch.Tensor) -> None:
         """``F <- keep F + fresh F_hat`` for every block at once (``keep``, ``fresh``: [blocks];
         1 and 0 on a rejected update). The estimates are cleaned first so that 0 * F_hat is 0."""

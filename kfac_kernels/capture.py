@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union, cast
 
 import torch
 
@@ -41,6 +41,14 @@ from .blocks import Block
 from .capture_state import BlockCapture
 from .curvature import (check_likelihood_output, ggn_num_columns, ggn_vectors, positions,
                         sample_vectors)
+
+if TYPE_CHECKING:    # for the annotations only (no import cycle at run time)
+    from .comm import LocalComm
+    from .factors import FactorStatistics
+    from .health import Health
+    from .inverses.base import InverseKind
+    from .options import Options
+
 
 __all__ = ["Capture"]
 
@@ -54,7 +62,8 @@ class Capture:
     may want every pass: EKFAC), ``comm`` (told when backward passes start and end), ``health``
     and ``inverse_due()`` (whether this step replaces the eigenbasis)."""
 
-    def __init__(self, blocks: Dict[str, Block], opts, *, factors, kind, comm, health,
+    def __init__(self, blocks: Dict[str, Block], opts: Options, *, factors: FactorStatistics,
+                 kind: InverseKind, comm: LocalComm, health: Health,
                  inverse_due: Callable[[], bool]):
         self.blocks = blocks
         self.opts = opts
@@ -217,7 +226,7 @@ class Capture:
                 return
             if not torch.compiler.is_compiling() and _transformed(*args):
                 return
-            w = module.weight
+            w = cast(torch.Tensor, module.weight)
             self._call_weight[block] = w
             used = self.used.setdefault(block, [])
             if not any(u is w for u in used):
@@ -233,7 +242,8 @@ class Capture:
         if got is not None and got[0]() is w:
             return got[1]
         with torch.enable_grad():
-            node = w.view_as(w).grad_fn.next_functions[0][0]
+            # a view of a leaf that requires grad always has a grad_fn
+            node = cast(Any, w.view_as(w).grad_fn).next_functions[0][0]
         self._accumulators[id(w)] = (weakref.ref(w), node)
         return node
 
@@ -371,7 +381,7 @@ class Capture:
                 rec = st[b]
                 n = b.batch_size(rec.inputs[0])
                 u = self.factors.micro_batch_weight(n, empirical)
-                a, g = a_hats[b] * float(n), rec.G_hat * u
+                a, g = a_hats[b] * float(n), cast(torch.Tensor, rec.G_hat) * u   # in `got`
                 rec.A_acc = a if rec.A_acc is None else rec.A_acc + a
                 rec.G_acc = g if rec.G_acc is None else rec.G_acc + g
                 rec.examples += n
@@ -427,11 +437,14 @@ class Capture:
             rec = self._state[b]
             if not rec.examples:
                 continue
-            f = self.factors.micro_batch_final(rec.examples, empirical)
+            # examples > 0: close_micro_batch accumulated both
+            A_acc, G_acc = cast(torch.Tensor, rec.A_acc), cast(torch.Tensor, rec.G_acc)
+            f: Union[float, torch.Tensor] = self.factors.micro_batch_final(rec.examples,
+                                                                           empirical)
             if empirical and g_rescale is not None:
-                f = g_rescale.to(rec.G_acc.dtype) * f
-            rec.A_ready = rec.A_acc / float(rec.examples)
-            rec.G_hat = rec.G_acc * f
+                f = g_rescale.to(G_acc.dtype) * f
+            rec.A_ready = A_acc / float(rec.examples)
+            rec.G_hat = G_acc * f
             rec.A_acc = rec.G_acc = None
             self.kind.finish_micro_batches(b, f, rec.examples)
         return True
@@ -484,7 +497,7 @@ class Capture:
             for job in block.pass_jobs(rec.inputs, grads, calls, scale, rec.per_call):
                 jobs.append((block, job))
             if wants and rec.inputs:
-                alpha = scale / n
+                alpha: Union[float, torch.Tensor] = scale / n
                 if g_rescale is not None:
                     alpha = g_rescale * alpha
                 self.kind.on_pass(block, rec.inputs, grads, calls, alpha, n,
@@ -528,7 +541,8 @@ class Capture:
         if isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == 0:
             self.reset()
             raise _empty_batch("the model output")
-        check_likelihood_output(opts.likelihood, out)
+        likelihood = cast(str, opts.likelihood)    # resolve() refused fisher / ggn without one
+        check_likelihood_output(likelihood, out)
         if self.stale:
             self.drop_stale()
         self.out_batch = out.shape[0]
@@ -543,7 +557,7 @@ class Capture:
                 f"batch, a second micro-batch) mixes in; run extra passes under torch.no_grad() "
                 f"or inside `with opt.paused():`, and keep the batch dimension first")
         if self.used:      # the parameters the forward pass used (FSDP2: the unsharded ones)
-            weights = []
+            weights: List[torch.Tensor] = []
             for b in self.blocks.values():
                 if st[b].inputs:
                     for w in self.used.get(b) or [b.weight]:
@@ -562,16 +576,16 @@ class Capture:
                 self.generator = gen
         gen = self._sampler(out)
         if opts.curvature == "fisher":
-            vectors, weight = sample_vectors(opts.likelihood, out, opts.mc_samples,
+            vectors, weight = sample_vectors(likelihood, out, opts.mc_samples,
                                              gen), 1.0 / opts.mc_samples
         else:
-            cols = ggn_num_columns(opts.likelihood, out)
+            cols = ggn_num_columns(likelihood, out)
             if cols > _GGN_WARN_COLUMNS:
                 self.health.warn_once(
                     ("ggn", cols), f"curvature='ggn' back-propagates one vector per output "
                     f"coordinate: {cols} backward passes per factor update; curvature='fisher' "
                     f"estimates the same metric with mc_samples passes")
-            vectors, weight = ggn_vectors(opts.likelihood, out), 1.0
+            vectors, weight = ggn_vectors(likelihood, out), 1.0
         targets = self.pass_targets(weights)
         self.g_active = self.in_pass = True
         try:
@@ -584,7 +598,7 @@ class Capture:
         if not self.micro_batches:       # G complete (unless more micro-batches come): reduce
             self.comm.curvature_finished(self)
 
-    def _sampler(self, out: torch.Tensor) -> torch.Tensor:
+    def _sampler(self, out: torch.Tensor) -> torch.Generator:
         """The sampling generator on the output's device, seeded once (``seed``, else from the
         host RNG: no device sync)."""
         if self.generator is None or self.generator.device != out.device:

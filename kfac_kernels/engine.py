@@ -43,6 +43,7 @@ from .discovery import discover, size_text as _size
 from .factors import FactorStatistics
 from .health import Health, KFACWarning
 from .inverses import KINDS
+from .inverses.base import InverseKind
 from .options import Options
 from .preconditioning import Preconditioning
 
@@ -60,10 +61,11 @@ class KFACEngine:
             raise TypeError(f"K-FAC needs the model (an nn.Module) to find its layers, got "
                             f"{type(model).__name__}")
         model = unwrap_model(model)   # DDP: block names without the "module." prefix
-        self.opts = opts
-        self.health = Health()
-        self.kind = KINDS[opts.inverse](opts, self.health, self.op_backend)
-        self.factors = FactorStatistics(opts, self.health, self.op_backend)
+        # the collaborators, wired here (each gets the ones it needs passed in)
+        self.opts: Options = opts
+        self.health: Health = Health()
+        self.kind: InverseKind = KINDS[opts.inverse](opts, self.health, self.op_backend)
+        self.factors: FactorStatistics = FactorStatistics(opts, self.health, self.op_backend)
         self.blocks, self.fallback = discover(model, opts, trainable,
                                               self.op_backend("conv_input_factor"))
         # every parameter of the model by name (a parameter added to the optimiser later is
@@ -82,8 +84,8 @@ class KFACEngine:
             list(self.blocks.values()), opts, self.kind, model=model,
             params=[p for _, p, _ in self.fallback],
             names={id(p): n for n, p, _ in self.fallback})
-        self.preconditioning = Preconditioning(self.kind)
-        self.capture = Capture(self.blocks, opts, factors=self.factors, kind=self.kind,
+        self.preconditioning: Preconditioning = Preconditioning(self.kind)
+        self.capture: Capture = Capture(self.blocks, opts, factors=self.factors, kind=self.kind,
                                comm=self.comm, health=self.health,
                                inverse_due=_WeakCall(self, "inverse_due"))
         self.capture.start_step(self.steps)
@@ -240,7 +242,9 @@ class KFACEngine:
     def state_dict(self) -> dict:
         blocks = {}
         for name, b in self.blocks.items():
-            entry = {"shape": tuple(b.shape), "kind": b.kind}
+            # the key stays "kind" (the block's family) so state_dicts saved before the rename
+            # load: tests/test_block_state.py loads a fixture saved by the old code
+            entry = {"shape": tuple(b.shape), "kind": b.family}
             entry.update(b.state.saved())       # nothing before the first factor update
             blocks[name] = entry
         gen = self.capture.generator
@@ -286,9 +290,9 @@ class KFACEngine:
                 f"{sorted(mine - theirs) or 'none'}")
         for name, entry in sd["blocks"].items():
             b = self.blocks[name]
-            if entry.get("kind", b.kind) != b.kind:
+            if entry.get("kind", b.family) != b.family:   # "kind": the family (saved name)
                 raise ValueError(f"state_dict is from a different model: block {name!r} is a "
-                                 f"{entry['kind']} block there and a {b.kind} block here")
+                                 f"{entry['kind']} block there and a {b.family} block here")
             if tuple(entry["shape"]) != tuple(b.shape):
                 raise ValueError(f"state_dict is from a different model: block {name!r} has shape "
                                  f"{tuple(entry['shape'])} there and {tuple(b.shape)} here")

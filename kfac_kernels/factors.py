@@ -12,7 +12,7 @@ layout, block by block otherwise (same arithmetic). No host synchronisation.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, cast
 
 import torch
 
@@ -23,10 +23,28 @@ from .averaging import blend_, first_estimate_weights
 from .blocks import Block, SyrkJob
 from .capture_state import BlockCapture
 
+if TYPE_CHECKING:    # for the annotations only
+    from .health import Health
+    from .options import Options
+
 #: ``of(block)`` -> the block's capture record of this step (``Capture.of``)
 CaptureOf = Callable[[Block], BlockCapture]
 
 __all__ = ["FactorStatistics", "diag_update"]
+
+#: a step's estimates ``{block: (A_hat, G_hat)}`` (what the strategies' ``factor_statistics``
+#: return)
+Estimates = Dict[Block, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _count(b: Block) -> torch.Tensor:
+    """``b.count`` where it is set (a merge reads it after ``_init`` made it)."""
+    return cast(torch.Tensor, b.count)
+
+
+def _skipped(b: Block) -> torch.Tensor:
+    """``b.skipped`` where it is set (as :func:`_count`)."""
+    return cast(torch.Tensor, b.skipped)
 
 
 def diag_update(out: torch.Tensor, x: torch.Tensor, alpha: float, beta: float,
@@ -55,7 +73,7 @@ class FactorStatistics:
     """The factor phase of one engine (options: ``loss_reduction``, ``ema_decay``,
     ``factor_storage_dtype``; ``backend(op)``: the backend to ask for; ``health``: warn-once)."""
 
-    def __init__(self, opts, health, backend: Callable[[str], str]):
+    def __init__(self, opts: Options, health: Health, backend: Callable[[str], str]):
         self.opts = opts
         self.health = health
         self.backend = backend
@@ -73,8 +91,8 @@ class FactorStatistics:
             return weight * float(n) * float(n) * positions if empirical else weight / positions
         mean = red == "mean"
         c = float(n) if (empirical and mean) else 1.0
-        red = float(n) if not mean else 1.0
-        return weight * c * c * red
+        total = float(n) if not mean else 1.0
+        return weight * c * c * total
 
     def micro_batch_weight(self, n: int, empirical: bool) -> float:
         """Gradient accumulation: the weight of a micro-batch of ``n`` examples, so that
@@ -186,7 +204,8 @@ class FactorStatistics:
                      ) -> "OrderedDict[Block, torch.Tensor]":
         """This step's A_hat of each captured block (batched), in the block's factor dtype."""
         a_jobs, a_ready = [], {}
-        combined = {b: of(b).A_ready for b in captured if of(b).A_ready is not None}
+        combined: Dict[Block, torch.Tensor] = {
+            b: a for b in captured if (a := of(b).A_ready) is not None}
         for b in captured:
             if b in combined:      # gradient accumulation: the micro-batches' combined estimate
                 continue
@@ -200,18 +219,21 @@ class FactorStatistics:
             if b in combined:
                 a_hats[b] = combined[b]
                 continue
-            a_hat = a_ready.get(b, done.get(b))
-            if a_ready.get(b) is not None and done.get(b) is not None:
-                a_hat = a_ready[b] + done[b]
-            elif b in a_ready:      # a ready-made matrix (conv, embedding): into the arena
+            ready, batched = a_ready.get(b), done.get(b)
+            if ready is not None and batched is not None:
+                a_hat = ready + batched
+            elif ready is not None:     # a ready-made matrix (conv, embedding): into the arena
+                a_hat = ready
                 view = self.arena.take(("A_hat", b), a_hat.shape, b.factor_dtype, a_hat.device)
                 if view is not None:
                     a_hat = view.copy_(a_hat)
+            else:
+                a_hat = done[b]
             a_hats[b] = a_hat if a_hat.dtype == b.factor_dtype else a_hat.to(b.factor_dtype)
         return a_hats
 
     # ------------------------------------------------------------------ running average
-    def merge(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+    def merge(self, stats: Estimates, reject: Optional[torch.Tensor]
               ) -> Optional[torch.Tensor]:
         """Fold the step's estimates into the running factors (guarded, no host sync). Returns
         the [blocks] device flags of non-finite statistics (None when nothing was merged). With
@@ -226,7 +248,7 @@ class FactorStatistics:
             if self.opts.factor_every > 1:
                 self.arena.drop_estimates()
 
-    def _merge_all(self, stats: "OrderedDict[Block, Tuple]", reject: Optional[torch.Tensor]
+    def _merge_all(self, stats: Estimates, reject: Optional[torch.Tensor]
                    ) -> Optional[torch.Tensor]:
         """:meth:`merge` itself: over the flat buffers when the estimates fill one layout
         (:mod:`kfac_kernels.arena`); otherwise blocks whose counters share a device and dtype
@@ -240,15 +262,15 @@ class FactorStatistics:
             if b.A is None:
                 self._init(b, a_hat, g_hat)
         lay = self.arena.flat_layout(stats)
-        if lay is not None and len({(b.count.device, b.count.dtype) for b in blocks}) == 1:
+        if lay is not None and len({(_count(b).device, _count(b).dtype) for b in blocks}) == 1:
             return self._merge_flat(lay, blocks, reject)
-        if len({(b.count.device, b.count.dtype) for b in blocks}) > 1:
+        if len({(_count(b).device, _count(b).dtype) for b in blocks}) > 1:
             # every verdict before any merge: merging cleans its (possibly shared) estimates
             oks = [self._finite(a_hat, g_hat) for a_hat, g_hat in stats.values()]
             return torch.stack([self._merge(b, a_hat, g_hat, ok, reject)
                                 for (b, (a_hat, g_hat)), ok in zip(stats.items(), oks)])
         # a sum is finite iff every entry is (or it overflowed, which also deserves rejecting)
-        sums = torch.stack([t.sum(dtype=b.count.dtype) for b, hats in stats.items()
+        sums = torch.stack([t.sum(dtype=_count(b).dtype) for b, hats in stats.items()
                             for t in hats])
         ok = torch.isfinite(sums.view(-1, 2).sum(1))
         ok, bad_stats, keep, fresh = self._weights(blocks, ok, reject)
@@ -264,7 +286,7 @@ class FactorStatistics:
         number of calls, whatever the number of blocks."""
         self.arena.adopt(lay, blocks, self.opts.factor_storage_dtype)
         owner = self.arena.row_owners(lay, blocks)
-        ok = self.arena.finite(lay, owner, len(blocks), blocks[0].count.dtype)
+        ok = self.arena.finite(lay, owner, len(blocks), _count(blocks[0]).dtype)
         ok, bad_stats, keep, fresh = self._weights(blocks, ok, reject)
         self.arena.average(lay, owner, keep, fresh)
         return bad_stats
@@ -291,8 +313,8 @@ class FactorStatistics:
         if (cache is None or cache[0] != blocks
                 or any(b.count is not c or b.skipped is not k
                        for b, c, k in zip(blocks, cache[3], cache[4]))):
-            counts = torch.stack([b.count for b in blocks])
-            skipped = torch.stack([b.skipped for b in blocks])
+            counts = torch.stack([_count(b) for b in blocks])
+            skipped = torch.stack([_skipped(b) for b in blocks])
             cv, kv = list(counts.unbind(0)), list(skipped.unbind(0))
             for b, c, k in zip(blocks, cv, kv):
                 b.state.share_counters(c, k)

@@ -8,7 +8,7 @@ step itself, KFACPreconditioner writes the directions into ``.grad`` for another
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -58,6 +58,7 @@ class _EngineViews:
     """What KFAC and KFACPreconditioner both expose of their engine."""
     engine: KFACEngine
     pipeline: StepPipeline
+    clip_count: ClipCount
 
     @property
     def blocks(self):
@@ -210,7 +211,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                                        every=opts.damping_adaptation_every,
                                        decay=opts.damping_adaptation_decay,
                                        bounds=opts.damping_bounds)
-        self._skipped = 0
+        self._skipped: Union[int, torch.Tensor] = 0
         self.clip_count = ClipCount()
         self._driven = False         # this step came through scaler.step(opt)
         self.engine = KFACEngine(model, opts, trainable=trainable)
@@ -237,7 +238,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
         """Take ``damping`` / ``kl_clip`` from the param groups (a scheduler or callback may have
         set them); every group must hold the same value."""
         for key, current in (("damping", self.engine.damping), ("kl_clip", self._kl_clip)):
-            vals = []
+            vals: List[Any] = []
             for g in self.param_groups:
                 v = g.setdefault(key, current)     # a group from an older state_dict
                 if not any(v == w for w in vals):
@@ -327,12 +328,12 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
             return self
         compile_kwargs.setdefault("fullgraph", True)
         if not self.engine.comm.precondition_collectives:
-            self.directions = torch.compile(type(self).directions.__get__(self),
-                                            **compile_kwargs)
+            self.directions = torch.compile(  # type: ignore[method-assign]
+                type(self).directions.__get__(self), **compile_kwargs)
         else:     # the collectives of distributed preconditioning stay eager
             _compile_precondition(self.pipeline, dict(compile_kwargs))
-        self.apply_update = torch.compile(type(self).apply_update.__get__(self),
-                                          **compile_kwargs)
+        self.apply_update = torch.compile(  # type: ignore[method-assign]
+            type(self).apply_update.__get__(self), **compile_kwargs)
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -449,10 +450,9 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 d = direction.get(id(p))
                 if d is None:
                     continue
-                state = self.state[p] if mom else None
                 if ok is None:
                     if mom:
-                        d = _heavy_ball(state, d, mom)
+                        d = _heavy_ball(self.state[p], d, mom)
                     p.add_(d, alpha=-lr)
                     continue
                 key = (p.device, p.dtype)
@@ -466,7 +466,7 @@ class KFAC(_EngineViews, torch.optim.Optimizer):
                 mom_f, step_f = factors[key]
                 d = torch.where(keep, d, zero if d.dtype == p.dtype else zero.to(d.dtype))
                 if mom:
-                    d = _heavy_ball(state, d, mom_f)
+                    d = _heavy_ball(self.state[p], d, mom_f)
                 p.addcmul_(d, step_f)
 
     def end_step(self, ok: Optional[torch.Tensor]) -> None:
@@ -601,7 +601,10 @@ class KFACPreconditioner(_EngineViews):
         self.clip_count.load_state_dict(sd.get("kl_clip_count"), dev)
 
 
-KFAC.__init__.__signature__ = options.signature("KFAC")
-KFACPreconditioner.__init__.__signature__ = options.signature("KFACPreconditioner")
-KFAC.__doc__ = options.merge_docs("KFAC", KFAC.__doc__)
-KFACPreconditioner.__doc__ = options.merge_docs("KFACPreconditioner", KFACPreconditioner.__doc__)
+# the signatures help() shows come from the OPTIONS table (mypy does not know __signature__)
+KFAC.__init__.__signature__ = options.signature("KFAC")  # type: ignore[attr-defined]
+KFACPreconditioner.__init__.__signature__ = (  # type: ignore[attr-defined]
+    options.signature("KFACPreconditioner"))
+KFAC.__doc__ = options.merge_docs("KFAC", KFAC.__doc__ or "")
+KFACPreconditioner.__doc__ = options.merge_docs("KFACPreconditioner",
+                                                KFACPreconditioner.__doc__ or "")

@@ -10,7 +10,8 @@ it, a one-line meaning and its check. Everything else is derived from it:
   option marked ``agree`` is compared across ranks at construction, so ranks configured
   differently raise :class:`kfac_kernels.comm.MismatchError` instead of hanging later.
 
-A new option is one :class:`Option` entry here (plus the code that reads it).
+A new option is one :class:`Option` entry here, its annotated attribute on :class:`Options`
+(its type for type checkers), plus the code that reads it.
 """
 from __future__ import annotations
 
@@ -288,7 +289,58 @@ def signature(owner: str) -> inspect.Signature:
 class Options:
     """The validated options of one optimiser (attributes named as in :data:`OPTIONS`).
     ``damping`` may change between steps (schedulers, adaptive damping): set it through
-    :meth:`set_damping`, which checks it."""
+    :meth:`set_damping`, which checks it.
+
+    The annotations below declare each option's type for type checkers, one per entry of
+    :data:`OPTIONS` (tests/test_options.py checks that the two name the same set). They are
+    declarations only: an instance has the options its owner takes (``KFACPreconditioner`` has
+    no ``momentum``, for one), set from the checked values."""
+
+    owner: str
+    # the update rule and the step
+    lr: float
+    momentum: float
+    weight_decay: float
+    params: Any
+    kl_clip: Optional[float]
+    kl_clip_mode: str
+    grad_scaler: Any                    # a torch.amp.GradScaler or None
+    skip_nonfinite: bool
+    adaptive_lr: bool
+    adaptive_momentum: bool
+    adaptive_damping: bool
+    damping_adaptation_every: int
+    damping_adaptation_decay: float
+    damping_bounds: Tuple[float, float]
+    # the engine
+    damping: float
+    damping_mode: str                   # None is replaced by the inverse kind's default
+    ema_decay: float
+    factor_every: int
+    inverse_every: int
+    curvature: str
+    likelihood: Optional[str]
+    mc_samples: int
+    inverse: str
+    weight_sharing: str
+    skip: Sequence[str]
+    backend: str
+    loss_reduction: str
+    rotated_momentum: float
+    factor_dtype: Optional[torch.dtype]
+    seed: Optional[int]
+    full_eigh_every: int
+    inverse_warmup: bool
+    only: Optional[Sequence[str]]
+    factor_storage_dtype: Optional[torch.dtype]
+    max_factor_dim: int
+    large_factor: str
+    # torch.distributed
+    distributed: Optional[bool]
+    process_group: Any
+    grad_worker_fraction: float
+    assignment: str
+    bucket_cap_mb: float
 
     def __init__(self, owner: str, values: Dict[str, Any]):
         self.owner = owner

@@ -28,13 +28,13 @@ Everything stays on the device: no host synchronisation in a step without an inv
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
 from . import amp
 from .blocks import Block
-from .options import check_damping
+from .options import Options, check_damping
 
 if TYPE_CHECKING:   # annotations only (the engine imports nothing of this module)
     from .engine import KFACEngine
@@ -96,12 +96,11 @@ class StepPipeline:
     """The phases of a step over one engine, in step order (see the module docstring)."""
 
     def __init__(self, engine: "KFACEngine"):
-        self.engine = engine
+        self.engine: KFACEngine = engine
 
     @property
-    def opts(self) -> Any:
-        """The engine's :class:`kfac_kernels.options.Options` (attributes from the ``OPTIONS``
-        table, which mypy does not see)."""
+    def opts(self) -> Options:
+        """The engine's :class:`kfac_kernels.options.Options`."""
         return self.engine.opts
 
     # ------------------------------------------------------------------ guard

@@ -10,12 +10,16 @@ inverse kind for ``(U, <U, V>)`` in one batched op call.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 
 from ._numerics import flush_all_
 from .blocks import Block
+
+if TYPE_CHECKING:    # for the annotations only
+    from .inverses.base import InverseKind
+    from .inverses.plan import StepPlan
 
 __all__ = ["Preconditioning", "ShapeGroup"]
 
@@ -34,7 +38,7 @@ class ShapeGroup:
         self.stacks: Dict[str, torch.Tensor] = {}
         self.slots: Dict[Block, slice] = {}
         self.single = len(blocks) == 1 and not blocks[0].stacked
-        self.plan = None
+        self.plan: Optional[StepPlan] = None
 
     def restack(self) -> None:
         """Stack the members' decompositions and make each member's entries views of the stack."""
@@ -57,10 +61,10 @@ class Preconditioning:
     """The shape groups of one engine and the batched preconditioning over them (``kind``: the
     inverse kind, which knows its entries and its op)."""
 
-    def __init__(self, kind):
+    def __init__(self, kind: InverseKind):
         self.kind = kind
         self.groups: List[ShapeGroup] = []
-        self._plan_damping = None         # the damping the groups' plans were built for
+        self._plan_damping: Optional[float] = None   # the damping the groups' plans were built for
 
     def regroup(self, blocks) -> None:
         groups: Dict[tuple, List[Block]] = OrderedDict()

@@ -427,7 +427,7 @@ def test_embedding_preconditioning_padding_row_and_diagonal_solve():
 
 
 @pytest.mark.parametrize("inverse", ["eigh", "cholesky", "ekfac"])
-def test_every_inverse_mode_trains_a_model_with_every_block_kind(inverse):
+def test_every_inverse_mode_trains_a_model_with_every_block_family(inverse):
     torch.manual_seed(0)
 
     class Mixed(nn.Module):
@@ -465,7 +465,7 @@ def test_every_inverse_mode_trains_a_model_with_every_block_kind(inverse):
 
 
 @pytest.mark.parametrize("inverse", ["ekfac", "cholesky"])
-def test_resume_is_bit_identical_with_every_block_kind(inverse):
+def test_resume_is_bit_identical_with_every_block_family(inverse):
     """Stacked factors, a vector A, exact norm blocks and EKFAC's running S (with its count)
     survive state_dict() / load_state_dict() exactly."""
     import io
@@ -524,3 +524,24 @@ def test_resume_is_bit_identical_with_every_block_kind(inverse):
         assert torch.equal(b.A, r.A) and torch.equal(b.G, r.G)
         for k, v in b.inverse.items():
             assert torch.equal(v, r.inverse[k]), (name, k)
+
+
+def test_family_names_the_layer_kind_is_its_old_name():
+    """``Block.family`` is the layer family ("kind" means the inverse kind); ``Block.kind``
+    stays as a read-only alias, and the state_dict entry keeps the key "kind" for it so that
+    saved state_dicts load (tests/test_block_state.py loads one saved before the rename)."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 3, 3), nn.Flatten(),
+                        nn.Linear(27, 10), nn.LayerNorm(10), nn.Linear(10, 5))
+    opt = kk.KFAC(net, lr=0.1, inverse_every=1)
+    want = ["conv-grouped", "conv", "linear", "norm", "linear"]
+    assert [b.family for b in opt.blocks.values()] == want
+    assert [b.kind for b in opt.blocks.values()] == want
+    with pytest.raises(AttributeError):
+        next(iter(opt.blocks.values())).kind = "linear"
+    x = torch.randn(4, 2, 7, 7)
+    opt.zero_grad()
+    net(x).square().mean().backward()
+    opt.step()
+    entries = opt.state_dict()["kfac"]["blocks"]
+    assert [entries[n]["kind"] for n in opt.blocks] == want
+    opt.close()

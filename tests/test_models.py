@@ -327,7 +327,7 @@ def test_new_blocks_on_cuda_step_without_sync(inverse):
 
 
 @pytest.mark.parametrize("inverse", ["cholesky", "ekfac"])
-def test_distributed_takes_every_block_kind(tmp_path, inverse):
+def test_distributed_takes_every_block_family(tmp_path, inverse):
     """The distributed strategy reduces stacked blocks (norms), a diagonal A (embeddings) and
     EKFAC's scalings like any factor (a one-rank gloo group: the same as a single process; more
     ranks in test_ddp.py)."""

@@ -1,6 +1,7 @@
 """mypy on the files configured in pyproject.toml ([tool.mypy]: the comm package, the running
 average, the arena, the compatibility modules, the capture record, the op modules, the step
-pipeline, the block's base class and saved-state record, the inverse kinds and the preconditioning
+pipeline, the block's base class and saved-state record, the inverse kinds, the preconditioning,
+the options, the engine, the optimisers, the capture, the factor statistics and the adaptive step
 so far)."""
 import importlib.util
 import os

@@ -157,7 +157,7 @@ def test_error_policy_names_the_layer_and_the_remedies():
 
 def test_default_limit_leaves_ordinary_layers_dense():
     opt = kk.KFAC(nn.Sequential(nn.Linear(4608, 16), nn.Conv2d(512, 8, 3)))
-    assert not any(b.diag_A or b.diag_G for b in opt.blocks.values() if b.kind != "embedding")
+    assert not any(b.diag_A or b.diag_G for b in opt.blocks.values() if b.family != "embedding")
 
 
 @pytest.mark.parametrize("case", ["embedding", "both", "conv", "ekfac"])
@@ -276,7 +276,7 @@ def test_gpt2_small_shapes_step_within_the_factor_memory_bound():
     opt = kk.KFAC(model, lr=1e-3, inverse="cholesky", kl_clip=1e-3)
     head, wte = opt.blocks["head"], opt.blocks["wte"]
     assert head.diag_G and not head.diag_A and wte.diag_A and not wte.diag_G
-    assert not any(b.diag_G or (b.diag_A and b.kind != "embedding")
+    assert not any(b.diag_G or (b.diag_A and b.family != "embedding")
                    for n, b in opt.blocks.items() if n != "head")
     # the bound, from the shapes alone: a dense side n holds its running factor, a factor
     # step's estimate and its decomposition (n x n, plus n eigenvalues under eigh); a diagonal

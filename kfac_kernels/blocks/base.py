@@ -63,7 +63,8 @@ class Block:
       that Kronecker factor, never the n x n matrix.
     """
 
-    kind = "block"
+    #: the layer family ("linear", "conv", "embedding", ...); not the inverse kind (``inverse=``)
+    family = "block"
     stacked = False
     diag_A = False
     diag_G = False
@@ -180,11 +181,17 @@ class Block:
             return jobs
         return [SyrkJob(j.x, j.alpha, j.homogeneous, diag=True) for j in jobs]
 
+    @property
+    def kind(self) -> str:
+        """Old name of :attr:`family`, kept so code written before it was renamed still works
+        ("kind" now means only the inverse kind)."""
+        return self.family
+
     def describe_row(self) -> dict:
         def side(which):
             n = self.factor_dim(which)
             return f"{n} (diagonal)" if self.is_diagonal(which) else f"{n}x{n}"
-        return dict(name=self.name, kind=self.kind, module=type(self.module).__name__,
+        return dict(name=self.name, family=self.family, module=type(self.module).__name__,
                     shape=f"{self.out_dim}x{self.in_dim}", A=side("A"), G=side("G"),
                     bias=self.has_bias)
 

@@ -39,7 +39,7 @@ def _weighted_mean(mats: List[torch.Tensor], weights: List[int], dtype) -> torch
 
 
 class ConvBlock(Block):
-    kind = "conv"
+    family = "conv"
 
     def __init__(self, name, module, **kw):
         super().__init__(name, module, **kw)
@@ -166,7 +166,7 @@ class GroupedConvBlock(ConvBlock):
     [j O/g, (j+1) O/g) with the weight rows ``weight[j O/g:(j+1) O/g].flatten(1)`` and their
     biases; its factors are the KFC factors of those channels alone."""
 
-    kind = "conv-grouped"
+    family = "conv-grouped"
     stacked = True
 
     def __init__(self, name, module, **kw):
@@ -268,7 +268,7 @@ class ConvTransposeBlock(ConvBlock):
     stores the zero-inserted, padded input (``stride^d`` times the input's size), which every
     factor and EKFAC computation then treats as a plain stride-1 convolution's input."""
 
-    kind = "conv-transpose"
+    family = "conv-transpose"
 
     def __init__(self, name, module, **kw):
         super().__init__(name, module, **kw)

@@ -42,7 +42,7 @@ def segment_counts(tokens: torch.Tensor, weights: torch.Tensor, num: int) -> tor
 
 
 class EmbeddingBlock(Block):
-    kind = "embedding"
+    family = "embedding"
     diag_A = True
 
     def __init__(self, name, module, **kw):

@@ -10,7 +10,7 @@ from .base import Block, BlockInputError, SyrkJob, mean_over_calls, rows_jobs_ex
 
 
 class LinearBlock(Block):
-    kind = "linear"
+    family = "linear"
     diagonal_sides = ("A", "G")
 
     @property
@@ -76,7 +76,7 @@ class TransposedLinearBlock(LinearBlock):
     ``Conv1D`` of Hugging Face's GPT-2 family (recognised by its class name and its ``nf`` out
     size). The same block as ``nn.Linear`` with the weight seen transposed."""
 
-    kind = "linear-t"
+    family = "linear-t"
 
     def __init__(self, name, module, **kw):
         super().__init__(name, module, **kw)

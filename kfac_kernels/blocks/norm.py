@@ -35,7 +35,7 @@ NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, _BN, _IN) + ((nn.RMSNorm,) if hasattr(
 
 
 class NormBlock(Block):
-    kind = "norm"
+    family = "norm"
     stacked = True
 
     def __init__(self, name, module, **kw):

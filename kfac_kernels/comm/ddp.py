@@ -66,7 +66,7 @@ def sampling_seed(base: int, rank: int, step: int) -> int:
 
 
 class _Pending:
-    """Launched reductions of one kind (A or G) of the current step."""
+    """Launched reductions of one factor side (A or G) of the current step."""
 
     def __init__(self, snapshot, buckets, flats, works, weights):
         self.snapshot, self.buckets, self.flats, self.works = snapshot, buckets, flats, works

@@ -7,7 +7,7 @@ size-dependent choice; every other op keeps the registry's rule. Called only fro
 ``_run_symeig`` and ``_run_damped_inverse`` in :mod:`.decompositions` (``inverse_root``
 decomposes through ``_run_symeig``; the custom ops call the same two functions), when
 ``backend="auto"`` and the matrices live on a CUDA device (on other devices the registry's rule,
-i.e. the pure-torch reference, runs). Each plan is an ordered list of
+i.e. the pure-torch reference, runs). Each list of candidates is ordered:
 ``(backend, method)``; the first entry whose backend is available and accepts the inputs runs,
 and the pure-torch path is always last. A backend that cannot load is skipped with one log line
 per reason; a backend that declines the inputs (``NotSupported``: a size beyond its shared-memory
@@ -55,48 +55,49 @@ INVERSE_BLOCKED_AUTO_MAX_N = 1024
 #: ... and only for stacks of at least this many matrices.
 INVERSE_BLOCKED_AUTO_MIN_BATCH = 4
 
-Plan = List[Tuple[str, Optional[str]]]
+#: ordered (backend, method-or-variant) candidates; the first that can run the inputs runs
+Candidates = List[Tuple[str, Optional[str]]]
 
 
-def symeig_plan(n: int, batch: int, method: str, warm: bool) -> Plan:
+def symeig_candidates(n: int, batch: int, method: str, warm: bool) -> Candidates:
     """Ordered (backend, method) candidates for ``symeig`` on CUDA."""
     if method == "eigh":
         return [("torch", "eigh")]
     if method == "refresh":
         return [("cuda", "refresh"), ("torch", "refresh")]
     if method == "jacobi":
-        plan = [("cupy", "jacobi")] if n <= CUPY_SYEVJ_MAX_N and not warm else []
-        return plan + [("cuda", "jacobi")]  # no torch fallback: torch has no Jacobi
+        cands = [("cupy", "jacobi")] if n <= CUPY_SYEVJ_MAX_N and not warm else []
+        return cands + [("cuda", "jacobi")]  # no torch fallback: torch has no Jacobi
     # method == "auto"
-    plan: Plan = []
+    cands: Candidates = []
     if batch >= JACOBI_AUTO_MIN_BATCH:
         if warm and n <= JACOBI_WARM_AUTO_MAX_N:
-            plan.append(("cuda", "jacobi"))
+            cands.append(("cuda", "jacobi"))
         elif n <= CUPY_SYEVJ_MAX_N:
-            plan += [("cupy", "jacobi"), ("cuda", "jacobi")]
+            cands += [("cupy", "jacobi"), ("cuda", "jacobi")]
         elif n <= JACOBI_AUTO_MAX_N:
-            plan.append(("cuda", "jacobi"))
-    return plan + [("torch", "eigh")]
+            cands.append(("cuda", "jacobi"))
+    return cands + [("torch", "eigh")]
 
 
-def damped_inverse_plan(n: int, batch: int) -> Plan:
+def damped_inverse_candidates(n: int, batch: int) -> Candidates:
     """Ordered (backend, variant) candidates for ``damped_inverse`` on CUDA."""
-    plan: Plan = []
+    cands: Candidates = []
     if n <= INVERSE_SMEM_AUTO_MAX_N:
-        plan.append(("cuda", "smem"))
+        cands.append(("cuda", "smem"))
     elif n <= INVERSE_BLOCKED_AUTO_MAX_N and batch >= INVERSE_BLOCKED_AUTO_MIN_BATCH:
-        plan.append(("cuda", "blocked"))
-    return plan + [("torch", None)]
+        cands.append(("cuda", "blocked"))
+    return cands + [("torch", None)]
 
 
 _logged: set = set()
 
 
-def run(op: str, plan: Plan, device, args, kwargs, choice_kw: str) -> object:
-    """Run ``op`` with the first workable entry of ``plan``; ``choice_kw`` names the keyword the
+def run(op: str, cands: Candidates, device, args, kwargs, choice_kw: str) -> object:
+    """Run ``op`` with the first workable entry of ``cands``; ``choice_kw`` names the keyword the
     entry's second element is passed as (``"method"`` or ``"variant"``; None entries pass none)."""
     reasons = []
-    for backend, choice in plan:
+    for backend, choice in cands:
         if backend != "torch":
             ok, why = _registry.backend_status(backend)
             if not ok:

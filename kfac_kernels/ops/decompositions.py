@@ -33,7 +33,7 @@ _registry.register("inverse_root", "torch", "kfac_kernels.ops.reference:inverse_
 _registry.register("eigenbasis_power_step", "torch",
                    "kfac_kernels.ops.reference:eigenbasis_power_step")
 # CUDA C++ kernels (kfac_kernels._C) and cuSOLVER through CuPy. On CUDA tensors with
-# backend="auto" these two ops follow _decomp_policy's plans, not the registry's order.
+# backend="auto" these two ops follow _decomp_policy's candidate lists, not the registry's order.
 _registry.register("symeig", "cuda", "kfac_kernels.ops.cuda.symeig:symeig")
 _registry.register("damped_inverse", "cuda", "kfac_kernels.ops.cuda.damped_inverse:damped_inverse")
 _registry.register("symeig", "cupy", "kfac_kernels.ops.cupy.symeig:symeig")
@@ -107,10 +107,10 @@ def _run_symeig(factors, method, backend, return_info=False, **kwargs):
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
-        plan = _decomp_policy.symeig_plan(n, batch, method, kwargs.get("prev_eigenvectors")
+        cands = _decomp_policy.symeig_candidates(n, batch, method, kwargs.get("prev_eigenvectors")
                                           is not None)
         out = cast(Tuple[Tensor, Tensor, Tensor],
-                   _decomp_policy.run("symeig", plan, factors.device, (factors,), kwargs,
+                   _decomp_policy.run("symeig", cands, factors.device, (factors,), kwargs,
                                       "method"))
     else:
         out = _registry.call("symeig", backend, factors.device, factors, method=method, **kwargs)
@@ -156,9 +156,9 @@ def _run_damped_inverse(factors, damping, backend, return_info):
     if backend == "auto" and factors.device.type == "cuda":
         n = factors.shape[-1]
         batch = factors.shape[0] if factors.dim() == 3 else 1
-        plan = _decomp_policy.damped_inverse_plan(n, batch)
+        cands = _decomp_policy.damped_inverse_candidates(n, batch)
         inv, info = cast(Tuple[Tensor, Tensor],
-                         _decomp_policy.run("damped_inverse", plan, factors.device,
+                         _decomp_policy.run("damped_inverse", cands, factors.device,
                                             (factors, damping), dict(return_info=True),
                                             "variant"))
     else:

@@ -1,7 +1,7 @@
 """What Shampoo and SOAP share: parameters batched by shape, and state kept per parameter.
 
 Every op of :mod:`kfac_kernels.ops` takes stacks [B, m, n], so the optimizers run one call per
-*shape group* (the parameters of a param_group with the same matrix shape, dtype, device and
+*parameter batch* (the parameters of a param_group with the same matrix shape, dtype, device and
 step count), not one per parameter. The state lives in stacked buffers, one per group and name,
 and each parameter's ``optimizer.state[p][name]`` is a view into its row of the buffer: in-place
 updates of the buffer are the per-parameter state, ``state_dict()`` needs no gathering, and a
@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["ShapeGroup", "StackedOptimizer", "matrix_shape", "check_positive", "check_unit",
+__all__ = ["ParamBatch", "StackedOptimizer", "matrix_shape", "check_positive", "check_unit",
            "check_schedule"]
 
 
@@ -55,7 +55,7 @@ def check_schedule(precondition_frequency, max_precond_dim, zero_dim_means: str)
                          f"got {max_precond_dim!r}")
 
 
-class ShapeGroup:
+class ParamBatch:
     """Parameters of one param_group sharing a matrix shape (or a vector length), dtype, device
     and step count, with their state as stacked buffers ``[B, ...]``.
 
@@ -139,9 +139,9 @@ class ShapeGroup:
 
 
 class StackedOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` whose step runs per :class:`ShapeGroup`.
+    """``torch.optim.Optimizer`` whose step runs per :class:`ParamBatch`.
 
-    Subclasses implement ``_group_step(group, sg)`` and say which state names are factors
+    Subclasses implement ``_group_step(group, pb)`` and say which state names are factors
     (kept in their own dtype through ``load_state_dict``: torch's loader casts every floating
     state tensor to its parameter's dtype, which would round float64 factors of float32
     parameters). ``batch_shapes=False`` puts each parameter in a group of its own (one op call
@@ -178,7 +178,7 @@ class StackedOptimizer(torch.optim.Optimizer):
             return self._factor_dtype
         return torch.float64 if p.dtype == torch.float64 else torch.float32
 
-    def _shape_groups(self, gi: int, group: dict) -> List[ShapeGroup]:
+    def _param_batches(self, gi: int, group: dict) -> List[ParamBatch]:
         live = [p for p in group["params"] if p.grad is not None]
         for p in live:
             if p.grad.is_sparse:
@@ -199,14 +199,14 @@ class StackedOptimizer(torch.optim.Optimizer):
             tag = (shape if shape is not None else ("vector", p.numel()), sides, p.dtype,
                    p.device, int(st.get("step", 0)), None if self._batch else id(p))
             buckets.setdefault(tag, []).append(p)
-        groups = []
+        batches = []
         for tag, ps in buckets.items():
             shape, sides = tag[0], tag[1]
-            groups.append(ShapeGroup(ps, [self.state[p] for p in ps],
-                                     None if shape[0] == "vector" else shape, sides[0], sides[1],
-                                     self._work_dtype(ps[0])))
-        self._layout[gi] = (key, groups)
-        return groups
+            batches.append(ParamBatch(ps, [self.state[p] for p in ps],
+                                      None if shape[0] == "vector" else shape, sides[0],
+                                      sides[1], self._work_dtype(ps[0])))
+        self._layout[gi] = (key, batches)
+        return batches
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -217,11 +217,11 @@ class StackedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            for sg in self._shape_groups(gi, group):
-                self._group_step(group, sg)
+            for pb in self._param_batches(gi, group):
+                self._group_step(group, pb)
         return loss
 
-    def _group_step(self, group: dict, sg: ShapeGroup) -> None:  # pragma: no cover
+    def _group_step(self, group: dict, pb: ParamBatch) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _kept_if_failed(self, new: torch.Tensor, old: Optional[torch.Tensor]) -> torch.Tensor:

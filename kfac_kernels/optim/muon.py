@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._common import ShapeGroup, StackedOptimizer, check_positive, check_unit
+from ._common import ParamBatch, StackedOptimizer, check_positive, check_unit
 
 __all__ = ["Muon", "muon_param_groups"]
 
@@ -132,40 +132,40 @@ class Muon(StackedOptimizer):
             for k in ("use_muon", "ns_dtype"):
                 group.setdefault(k, self.defaults[k])
 
-    def _group_step(self, group: dict, sg: ShapeGroup) -> None:
+    def _group_step(self, group: dict, pb: ParamBatch) -> None:
         if group["use_muon"]:
-            self._muon(group, sg)
+            self._muon(group, pb)
         else:
-            self._adamw(group, sg)
+            self._adamw(group, pb)
 
-    def _muon(self, group, sg):
-        G = sg.grads()
-        buf = sg.buffer("momentum_buffer", lambda: torch.zeros_like(G))
+    def _muon(self, group, pb):
+        G = pb.grads()
+        buf = pb.buffer("momentum_buffer", lambda: torch.zeros_like(G))
         mu = group["momentum"]
         buf.lerp_(G, 1.0 - mu)
         U = G.lerp(buf, mu) if group["nesterov"] else buf
         O = ops.newton_schulz(U, group["ns_steps"], group["ns_coefficients"], group["eps"],
                               dtype=group["ns_dtype"], backend=self._b("newton_schulz"))
         lr = float(group["lr"])
-        params = sg.params
+        params = pb.params
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
         ups = [o.to(p.dtype) for o, p in zip(O.unbind(0), params)]
         torch._foreach_add_(params, ups, alpha=-adjusted_lr(lr, group["adjust_lr_fn"],
-                                                              (sg.m, sg.n)))
+                                                              (pb.m, pb.n)))
 
-    def _adamw(self, group, sg):
+    def _adamw(self, group, pb):
         """torch.optim.AdamW's update on the stack (non-amsgrad, non-maximize)."""
-        t = sg.advance()
-        G = sg.grads()
-        m = sg.buffer("exp_avg", lambda: torch.zeros_like(G))
-        v = sg.buffer("exp_avg_sq", lambda: torch.zeros_like(G))
+        t = pb.advance()
+        G = pb.grads()
+        m = pb.buffer("exp_avg", lambda: torch.zeros_like(G))
+        v = pb.buffer("exp_avg_sq", lambda: torch.zeros_like(G))
         b1, b2 = group["betas"]
         lr = float(group["lr"])
         m.lerp_(G, 1.0 - b1)
         v.mul_(b2).addcmul_(G, G, value=1.0 - b2)
         denom = (v.sqrt() / math.sqrt(1.0 - b2 ** t)).add_(group["eps"])
-        params = sg.params
+        params = pb.params
         if group["weight_decay"]:
             torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
         torch._foreach_addcdiv_(params, [x.view(p.shape) for x, p in zip(m.unbind(0), params)],

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ._common import (ShapeGroup, StackedOptimizer, check_positive, check_schedule,
+from ._common import (ParamBatch, StackedOptimizer, check_positive, check_schedule,
                       check_unit)
 
 __all__ = ["Shampoo"]
@@ -83,74 +83,74 @@ class Shampoo(StackedOptimizer):
                         root_method=root_method)
         super().__init__(params, defaults, factor_dtype=factor_dtype, batch_shapes=batch_shapes)
 
-    # ------------------------------------------------------------------ one shape group
-    def _group_step(self, group: dict, sg: ShapeGroup) -> None:
-        t = sg.advance()
-        w = sg.dtype
-        G = sg.grads().to(w)
+    # ------------------------------------------------------------------ one parameter batch
+    def _group_step(self, group: dict, pb: ParamBatch) -> None:
+        t = pb.advance()
+        w = pb.dtype
+        G = pb.grads().to(w)
         if group["weight_decay"]:
-            W = torch.stack([p.reshape(G.shape[1:]) for p in sg.params]).to(w)
+            W = torch.stack([p.reshape(G.shape[1:]) for p in pb.params]).to(w)
             G = G.add(W, alpha=group["weight_decay"])
         beta2, eps = group["beta2"], group["epsilon"]
         scale = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        if sg.vector:
-            U = self._diagonal_step(sg, G, beta2, scale, eps)
+        if pb.vector:
+            U = self._diagonal_step(pb, G, beta2, scale, eps)
         else:
-            U = self._matrix_step(group, sg, G, t, beta2, scale, eps)
-        U = self._graft(group, sg, G, U, t)
+            U = self._matrix_step(group, pb, G, t, beta2, scale, eps)
+        U = self._graft(group, pb, G, U, t)
         if group["momentum"]:
-            buf = sg.buffer("momentum_buffer", lambda: torch.zeros_like(U))
+            buf = pb.buffer("momentum_buffer", lambda: torch.zeros_like(U))
             U = buf.mul_(group["momentum"]).add_(U)
-        sg.apply(U, group["lr"])
+        pb.apply(U, group["lr"])
 
-    def _diagonal_step(self, sg, G, beta2, scale, eps):
-        acc = sg.buffer("diag", lambda: torch.zeros_like(G))
+    def _diagonal_step(self, pb, G, beta2, scale, eps):
+        acc = pb.buffer("diag", lambda: torch.zeros_like(G))
         acc.mul_(beta2).addcmul_(G, G, value=scale)
         return G * _diag_root(acc, 2, eps)
 
-    def _matrix_step(self, group, sg, G, t, beta2, scale, eps):
+    def _matrix_step(self, group, pb, G, t, beta2, scale, eps):
         B, m, n = G.shape
         w, dev = G.dtype, G.device
-        L = sg.buffer("L", lambda: torch.zeros(B, m, m, dtype=w, device=dev)) if sg.left else None
-        R = sg.buffer("R", lambda: torch.zeros(B, n, n, dtype=w, device=dev)) if sg.right else None
+        L = pb.buffer("L", lambda: torch.zeros(B, m, m, dtype=w, device=dev)) if pb.left else None
+        R = pb.buffer("R", lambda: torch.zeros(B, n, n, dtype=w, device=dev)) if pb.right else None
         if L is not None or R is not None:
             ops.gradient_factor_update(L, R, G, beta=beta2, scale=scale,
                                        backend=self._b("gradient_factor_update"))
         refresh = (t - 1) % group["precondition_frequency"] == 0 or not (
-            (L is None or sg.has("L_root")) and (R is None or sg.has("R_root")))
+            (L is None or pb.has("L_root")) and (R is None or pb.has("R_root")))
         roots = []
         for side, F in (("L", L), ("R", R)):
             if F is None:
                 roots.append(None)
                 continue
             if refresh:
-                self._refresh_root(group, sg, side, F, eps)
-            roots.append(sg.buffer(f"{side}_root", _missing))
+                self._refresh_root(group, pb, side, F, eps)
+            roots.append(pb.buffer(f"{side}_root", _missing))
         U = ops.kron_rotate(G, roots[0], roots[1], backend=self._b("kron_rotate")) if any(
             r is not None for r in roots) else G.clone()
         # diagonal sides: the diagonal of G G^T (or G^T G), accumulated like the full factors
-        if not sg.left:
-            d = sg.buffer("L_diag", lambda: torch.zeros(B, m, dtype=w, device=dev))
+        if not pb.left:
+            d = pb.buffer("L_diag", lambda: torch.zeros(B, m, dtype=w, device=dev))
             d.mul_(beta2).add_(G.square().sum(-1), alpha=scale)
             U.mul_(_diag_root(d, 4, eps).unsqueeze(-1))
-        if not sg.right:
-            d = sg.buffer("R_diag", lambda: torch.zeros(B, n, dtype=w, device=dev))
+        if not pb.right:
+            d = pb.buffer("R_diag", lambda: torch.zeros(B, n, dtype=w, device=dev))
             d.mul_(beta2).add_(G.square().sum(-2), alpha=scale)
             U.mul_(_diag_root(d, 4, eps).unsqueeze(-2))
         return U
 
-    def _refresh_root(self, group, sg, side, F, eps):
-        warm = group["root_method"] == "refresh" and sg.has(f"{side}_eigvecs")
-        prev = sg.buffer(f"{side}_eigvecs", _missing) if warm else None
+    def _refresh_root(self, group, pb, side, F, eps):
+        warm = group["root_method"] == "refresh" and pb.has(f"{side}_eigvecs")
+        prev = pb.buffer(f"{side}_eigvecs", _missing) if warm else None
         root, q = ops.inverse_root(F, 4, epsilon=eps, method="refresh" if warm else "eigh",
                                    prev_eigenvectors=prev, return_eigenvectors=True,
                                    backend=self._b("inverse_root"))
-        old = sg.buffer(f"{side}_root", _missing) if sg.has(f"{side}_root") else None
-        sg.put(f"{side}_root", self._kept_if_failed(root, old))
+        old = pb.buffer(f"{side}_root", _missing) if pb.has(f"{side}_root") else None
+        pb.put(f"{side}_root", self._kept_if_failed(root, old))
         if group["root_method"] == "refresh":
-            sg.put(f"{side}_eigvecs", self._kept_if_failed(q, prev))
+            pb.put(f"{side}_eigvecs", self._kept_if_failed(q, prev))
 
-    def _graft(self, group, sg, G, U, t):
+    def _graft(self, group, pb, G, U, t):
         kind = group["grafting"]
         if kind is None:
             return U
@@ -158,7 +158,7 @@ class Shampoo(StackedOptimizer):
             D = G
         else:
             b2 = group["grafting_beta2"]
-            v = sg.buffer("graft_exp_avg_sq", lambda: torch.zeros_like(G))
+            v = pb.buffer("graft_exp_avg_sq", lambda: torch.zeros_like(G))
             v.mul_(b2).addcmul_(G, G, value=1.0 - b2)
             D = G / (v.div(1.0 - b2 ** t).sqrt_().add_(group["grafting_eps"]))
         dims = tuple(range(1, G.dim()))
@@ -169,7 +169,7 @@ class Shampoo(StackedOptimizer):
                                torch.zeros_like(un))
 
 
-def _missing():  # pragma: no cover - callers check sg.has() first
+def _missing():  # pragma: no cover - callers check pb.has() first
     raise RuntimeError("internal: a state buffer expected to exist is missing")
 
 

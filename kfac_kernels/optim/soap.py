@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ._common import (ShapeGroup, StackedOptimizer, check_positive, check_schedule,
+from ._common import (ParamBatch, StackedOptimizer, check_positive, check_schedule,
                       check_unit)
 
 __all__ = ["SOAP"]
@@ -80,13 +80,13 @@ class SOAP(StackedOptimizer):
                         max_precond_dim=max_precond_dim, refresh=refresh)
         super().__init__(params, defaults, factor_dtype=factor_dtype, batch_shapes=batch_shapes)
 
-    def _group_step(self, group: dict, sg: ShapeGroup) -> None:
-        t = sg.advance()
-        w = sg.dtype
-        G = sg.grads().to(w)
-        matrix = not sg.vector and (sg.left or sg.right)
+    def _group_step(self, group: dict, pb: ParamBatch) -> None:
+        t = pb.advance()
+        w = pb.dtype
+        G = pb.grads().to(w)
+        matrix = not pb.vector and (pb.left or pb.right)
         if matrix:
-            L, R = self._factors(sg, G)
+            L, R = self._factors(pb, G)
             if t == 1:
                 ops.gradient_factor_update(L, R, G, beta=0.0, scale=1.0,
                                            backend=self._b("gradient_factor_update"))
@@ -94,43 +94,43 @@ class SOAP(StackedOptimizer):
                     if F is not None:
                         q = ops.symeig(F, method="eigh", backend=self._b("symeig"))[1]
                         # a failed first basis: the identity (Adam in that coordinate system)
-                        sg.put(side, self._kept_if_failed(q, _identity(q)))
+                        pb.put(side, self._kept_if_failed(q, _identity(q)))
                 return
-            QL = sg.buffer("QL", _missing) if sg.left else None
-            QR = sg.buffer("QR", _missing) if sg.right else None
+            QL = pb.buffer("QL", _missing) if pb.left else None
+            QR = pb.buffer("QR", _missing) if pb.right else None
             Gp = ops.kron_rotate(G, QL, QR, backend=self._b("kron_rotate"))
         else:
             if t == 1:
                 return
             Gp = G
-        N = self._adam(group, sg, Gp, t - 1)
+        N = self._adam(group, pb, Gp, t - 1)
         if matrix:
             N = ops.kron_rotate(N, QL, QR, back=True, backend=self._b("kron_rotate"))
-        sg.apply(N, group["lr"], decoupled_decay=group["weight_decay"])
+        pb.apply(N, group["lr"], decoupled_decay=group["weight_decay"])
         if matrix:
             sb = _debiased(group["shampoo_beta"], t)
             ops.gradient_factor_update(L, R, G, beta=sb, scale=1.0 - sb,
                                        backend=self._b("gradient_factor_update"))
             if t % group["precondition_frequency"] == 0:
-                self._refresh(group, sg, L, R, QL, QR)
+                self._refresh(group, pb, L, R, QL, QR)
 
-    def _factors(self, sg, G):
+    def _factors(self, pb, G):
         B, m, n = G.shape
         w, dev = G.dtype, G.device
-        L = sg.buffer("L", lambda: torch.zeros(B, m, m, dtype=w, device=dev)) if sg.left else None
-        R = sg.buffer("R", lambda: torch.zeros(B, n, n, dtype=w, device=dev)) if sg.right else None
+        L = pb.buffer("L", lambda: torch.zeros(B, m, m, dtype=w, device=dev)) if pb.left else None
+        R = pb.buffer("R", lambda: torch.zeros(B, n, n, dtype=w, device=dev)) if pb.right else None
         return L, R
 
-    def _adam(self, group, sg, Gp, k):
+    def _adam(self, group, pb, Gp, k):
         b1, b2 = group["betas"]
-        m = sg.buffer("exp_avg", lambda: torch.zeros_like(Gp))
-        v = sg.buffer("exp_avg_sq", lambda: torch.zeros_like(Gp))
+        m = pb.buffer("exp_avg", lambda: torch.zeros_like(Gp))
+        v = pb.buffer("exp_avg_sq", lambda: torch.zeros_like(Gp))
         m.lerp_(Gp, 1.0 - b1)
         v.mul_(b2).addcmul_(Gp, Gp, value=1.0 - b2)
         denom = v.div(1.0 - b2 ** k).sqrt_().add_(group["eps"])
         return m.div(1.0 - b1 ** k).div_(denom)
 
-    def _refresh(self, group, sg, L, R, QL, QR):
+    def _refresh(self, group, pb, L, R, QL, QR):
         """New eigenbases; the first moment is rotated into them: ``M <- A^T M B`` with
         ``A = QL_old^T QL_new``, ``B = QR_old^T QR_new``."""
         turns = []
@@ -144,8 +144,8 @@ class SOAP(StackedOptimizer):
                 Qn = ops.symeig(F, method="eigh", backend=self._b("symeig"))[1]
             Qn = self._kept_if_failed(Qn, Q)
             turns.append(Q.transpose(-1, -2) @ Qn)
-            sg.put(name, Qn)
-        m = sg.buffer("exp_avg", _missing)
+            pb.put(name, Qn)
+        m = pb.buffer("exp_avg", _missing)
         m.copy_(ops.kron_rotate(m, turns[0], turns[1], backend=self._b("kron_rotate")))
 
 

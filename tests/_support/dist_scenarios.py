@@ -35,7 +35,7 @@ def make_model(width=6, seed=0, kind="mlp"):
 
 
 class MixedNet(nn.Module):
-    """Every block kind the distributed strategy must reduce and share: a grouped convolution
+    """Every block family the distributed strategy must reduce and share: a grouped convolution
     and a GroupNorm (stacked blocks), an embedding (diagonal A) of tokens read off the input's
     signs (two slots of 4 bits: every token occurs, so the Linear after it sees full-rank
     inputs given enough examples), a LayerNorm (stacked 2x2 blocks) and plain Linears."""

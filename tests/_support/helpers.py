@@ -144,7 +144,7 @@ def _sqrt_psd(H):
 
 
 # ----------------------------------------------------------------------------------------------
-# General per-example references for every block kind (grouped convs, embeddings, normalisation
+# General per-example references for every block family (grouped convs, embeddings, normalisation
 # layers, modules called several times). Patches come from a convolution with one-hot kernels,
 # embedding inputs from explicit one-hot rows, normalisation curvature from per-example gradients
 # of the parameters themselves: nothing is shared with the library's capture or batching.

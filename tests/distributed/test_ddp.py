@@ -83,7 +83,7 @@ SPECIAL = {
              model="wide", maxdim=24)],
     3: [dict(name="unequal-empirical-eigh-f1", curvature="empirical", inverse="eigh",
              sizes=[2, 5, 4]),
-        # every block kind: stacked (grouped conv, GroupNorm, LayerNorm), diagonal A (embedding)
+        # every block family: stacked (grouped conv, GroupNorm, LayerNorm), diagonal A (embedding)
         dict(name="mixed-empirical-eigh-f1", curvature="empirical", inverse="eigh",
              model="mixed"),
         dict(name="mixed-ggn-cholesky-f0.33", curvature="ggn", inverse="cholesky", frac=1 / 3,

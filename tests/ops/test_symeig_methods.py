@@ -1,5 +1,5 @@
 """symeig's methods on the CPU (torch backend): "eigh", "auto", the warm-started "refresh" with its
-skip test, and the decomposition dispatch policy's plans and fallbacks."""
+skip test, and the decomposition dispatch policy's candidate lists and fallbacks."""
 from __future__ import annotations
 
 import logging
@@ -161,33 +161,33 @@ def test_refresh_float32_and_nonfinite():
 
 
 # ----------------------------------------------------------------------------- dispatch policy
-def test_policy_plans():
-    assert policy.symeig_plan(16, 8, "auto", False) == [("cupy", "jacobi"), ("cuda", "jacobi"),
+def test_policy_candidates():
+    assert policy.symeig_candidates(16, 8, "auto", False) == [("cupy", "jacobi"), ("cuda", "jacobi"),
                                                          ("torch", "eigh")]
-    assert policy.symeig_plan(48, 8, "auto", False) == [("cuda", "jacobi"), ("torch", "eigh")]
-    assert policy.symeig_plan(48, 1, "auto", False) == [("torch", "eigh")]
-    assert policy.symeig_plan(129, 8, "auto", False) == [("torch", "eigh")]
-    assert policy.symeig_plan(160, 8, "auto", True) == [("cuda", "jacobi"), ("torch", "eigh")]
-    assert policy.symeig_plan(1024, 8, "auto", True) == [("torch", "eigh")]
-    assert policy.symeig_plan(16, 8, "jacobi", True) == [("cuda", "jacobi")]
-    assert policy.symeig_plan(500, 8, "refresh", True) == [("cuda", "refresh"), ("torch", "refresh")]
-    assert policy.symeig_plan(16, 8, "eigh", False) == [("torch", "eigh")]
-    assert policy.damped_inverse_plan(64, 1) == [("cuda", "smem"), ("torch", None)]
-    assert policy.damped_inverse_plan(160, 1) == [("cuda", "smem"), ("torch", None)]
-    assert policy.damped_inverse_plan(512, 8) == [("cuda", "blocked"), ("torch", None)]
-    assert policy.damped_inverse_plan(512, 2) == [("torch", None)]
-    assert policy.damped_inverse_plan(4096, 64) == [("torch", None)]
+    assert policy.symeig_candidates(48, 8, "auto", False) == [("cuda", "jacobi"), ("torch", "eigh")]
+    assert policy.symeig_candidates(48, 1, "auto", False) == [("torch", "eigh")]
+    assert policy.symeig_candidates(129, 8, "auto", False) == [("torch", "eigh")]
+    assert policy.symeig_candidates(160, 8, "auto", True) == [("cuda", "jacobi"), ("torch", "eigh")]
+    assert policy.symeig_candidates(1024, 8, "auto", True) == [("torch", "eigh")]
+    assert policy.symeig_candidates(16, 8, "jacobi", True) == [("cuda", "jacobi")]
+    assert policy.symeig_candidates(500, 8, "refresh", True) == [("cuda", "refresh"), ("torch", "refresh")]
+    assert policy.symeig_candidates(16, 8, "eigh", False) == [("torch", "eigh")]
+    assert policy.damped_inverse_candidates(64, 1) == [("cuda", "smem"), ("torch", None)]
+    assert policy.damped_inverse_candidates(160, 1) == [("cuda", "smem"), ("torch", None)]
+    assert policy.damped_inverse_candidates(512, 8) == [("cuda", "blocked"), ("torch", None)]
+    assert policy.damped_inverse_candidates(512, 2) == [("torch", None)]
+    assert policy.damped_inverse_candidates(4096, 64) == [("torch", None)]
 
 
 def test_policy_falls_back_with_one_log_line(caplog, monkeypatch):
     f = spd(2, 8)
-    plan = [("cupy", "jacobi"), ("cuda", "jacobi"), ("torch", "eigh")]
+    cands = [("cupy", "jacobi"), ("cuda", "jacobi"), ("torch", "eigh")]
     monkeypatch.setattr(policy._registry, "backend_status",
                         lambda b, refresh=False: (False, f"{b} unavailable in this test"))
     policy._logged.clear()
     with caplog.at_level(logging.WARNING, logger="kfac_kernels"):
         for _ in range(3):
-            lam, q = policy.run("symeig", plan, f.device, (f,),
+            lam, q = policy.run("symeig", cands, f.device, (f,),
                                 dict(prev_eigenvectors=None, return_info=False), "method")
     assert torch.allclose(lam, torch.linalg.eigvalsh(f), atol=1e-12)
     skipped = [r for r in caplog.records if "skipped" in r.getMessage()]

@@ -19,7 +19,7 @@ def eigh_root(F, p):
 
 
 class Toy(nn.Module):
-    """Two same-shaped matrices (one shape group), a third shape, a vector and a 3-d tensor."""
+    """Two same-shaped matrices (one parameter batch), a third shape, a vector and a 3-d tensor."""
 
     def __init__(self, dtype=F64):
         super().__init__()
@@ -399,7 +399,7 @@ def test_batched_equals_one_call_per_parameter(cls):
     for p, q in zip(m1.parameters(), m2.parameters()):
         assert torch.allclose(p, q, atol=1e-12)
     assert o1.state[m1.a]["step"] == 4
-    groups = o1._shape_groups(0, o1.param_groups[0])
+    groups = o1._param_batches(0, o1.param_groups[0])
     want = [1, 1, 1, 2] if cls is Shampoo else [1, 1, 2]
     assert sorted(len(sg) for sg in groups) == want             # a and b share one group
 

@@ -57,7 +57,7 @@ def test_readme_snippet_runs_and_learns(capsys):
     first = re.search(r"from ([0-9.]+) at step 0", _snippet())
     assert first, "the snippet's comment states the starting loss"
     assert final < 0.9 * float(first.group(1))
-    # the state is one (L, R) pair per shape group: the two 16 x 16 weights share one
+    # the state is one (L, R) pair per parameter batch: the two 16 x 16 weights share one
     shapes = {k: v[0].shape[0] for k, v in ns["state"].items()}
     assert shapes[(16, 16)] == 2 and len(shapes) == 3
 

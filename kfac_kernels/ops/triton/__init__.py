@@ -11,7 +11,9 @@ module in ``kfac_kernels/ops`` registers them, e.g. ``ops/kron.py`` those of :mo
   and the ``sum(U * V)`` reduction fused into the GEMM epilogues; ``kron_rotate`` (SOAP's
   rotation into and out of the eigenbases);
 * :mod:`.gradient_factors` -- ``gradient_factor_update``: both Kronecker factors of a stack of
-  gradient matrices (Shampoo / SOAP) in one launch.
+  gradient matrices (Shampoo / SOAP) in one launch;
+* :mod:`.newton_schulz` -- ``newton_schulz``: Muon's orthogonalisation, batched over a stack,
+  both Gram products on upper-triangle tiles (three launches per iteration).
 
 Shared pieces: :mod:`._common` (tile helpers of the symmetric products, host helpers) and
 :mod:`._aot` (the ahead-of-time compile check of every kernel configuration, no GPU needed).
