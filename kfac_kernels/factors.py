@@ -11,6 +11,8 @@ layout, block by block otherwise (same arithmetic). No host synchronisation.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections import OrderedDict, defaultdict
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, cast
 
@@ -78,6 +80,21 @@ class FactorStatistics:
         self.health = health
         self.backend = backend
         self.arena = Arena()
+        self._row_offsets = 0       # calls of run_jobs with row subsampling so far
+
+    def subsample(self, job: SyrkJob) -> SyrkJob:
+        """``factor_max_rows``: the job on every k-th row of its input (k = ceil(rows / max),
+        from an offset that moves with each call), its alpha scaled by k: the k offsets
+        partition the rows, so the mean of the k estimates is exactly the full sum's (and the
+        estimate from a uniformly drawn offset is unbiased). Jobs within the limit are returned
+        as they are."""
+        cap = self.opts.factor_max_rows
+        rows = job.x.shape[-2] if job.x.dim() >= 2 else 0
+        if cap is None or rows <= cap:
+            return job
+        k = -(-rows // cap)
+        x = job.x[..., (self._row_offsets % k)::k, :]
+        return dataclasses.replace(job, x=x, alpha=job.alpha * k)
 
     # ------------------------------------------------------------------ scales
     def g_scale(self, n: int, weight: float, empirical: bool, positions: int = 1) -> float:
@@ -122,6 +139,9 @@ class FactorStatistics:
         first job initialises its result (beta = 0) when it has none. Identical initialising
         jobs (the same input tensor feeding several layers) are computed once, except for G."""
         out: Dict[Block, torch.Tensor] = {b: t for b, t in (into or {}).items() if t is not None}
+        if self.opts.factor_max_rows is not None:
+            jobs = [(b, self.subsample(j)) for b, j in jobs]
+            self._row_offsets += 1
         first: Dict[Block, bool] = {}
         ordered = []
         for block, job in jobs:

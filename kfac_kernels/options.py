@@ -130,6 +130,12 @@ def _rotated_momentum(name, value):
         raise ValueError(f"rotated_momentum must be a number in [0, 1), got {value!r}")
 
 
+def _max_rows(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"factor_max_rows must be None or an int >= 1, got {value!r}")
+
+
 def _inverse(name, value):
     from .inverses import KINDS
     choice(*KINDS)(name, value)
@@ -223,6 +229,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("max_factor_dim", 8192, "engine", "largest side n of a dense Kronecker factor (n x n "
            "entries, an n-wide eigendecomposition); a side above it (a vocabulary-sized head or "
            "embedding) is handled as large_factor says", positive_int),
+    Option("factor_max_rows", None, "engine", "None, or the most rows (token positions, "
+           "examples) one factor estimate takes from a step: a layer seeing more rows (a "
+           "transformer's batch x context) uses every k-th of them, k = ceil(rows / "
+           "factor_max_rows), from an offset that moves every factor step, and scales the sum "
+           "by k (the k offsets partition the rows: their mean is the full estimate); the "
+           "factor step's syrk cost falls by k (docs/transformers.md)", _max_rows),
     Option("large_factor", "diagonal", "engine", "what a factor side above max_factor_dim gets: "
            "'diagonal' (keep that factor's diagonal, exact K-FAC for it; docs/math.md), "
            "'first_order' (the whole layer takes the first-order rule, with a warning) or "
@@ -334,6 +346,7 @@ class Options:
     only: Optional[Sequence[str]]
     factor_storage_dtype: Optional[torch.dtype]
     max_factor_dim: int
+    factor_max_rows: Optional[int]
     large_factor: str
     # torch.distributed
     distributed: Optional[bool]
