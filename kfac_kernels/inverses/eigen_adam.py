@@ -88,7 +88,9 @@ class EigenAdamInverse(EighInverse):
         turned into the new bases)."""
         keys = self.extra_entries()
         kept = {b: {k: b.inverse[k].clone() for k in keys if k in b.inverse} for b in blocks}
-        old = {b: {k: b.inverse[k].clone() for k in ("QG", "QA") if k in b.inverse}
+        # the old bases by reference: a decomposition stores new tensors, it does not write
+        # into the previous ones
+        old = {b: {k: b.inverse[k] for k in ("QG", "QA") if k in b.inverse}
                for b in blocks if "M1" in kept[b]}
         super().decompose(blocks, only, inverse_updates)
         for b in blocks:
